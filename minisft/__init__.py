@@ -1,0 +1,12 @@
+"""minisft: fine-tune pretrained BERT models on NumPy (or CuPy), without PyTorch."""
+from minisft.backend import Device, cuda_available
+from minisft.gradcheck import GradcheckError, gradcheck
+from minisft.ops import cat, where
+from minisft.random import get_rng_state, manual_seed, set_rng_state
+from minisft.tensor import Tensor, is_grad_enabled, no_grad, tensor
+
+__version__ = "0.1.0"
+
+__all__ = ["Device", "GradcheckError", "Tensor", "cat", "cuda_available", "get_rng_state",
+           "gradcheck", "is_grad_enabled", "manual_seed", "no_grad", "set_rng_state",
+           "tensor", "where"]

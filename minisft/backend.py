@@ -1,0 +1,116 @@
+"""Where arrays live: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+This is the only module that knows which array library holds the data. Every op asks
+`get_array_module(array)` (or `Device.xp`) for its array module, so the same code runs on
+both. CuPy is imported lazily, only when a "cuda" device is requested.
+"""
+import numpy
+
+_cupy = None
+
+
+def _import_cupy():
+    """Import CuPy on first use; raise a clear error if it or a GPU is missing."""
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy
+        except ImportError as exc:
+            raise RuntimeError(
+                "device 'cuda' needs CuPy, which is not installed: "
+                "pip install 'minisft[gpu]' (or the cupy-cudaXXx wheel matching your CUDA)"
+            ) from exc
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # CUDA driver missing or unusable
+            raise RuntimeError(f"device 'cuda' needs an NVIDIA GPU and driver: {exc}") from exc
+        if count == 0:
+            raise RuntimeError("device 'cuda' needs an NVIDIA GPU, but CuPy sees none")
+        _cupy = cupy
+    return _cupy
+
+
+def cuda_available():
+    """True when CuPy imports and sees at least one GPU."""
+    try:
+        _import_cupy()
+    except RuntimeError:
+        return False
+    return True
+
+
+def is_cupy_array(array):
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
+def get_array_module(array):
+    """The array module (numpy or cupy) that owns `array`."""
+    return _cupy if is_cupy_array(array) else numpy
+
+
+class Device:
+    """A place for arrays: Device("cpu"), Device("cuda") or Device("cuda:1")."""
+
+    def __init__(self, spec="cpu"):
+        if isinstance(spec, Device):
+            self.type, self.index = spec.type, spec.index
+            return
+        kind, _, index = str(spec).partition(":")
+        if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+            raise ValueError(f"unknown device {spec!r}: use 'cpu', 'cuda' or 'cuda:N'")
+        self.type = kind
+        self.index = int(index) if index else (0 if kind == "cuda" else None)
+
+    @property
+    def xp(self):
+        """The array module for this device."""
+        return _import_cupy() if self.type == "cuda" else numpy
+
+    def put(self, array):
+        """Return `array` on this device (no copy if it is already there)."""
+        if self.type == "cpu":
+            return array.get() if is_cupy_array(array) else numpy.asarray(array)
+        cupy = _import_cupy()
+        with cupy.cuda.Device(self.index):
+            return cupy.asarray(array)
+
+    def __eq__(self, other):
+        other = other if isinstance(other, Device) else Device(other)
+        return (self.type, self.index) == (other.type, other.index)
+
+    def __hash__(self):
+        return hash((self.type, self.index))
+
+    def __str__(self):
+        return self.type if self.type == "cpu" else f"cuda:{self.index}"
+
+    def __repr__(self):
+        return f"Device({str(self)!r})"
+
+
+def device_of(array):
+    """The Device that holds `array`."""
+    if is_cupy_array(array):
+        return Device(f"cuda:{array.device.id}")
+    return Device("cpu")
+
+
+def index_add(target, index, values):
+    """target[index[i]] += values[i] for a 1-D integer `index`, duplicates summed.
+
+    Used by gradient scatters (embedding, advanced indexing). On NumPy it sorts the indices
+    and sums runs with `add.reduceat`, much faster than `numpy.add.at`; on CuPy it uses the
+    GPU's atomic `scatter_add`.
+    """
+    if is_cupy_array(target):
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)
+        return target
+    if index.size == 0:
+        return target
+    order = numpy.argsort(index, kind="stable")
+    sorted_index = index[order]
+    starts = numpy.flatnonzero(numpy.r_[True, sorted_index[1:] != sorted_index[:-1]])
+    target[sorted_index[starts]] += numpy.add.reduceat(values[order], starts, axis=0)
+    return target

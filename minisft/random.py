@@ -1,0 +1,46 @@
+"""The library's random state: one seeded generator per device.
+
+Every random draw minisft makes (dropout masks, weight initialisation, shuffling) comes from
+`generator(device)`, so `manual_seed(s)` makes a run reproducible. Like torch, the default
+seed is fixed, not drawn from the clock.
+"""
+import numpy
+
+from minisft.backend import Device
+
+_DEFAULT_SEED = 67280421310721
+_seed = _DEFAULT_SEED
+_generators = {}
+
+
+def manual_seed(seed):
+    """Reseed every device's generator."""
+    global _seed
+    _seed = int(seed)
+    _generators.clear()
+
+
+def initial_seed():
+    return _seed
+
+
+def generator(device="cpu"):
+    """The generator for `device`: numpy.random.Generator, or cupy's on a GPU."""
+    device = Device(device)
+    if device not in _generators:
+        if device.type == "cpu":
+            _generators[device] = numpy.random.default_rng(_seed)
+        else:
+            with device.xp.cuda.Device(device.index):
+                _generators[device] = device.xp.random.default_rng(_seed)
+    return _generators[device]
+
+
+def get_rng_state():
+    """The CPU generator's state (seed and position), for exact resume."""
+    return {"seed": _seed, "cpu": generator("cpu").bit_generator.state}
+
+
+def set_rng_state(state):
+    manual_seed(state["seed"])
+    generator("cpu").bit_generator.state = state["cpu"]

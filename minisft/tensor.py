@@ -1,0 +1,398 @@
+"""Tensor and the reverse-mode autograd graph.
+
+A Tensor wraps a raw array (`.data`) and, when it was computed from tensors that require
+gradients, a reference to the Function that made it (`._ctx`). `backward()` sorts that
+graph topologically (iteratively, so deep graphs hit no recursion limit) and walks it once
+in reverse, calling each Function's hand-written backward on raw arrays.
+"""
+import contextlib
+import threading
+
+import numpy
+
+from minisft.backend import Device, device_of, get_array_module
+
+_state = threading.local()
+
+
+def is_grad_enabled():
+    return getattr(_state, "grad_enabled", True)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Inside this block no graph is recorded: outputs never require grad."""
+    previous = is_grad_enabled()
+    _state.grad_enabled = False
+    try:
+        yield
+    finally:
+        _state.grad_enabled = previous
+
+
+def _is_floating(dtype):
+    return numpy.dtype(dtype).kind == "f"
+
+
+def _default_dtype(array):
+    """float64 input becomes float32 (the default); ints and bools keep their type."""
+    return numpy.float32 if array.dtype == numpy.float64 else array.dtype
+
+
+class Function:
+    """One differentiable op: `forward` and `backward` on raw arrays.
+
+    `forward(*arrays, **options)` returns the output array and keeps, through
+    `save_for_backward`, only what `backward` needs. `backward(grad_output)` returns one
+    gradient (or None) per input; `self.needs_input_grad` says which are wanted. After
+    backward the saved arrays are freed.
+    """
+
+    def __init__(self):
+        self.saved = None
+        self.inputs = ()
+        self.needs_input_grad = ()
+        self.recording = False
+
+    def save_for_backward(self, *arrays):
+        if self.recording:
+            self.saved = arrays
+
+    @classmethod
+    def apply(cls, *inputs, **options):
+        fn = cls()
+        tensors = _as_tensors(cls.__name__, inputs)
+        fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        fn.recording = is_grad_enabled() and any(fn.needs_input_grad)
+        out = fn.forward(*(t.data for t in tensors), **options)
+        if not fn.recording:
+            return Tensor(out)
+        fn.inputs = tensors
+        return Tensor(out, requires_grad=True, _ctx=fn)
+
+    def forward(self, *arrays, **options):
+        raise NotImplementedError
+
+    def backward(self, grad_output):
+        raise NotImplementedError
+
+    def release(self):
+        """Free what forward kept; the graph below this node cannot be walked again."""
+        self.saved = None
+        self.inputs = None
+
+
+def _as_tensors(op, inputs):
+    """Wrap scalars and arrays as constants beside the tensors; check devices and dtypes."""
+    tensors = [x for x in inputs if isinstance(x, Tensor)]
+    like = tensors[0]
+    float_dtypes = {t.dtype for t in tensors if _is_floating(t.dtype)}
+    if len(float_dtypes) > 1:
+        names = " and ".join(sorted(str(d) for d in float_dtypes))
+        raise TypeError(f"{op}: tensors of dtypes {names} mixed; convert one with .to(dtype=...)")
+    devices = {str(t.device) for t in tensors}
+    if len(devices) > 1:
+        where = ", ".join(f"input {i} {tuple(x.shape)} on {x.device}"
+                          for i, x in enumerate(inputs) if isinstance(x, Tensor))
+        raise RuntimeError(f"{op}: tensors on different devices ({where}); move them with .to(device)")
+    float_dtype = float_dtypes.pop() if float_dtypes else numpy.float32
+    out = []
+    for x in inputs:
+        if not isinstance(x, Tensor):
+            x = Tensor(_constant(x, like, float_dtype))
+        out.append(x)
+    return out
+
+
+def _constant(x, like, float_dtype):
+    """A scalar or array operand as an array beside `like`, without widening any dtype.
+
+    Float arrays and Python floats take the tensors' float dtype; a Python int takes it too
+    when `like` is floating (else like's int dtype); int and bool arrays keep theirs.
+    """
+    if hasattr(x, "dtype"):
+        array = like.device.put(x)
+        return array.astype(float_dtype, copy=False) if array.dtype.kind == "f" else array
+    if isinstance(x, bool):
+        return like.device.put(numpy.asarray(x))
+    if isinstance(x, float) or _is_floating(like.dtype):
+        return like.device.put(numpy.asarray(x, dtype=float_dtype))
+    return like.device.put(numpy.asarray(x, dtype=like.dtype))
+
+
+class Tensor:
+    """An n-dimensional array with optional gradient tracking."""
+
+    __array_ufunc__ = None  # numpy defers to Tensor's reflected operators
+
+    def __init__(self, data, requires_grad=False, _ctx=None):
+        self.data = data
+        self.grad = None
+        self.requires_grad = requires_grad
+        self._ctx = _ctx
+
+    # --- properties -----------------------------------------------------------------
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def device(self):
+        return device_of(self.data)
+
+    @property
+    def is_leaf(self):
+        return self._ctx is None
+
+    def size(self, dim=None):
+        return self.data.shape if dim is None else self.data.shape[dim]
+
+    def numel(self):
+        return self.data.size
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        device = "" if self.device.type == "cpu" else f", device='{self.device}'"
+        return f"tensor({self.numpy()!r}{device}{grad})"
+
+    def numpy(self):
+        """The data as a NumPy array (copied from the GPU if needed)."""
+        return Device("cpu").put(self.data)
+
+    def item(self):
+        return self.data.item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self):
+        """The same data, cut from the graph."""
+        return Tensor(self.data)
+
+    def requires_grad_(self, requires_grad=True):
+        self.requires_grad = requires_grad
+        return self
+
+    # --- autograd -------------------------------------------------------------------
+    def backward(self, grad=None, retain_graph=False):
+        """Accumulate d(self)/d(leaf) into every leaf's `.grad` that requires grad."""
+        if not self.requires_grad:
+            raise RuntimeError("backward(): this tensor does not require grad and has no graph")
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(
+                    f"backward() without a gradient needs a scalar, but this tensor has shape "
+                    f"{tuple(self.shape)}: reduce it first (e.g. .sum()) or pass backward(grad)")
+            grad = get_array_module(self.data).ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else grad
+            if tuple(grad.shape) != tuple(self.shape):
+                raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)}, "
+                                 f"tensor has shape {tuple(self.shape)}")
+        grads = {id(self): grad}
+        owned = set()  # ids whose array we created here, safe to add into in place
+        for node in reversed(_topological_order(self)):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            fn = node._ctx
+            if fn is None:
+                _accumulate_leaf(node, g, id(node) in owned)
+                continue
+            input_grads = fn.backward(g)
+            for tensor, input_grad in zip(fn.inputs, input_grads):
+                if input_grad is None or not tensor.requires_grad:
+                    continue
+                key = id(tensor)
+                if key not in grads:
+                    grads[key] = input_grad
+                elif key in owned:
+                    grads[key] += input_grad
+                else:
+                    grads[key] = grads[key] + input_grad
+                    owned.add(key)
+            if not retain_graph:
+                fn.release()
+
+    # --- operators (the ops live in minisft.ops) -----------------------------------------
+    def __add__(self, other):
+        return ops.Add.apply(self, other)
+
+    def __radd__(self, other):
+        return ops.Add.apply(other, self)
+
+    def __sub__(self, other):
+        return ops.Sub.apply(self, other)
+
+    def __rsub__(self, other):
+        return ops.Sub.apply(other, self)
+
+    def __mul__(self, other):
+        return ops.Mul.apply(self, other)
+
+    def __rmul__(self, other):
+        return ops.Mul.apply(other, self)
+
+    def __truediv__(self, other):
+        return ops.Div.apply(self, other)
+
+    def __rtruediv__(self, other):
+        return ops.Div.apply(other, self)
+
+    def __neg__(self):
+        return ops.Neg.apply(self)
+
+    def __pow__(self, exponent):
+        return ops.Pow.apply(self, exponent=exponent)
+
+    def __matmul__(self, other):
+        return ops.MatMul.apply(self, other)
+
+    def __rmatmul__(self, other):
+        return ops.MatMul.apply(other, self)
+
+    def __getitem__(self, index):
+        return ops.GetItem.apply(self, index=index)
+
+    def _compare(self, other, name):
+        other = other.data if isinstance(other, Tensor) else other
+        return Tensor(getattr(self.data, name)(other))
+
+    def __lt__(self, other):
+        return self._compare(other, "__lt__")
+
+    def __le__(self, other):
+        return self._compare(other, "__le__")
+
+    def __gt__(self, other):
+        return self._compare(other, "__gt__")
+
+    def __ge__(self, other):
+        return self._compare(other, "__ge__")
+
+    def __eq__(self, other):
+        return self._compare(other, "__eq__")
+
+    def __ne__(self, other):
+        return self._compare(other, "__ne__")
+
+    __hash__ = object.__hash__
+
+    # --- methods ------------------------------------------------------------------
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return ops.Reshape.apply(self, shape=tuple(shape))
+
+    view = reshape
+
+    def permute(self, *dims):
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        return ops.Permute.apply(self, dims=tuple(dims))
+
+    def transpose(self, dim0, dim1):
+        dims = list(range(self.ndim))
+        dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+        return self.permute(dims)
+
+    @property
+    def T(self):
+        return self.permute(tuple(reversed(range(self.ndim))))
+
+    def sum(self, dim=None, keepdim=False):
+        return ops.Sum.apply(self, dim=dim, keepdim=keepdim)
+
+    def mean(self, dim=None, keepdim=False):
+        return ops.Mean.apply(self, dim=dim, keepdim=keepdim)
+
+    def max(self, dim=None, keepdim=False):
+        """Maximum values (no indices); ties share the gradient equally, as torch.amax."""
+        return ops.Max.apply(self, dim=dim, keepdim=keepdim)
+
+    amax = max
+
+    def exp(self):
+        return ops.Exp.apply(self)
+
+    def log(self):
+        return ops.Log.apply(self)
+
+    def sqrt(self):
+        return ops.Sqrt.apply(self)
+
+    def tanh(self):
+        return ops.Tanh.apply(self)
+
+    def masked_fill(self, mask, value):
+        """`value` where `mask` is true, self elsewhere (mask broadcasts)."""
+        return ops.Where.apply(mask, value, self)
+
+    def to(self, device=None, dtype=None):
+        """A copy on `device` and/or of `dtype`; gradients flow back to the original."""
+        device = self.device if device is None else Device(device)
+        dtype = self.dtype if dtype is None else numpy.dtype(dtype)
+        if device == self.device and dtype == self.dtype:
+            return self
+        return ops.To.apply(self, device=device, dtype=dtype)
+
+    def float(self):
+        return self.to(dtype=numpy.float32)
+
+    def double(self):
+        return self.to(dtype=numpy.float64)
+
+
+def _topological_order(root):
+    """Tensors that `root` depends on (through tensors requiring grad), inputs first."""
+    order, visited, stack = [], set(), [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        fn = node._ctx
+        if fn is not None:
+            if fn.inputs is None:
+                raise RuntimeError("backward through a graph a second time: its saved arrays were "
+                                   "freed; call backward(retain_graph=True) the first time")
+            stack.extend((t, False) for t in fn.inputs if t.requires_grad and id(t) not in visited)
+    return order
+
+
+def _accumulate_leaf(tensor, grad, owned):
+    if grad.dtype != tensor.dtype:
+        grad = grad.astype(tensor.dtype)
+        owned = True
+    if tensor.grad is None:
+        tensor.grad = grad if owned else grad.copy()
+    else:
+        tensor.grad += grad
+
+
+def tensor(data, requires_grad=False, dtype=None, device="cpu"):
+    """A new leaf tensor. Floats default to float32; ints and bools keep their kind."""
+    if isinstance(data, Tensor):
+        data = data.data
+    device = Device(device)
+    array = device.put(data if hasattr(data, "dtype") else numpy.asarray(data))
+    array = array.astype(dtype or _default_dtype(array), copy=True)
+    if requires_grad and not _is_floating(array.dtype):
+        raise TypeError(f"only floating tensors can require grad, not {array.dtype}")
+    return Tensor(array, requires_grad=requires_grad)
+
+
+from minisft import ops  # noqa: E402  (ops subclass Function, defined above)

@@ -1,0 +1,28 @@
+"""Shared fixtures: every test that takes `device` runs on the CPU and, when CuPy and a GPU
+are present, on CUDA too."""
+import numpy as np
+import pytest
+
+import minisft
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        not minisft.cuda_available(), reason="CUDA backend needs CuPy and an NVIDIA GPU")),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def assert_close(actual, expected, atol=1e-5, rtol=1e-4, what=""):
+    """Every element within atol absolute or rtol relative of the reference."""
+    actual = actual.numpy() if isinstance(actual, minisft.Tensor) else minisft.Device("cpu").put(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    error = np.abs(actual.astype(np.float64) - expected)
+    bad = (error > atol) & (error > rtol * np.abs(expected))
+    assert not bad.any(), (f"{what}: {int(bad.sum())} elements off, worst abs error "
+                           f"{error.max():.3g} (atol {atol}, rtol {rtol})")

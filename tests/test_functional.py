@@ -1,0 +1,83 @@
+"""What the shared op cases do not cover: erf accuracy, dropout, loss edge cases."""
+import math
+
+import numpy as np
+import pytest
+
+import minisft
+import minisft.functional as F
+from conftest import assert_close
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(np.float32, 1e-7), (np.float64, 5e-15)])
+def test_erf_accuracy_against_math_erf(device, dtype, tolerance):
+    x = np.concatenate([np.linspace(-8, 8, 40001), [0.0, 1e-30, -1e-8, 0.999, 1.0, 1.001]]).astype(dtype)
+    ours = minisft.Device("cpu").put(F.erf(minisft.Device(device).put(x)))
+    assert ours.dtype == dtype
+    reference = np.array([math.erf(v) for v in x.astype(np.float64)])
+    assert np.abs(ours - reference).max() < tolerance
+
+
+def test_erf_rejects_integers():
+    with pytest.raises(TypeError, match="float32 or float64"):
+        F.erf(np.arange(3))
+
+
+def test_dropout_is_seeded_inverted_and_off_in_eval(device):
+    x = minisft.tensor(np.ones((200, 500)), requires_grad=True, device=device)
+    minisft.manual_seed(3)
+    first = F.dropout(x, 0.1)
+    minisft.manual_seed(3)
+    second = F.dropout(x, 0.1)
+    assert_close(first, second.numpy())
+    values = first.numpy()
+    kept = values != 0
+    assert abs(kept.mean() - 0.9) < 0.01
+    assert_close(values[kept], np.full(kept.sum(), 1 / 0.9))
+    first.sum().backward()
+    assert_close(x.grad, values)  # gradient = mask / (1 - p)
+    assert F.dropout(x, 0.1, training=False) is x
+    assert F.dropout(x, 0.0) is x
+    assert (F.dropout(x, 1.0).numpy() == 0).all()
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\]"):
+        F.dropout(x, 1.5)
+
+
+def test_cross_entropy_all_ignored_is_nan_like_torch():
+    logits = minisft.tensor(np.zeros((2, 3)), requires_grad=True)
+    loss = F.cross_entropy(logits, np.array([-100, -100]))
+    assert math.isnan(loss.item())
+
+
+def test_cross_entropy_rejects_out_of_range_targets():
+    with pytest.raises(IndexError, match=r"\[0, 3\)"):
+        F.cross_entropy(minisft.tensor(np.zeros((2, 3))), np.array([0, 3]))
+    with pytest.raises(ValueError, match=r"target shape \(3,\)"):
+        F.cross_entropy(minisft.tensor(np.zeros((2, 3))), np.array([0, 1, 2]))
+
+
+def test_bce_with_logits_is_stable_for_huge_logits():
+    x = minisft.tensor([-1e4, 1e4], requires_grad=True)
+    loss = F.binary_cross_entropy_with_logits(x, np.array([0.0, 1.0], np.float32))
+    loss.backward()
+    assert loss.item() == 0.0 and np.isfinite(x.grad).all()
+
+
+def test_embedding_rejects_out_of_range_ids():
+    with pytest.raises(IndexError, match="index 7 out of range for a table of 5 rows"):
+        F.embedding(np.array([1, 7]), minisft.tensor(np.zeros((5, 2))))
+
+
+def test_linear_shape_error():
+    with pytest.raises(ValueError, match=r"last dim must be 4"):
+        F.linear(minisft.tensor(np.zeros((2, 3))), minisft.tensor(np.zeros((5, 4))))
+
+
+def test_masked_softmax_rows_match_unmasked_subset():
+    """Positions filled with the dtype's most negative value get exactly zero weight."""
+    x = np.random.default_rng(0).standard_normal((1, 5)).astype(np.float32)
+    mask = np.array([[False, False, False, True, True]])
+    masked = F.softmax(minisft.tensor(x).masked_fill(mask, np.finfo(np.float32).min), dim=-1)
+    alone = F.softmax(minisft.tensor(x[:, :3]), dim=-1)
+    assert_close(masked.numpy()[:, :3], alone.numpy(), atol=1e-7)
+    assert (masked.numpy()[:, 3:] == 0).all()
