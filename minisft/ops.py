@@ -6,6 +6,8 @@ forward broadcast it.
 """
 import itertools
 
+import numpy
+
 from minisft.backend import device_of, get_array_module, index_add
 from minisft.tensor import Function, Tensor
 
@@ -208,11 +210,15 @@ class Permute(Function):
         return (g.transpose(inverse),)
 
 
-def _raw_index(index):
-    """Unwrap Tensors inside an index expression."""
+def _raw_index(index, device):
+    """Unwrap Tensors inside an index expression and put index arrays on `device`."""
     if isinstance(index, tuple):
-        return tuple(_raw_index(i) for i in index)
-    return index.data if isinstance(index, Tensor) else index
+        return tuple(_raw_index(i, device) for i in index)
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, list):
+        index = numpy.asarray(index)
+    return device.put(index) if hasattr(index, "shape") else index
 
 
 def _is_advanced(index):
@@ -224,7 +230,7 @@ class GetItem(Function):
     """a[index] with slices, ints, None, Ellipsis and integer or boolean arrays."""
 
     def forward(self, a, index):
-        self.index = _raw_index(index)
+        self.index = _raw_index(index, device_of(a))
         self.shape, self.dtype = a.shape, a.dtype
         return a[self.index]
 
