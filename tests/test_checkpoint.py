@@ -1,0 +1,81 @@
+"""safetensors reading/writing and checkpoint key layouts."""
+import json
+import struct
+
+import numpy as np
+import pytest
+
+import minisft
+from minisft.checkpoint import (CheckpointError, load_into, load_safetensors, map_keys,
+                                save_safetensors)
+from minisft.models.bert import BertModel
+from conftest import FIXTURES
+
+TINY = FIXTURES / "tiny-bert"
+
+
+def _write_raw(path, tensors):
+    """A safetensors file written by hand: {name: (dtype code, shape, raw bytes)}."""
+    header, blobs, offset = {}, b"", 0
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs += raw
+        offset += len(raw)
+    encoded = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + blobs)
+
+
+def test_bfloat16_and_float16_load(tmp_path):
+    values = np.array([1.0, -2.5, 3.140625, 1e-3], np.float32)
+    bf16 = (values.view(np.uint32) >> 16).astype("<u2").tobytes()   # exact for these values' top bits
+    _write_raw(tmp_path / "m.safetensors", {"a": ("BF16", (2, 2), bf16),
+                                            "b": ("F16", (4,), values.astype("<f2").tobytes())})
+    tensors = load_safetensors(tmp_path / "m.safetensors")
+    expected = (np.frombuffer(bf16, "<u2").astype(np.uint32) << 16).view(np.float32)
+    assert tensors["a"].dtype == np.float32 and tensors["a"].shape == (2, 2)
+    assert (tensors["a"].ravel() == expected).all()
+    assert np.abs(tensors["a"].ravel() - values).max() < 1e-2
+    assert tensors["b"].dtype == np.float16
+
+
+def test_save_is_atomic_and_round_trips(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, path)
+    assert (load_safetensors(path)["x"] == np.arange(6).reshape(2, 3)).all()
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def test_key_mapping_handles_prefix_gamma_beta_and_buffers():
+    expected = ["bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias", "classifier.weight"]
+    state = {"embeddings.LayerNorm.gamma": 1, "embeddings.LayerNorm.beta": 2,
+             "embeddings.position_ids": 3}
+    assert map_keys(state, expected, prefix="bert.") == {
+        "bert.embeddings.LayerNorm.weight": 1, "bert.embeddings.LayerNorm.bias": 2}
+    # and the other way: a task checkpoint's base loads into a base model
+    assert map_keys({"bert.pooler.dense.weight": 1, "classifier.weight": 2},
+                    ["pooler.dense.weight"], prefix="bert.") == {"pooler.dense.weight": 1, "classifier.weight": 2}
+
+
+def test_old_layernorm_names_and_bert_prefix_load(tmp_path):
+    state = load_safetensors(TINY / "model.safetensors")
+    renamed = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in state.items()}
+    renamed["cls.predictions.bias"] = np.zeros(64, np.float32)
+    renamed["bert.embeddings.position_ids"] = np.arange(40)[None]
+    model = BertModel.from_pretrained(TINY)
+    fresh = BertModel(model.config)
+    load_into(fresh, renamed, source="renamed", ignored_unexpected=("cls.",), prefix="bert.")
+    ids = np.array([[1, 2, 3]])
+    with minisft.no_grad():
+        assert (fresh.eval()(ids).last_hidden_state.numpy() == model.eval()(ids).last_hidden_state.numpy()).all()
+
+
+def test_load_into_reports_without_raising_when_not_strict():
+    model = BertModel.from_pretrained(TINY)
+    state = {k: v.copy() for k, v in model.state_dict().items()}
+    state.pop("pooler.dense.weight")
+    state["extra"] = np.zeros(1)
+    missing, unexpected = load_into(model, state, source="s", strict=False)
+    assert missing == ["pooler.dense.weight"] and unexpected == ["extra"]
+    with pytest.raises(CheckpointError, match="^s: cannot load into BertModel: missing keys: pooler.dense.weight"):
+        load_into(model, state, source="s")

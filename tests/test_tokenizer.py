@@ -1,0 +1,113 @@
+"""BertTokenizer: identical to transformers' on 2,000+ varied lines, plus behaviour checks."""
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from minisft.tokenizer import BasicTokenizer, BertTokenizer, WordpieceTokenizer
+from conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def cases():
+    with gzip.open(FIXTURES / "tokenizer_cases.jsonl.gz", "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm_dir):
+    return BertTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.mark.pretrained  # made with all-MiniLM-L6-v2's vocab.txt
+def test_identical_to_transformers_on_every_fixture_line(cases, minilm_dir):
+    assert len(cases) >= 2000
+    tokenizers, mismatches = {}, []
+    for case in cases:
+        key = json.dumps(case["options"], sort_keys=True)
+        if key not in tokenizers:
+            tokenizers[key] = BertTokenizer.from_pretrained(minilm_dir, **case["options"])
+        tok = tokenizers[key]
+        if "error" in case:
+            with pytest.raises(ValueError):
+                tok(case["text"], case["pair"], return_tensors=None, **case["call"])
+            continue
+        enc = tok(case["text"], case["pair"], return_offsets_mapping=True, return_tensors=None, **case["call"])
+        got = {"input_ids": enc["input_ids"][0], "token_type_ids": enc["token_type_ids"][0],
+               "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
+               "word_ids": enc.word_ids(0), "decoded": tok.decode(enc["input_ids"][0])}
+        for field, value in got.items():
+            if value != case[field]:
+                mismatches.append((field, case["text"]))
+    assert not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
+
+
+@pytest.mark.pretrained
+def test_batch_padding_and_arrays(tokenizer):
+    batch = tokenizer(["a short one", "a somewhat longer sentence here"], padding=True)
+    assert batch["input_ids"].dtype == np.int64 and batch["input_ids"].shape == (2, 7)
+    assert batch["attention_mask"][0].tolist() == [1, 1, 1, 1, 1, 0, 0]
+    assert batch["input_ids"][0, -1] == tokenizer.pad_token_id
+    assert batch.word_ids(0) == [None, 0, 1, 2, None, None, None]
+    fixed = tokenizer(["a", "b c"], padding="max_length", max_length=10)
+    assert fixed["input_ids"].shape == (2, 10)
+    with pytest.raises(ValueError, match="padding=True"):
+        tokenizer(["a", "b c"])
+
+
+@pytest.mark.pretrained
+def test_pairs_and_truncation(tokenizer):
+    enc = tokenizer("first text", "and the second one", truncation=True, max_length=7, return_tensors=None)
+    assert len(enc["input_ids"][0]) == 7
+    assert enc["token_type_ids"][0] == [0, 0, 0, 0, 1, 1, 1]
+    assert enc.sequence_ids(0) == [None, 0, 0, None, 1, 1, None]
+
+
+@pytest.mark.pretrained
+def test_split_into_words_word_ids_for_label_alignment(tokenizer):
+    enc = tokenizer(["Huggingface", "rocks", "!"], is_split_into_words=True, return_tensors=None)
+    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+    word_ids = enc.word_ids(0)
+    assert word_ids[0] is None and word_ids[-1] is None
+    assert sorted(set(w for w in word_ids if w is not None)) == [0, 1, 2]
+
+
+@pytest.mark.pretrained
+def test_tokenize_encode_decode(tokenizer):
+    assert tokenizer.tokenize("Unaffable!") == ["una", "##ffa", "##ble", "!"]
+    ids = tokenizer.encode("Hello, world!")
+    assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "hello, world!"
+
+
+@pytest.mark.pretrained
+def test_save_pretrained_round_trip(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    again = BertTokenizer.from_pretrained(tmp_path)
+    text = "Ça va? 中文 [MASK] tokenization"
+    assert again(text, return_tensors=None)["input_ids"] == tokenizer(text, return_tensors=None)["input_ids"]
+
+
+def test_missing_vocab_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vocab.txt"):
+        BertTokenizer.from_pretrained(tmp_path)
+
+
+def test_basic_tokenizer_rules_without_a_vocabulary():
+    basic = BasicTokenizer(do_lower_case=True)
+    assert basic.tokenize(" \tHeLLo!How  \n Are yoU?  ") == ["hello", "!", "how", "are", "you", "?"]
+    assert basic.tokenize("Héllo 中文") == ["hello", "中", "文"]
+    assert BasicTokenizer(do_lower_case=True, strip_accents=False).tokenize("Héllo") == ["héllo"]
+    assert BasicTokenizer(do_lower_case=False).tokenize("Héllo") == ["Héllo"]
+    assert basic.tokenize("a\x00b\u200bc") == ["abc"]
+
+
+def test_wordpiece_greedy_longest_match_and_unknown():
+    vocab = {t: i for i, t in enumerate(["[UNK]", "want", "##want", "##ed", "wa", "un", "runn", "##ing"])}
+    wordpiece = WordpieceTokenizer(vocab)
+    assert wordpiece.tokenize("unwanted") == ["un", "##want", "##ed"]
+    assert wordpiece.tokenize("running") == ["runn", "##ing"]
+    assert wordpiece.tokenize("unwantedX") == ["[UNK]"]
+    assert wordpiece.tokenize("a" * 101) == ["[UNK]"]
