@@ -1,0 +1,1 @@
+"""minisft side by side with PyTorch + transformers. Run `python -m benchmarks`."""

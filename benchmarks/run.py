@@ -1,0 +1,110 @@
+"""Entry point: `python -m benchmarks [--quick] [--only NAME ...]`.
+
+Runs each benchmark for minisft and, when the `reference` extra (torch + transformers) is
+installed, for the reference in the same process, alternating, after warm-up. Prints a
+table of medians (min-max) with the minisft / reference ratio, and writes it, with the
+machine, library versions, BLAS and thread counts, to benchmarks/RESULTS.md.
+"""
+import os
+import sys
+
+THREADS = str(os.cpu_count() or 1)
+for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(variable, THREADS)
+# Some machines set OPENBLAS_CORETYPE/OPENBLAS_L2_SIZE to work around old OpenBLAS bugs;
+# they pin current NumPy to a slower kernel. Benchmarks measure the machine as it is.
+os.environ.pop("OPENBLAS_CORETYPE", None)
+os.environ.pop("OPENBLAS_L2_SIZE", None)
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import importlib  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+
+from benchmarks.common import TABLE_HEADER  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHMARKS = ["tokenizer_bench"]
+
+
+class Environment:
+    """What every benchmark needs: fetched files, and whether the reference is installed."""
+
+    def __init__(self, reference):
+        from minisft.fetch import fetch
+
+        self.reference = reference
+        self.model_dir = fetch("all-MiniLM-L6-v2", root=ROOT / "weights")
+        self._fetch = fetch
+
+    def data(self, name):
+        return self._fetch(name, root=ROOT / "data")
+
+
+def _reference_available():
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def describe_machine(reference):
+    import numpy
+
+    lines = [f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+             f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.processor() or platform.platform()}",
+             f"- python {platform.python_version()}, numpy {numpy.__version__}"]
+    try:
+        import threadpoolctl
+
+        for pool in threadpoolctl.threadpool_info():
+            lines.append(f"- {pool['user_api']}: {pool['internal_api']} {pool.get('version')}, "
+                         f"kernel {pool.get('architecture')}, {pool['num_threads']} threads")
+    except ImportError:
+        lines.append("- BLAS: (install threadpoolctl to report it)")
+    if reference:
+        import torch
+        import transformers
+
+        torch.set_num_threads(int(THREADS))
+        lines.append(f"- torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                     f"transformers {transformers.__version__}")
+    else:
+        lines.append("- reference not installed (pip install -e '.[reference]'): minisft figures only")
+    lines.append(f"- threads: OMP/OPENBLAS/MKL_NUM_THREADS={THREADS}")
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test)")
+    parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = parser.parse_args(argv)
+    reference = _reference_available()
+    env = Environment(reference)
+    machine = describe_machine(reference)
+    print("\n".join(machine))
+    figures = []
+    for name in args.only or BENCHMARKS:
+        module = importlib.import_module(f"benchmarks.{name}")
+        print(f"running {name} ...", flush=True)
+        for figure in module.run(env, args.quick):
+            print(figure.row(), flush=True)
+            figures.append(figure)
+    table = "\n".join([TABLE_HEADER] + [f.row() for f in figures])
+    print(table)
+    command = "python -m benchmarks" + (" --quick" if args.quick else "") + (
+        f" --only {' '.join(args.only)}" if args.only else "")
+    text = "\n".join(["# Benchmark results", "", f"Written by `{command}`; do not edit by hand.", "",
+                      *machine, "", table, ""])
+    pathlib.Path(args.output).write_text(text, encoding="utf-8")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
