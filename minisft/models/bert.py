@@ -15,7 +15,8 @@ from minisft.checkpoint import load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
 from minisft.tensor import Tensor
 
-__all__ = ["BertConfig", "BertModel", "BaseModelOutputWithPooling"]
+__all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
+           "BaseModelOutputWithPooling", "SequenceClassifierOutput", "TokenClassifierOutput"]
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -290,3 +291,105 @@ class BertModel(BertPreTrainedModel):
                                                         output_attentions)
         pooled = self.pooler(sequence) if self.pooler is not None else None
         return BaseModelOutputWithPooling(sequence, pooled, all_hidden, attentions)
+
+
+# --- task heads -----------------------------------------------------------------------------
+@dataclass
+class SequenceClassifierOutput:
+    loss: Tensor = None          # scalar, when labels were given
+    logits: Tensor = None        # (B, num_labels)
+    hidden_states: tuple = None
+    attentions: tuple = None
+
+
+@dataclass
+class TokenClassifierOutput:
+    loss: Tensor = None          # scalar, when labels were given
+    logits: Tensor = None        # (B, L, num_labels)
+    hidden_states: tuple = None
+    attentions: tuple = None
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """A linear classifier on the pooled [CLS] output.
+
+    The loss follows config.problem_type, or is inferred as transformers does: regression
+    (MSE) when num_labels == 1, single-label classification (cross-entropy) for integer
+    labels, multi-label classification (BCE with logits) for float label vectors.
+    """
+
+    base_model_prefix = "bert."
+    allowed_missing_keys = ("classifier.",)
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = None if labels is None else self.loss(logits, labels)
+        return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+
+    def problem_type(self, labels):
+        if self.config.problem_type:
+            return self.config.problem_type
+        if self.num_labels == 1:
+            return "regression"
+        kind = labels.data.dtype.kind if isinstance(labels, Tensor) else numpy.asarray(labels).dtype.kind
+        return "single_label_classification" if kind in "iu" else "multi_label_classification"
+
+    def loss(self, logits, labels):
+        """logits (B, num_labels); labels (B,) ints, (B,) floats, or (B, num_labels) floats."""
+        problem = self.problem_type(labels)
+        if problem == "regression":
+            return F.mse_loss(logits.reshape(-1), _as_float(labels, logits).reshape(-1))
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits, labels.reshape(-1) if hasattr(labels, "reshape") else labels)
+        if problem == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, _as_float(labels, logits))
+        raise ValueError(f"config.json: unknown problem_type {problem!r}; use regression, "
+                         "single_label_classification or multi_label_classification")
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    """A linear classifier on every token's hidden state (NER); labels -100 are ignored."""
+
+    base_model_prefix = "bert."
+    allowed_missing_keys = ("classifier.",)
+    ignored_unexpected_keys = ("cls.", "pooler.", "bert.pooler.")
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = None
+        if labels is not None:
+            labels = labels.data if isinstance(labels, Tensor) else numpy.asarray(labels)
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1))
+        return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+
+
+def _as_float(labels, like):
+    """Float targets in the logits' dtype, on the logits' device."""
+    data = labels.data if isinstance(labels, Tensor) else numpy.asarray(labels)
+    return Tensor(like.device.put(data).astype(like.dtype))
