@@ -25,7 +25,7 @@ import platform  # noqa: E402
 from benchmarks.common import TABLE_HEADER  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BENCHMARKS = ["tokenizer_bench"]
+BENCHMARKS = ["tokenizer_bench", "finetune_bench"]
 
 
 class Environment:
@@ -78,6 +78,23 @@ def describe_machine(reference):
     return lines
 
 
+def write_results(path, command, machine, figures):
+    """Replace this run's section of RESULTS.md (one section per set of benchmarks run
+    together), keeping the sections of other runs."""
+    key = command.replace("python -m benchmarks", "").replace("--quick", "").strip() or "all"
+    begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
+    section = "\n".join([begin, f"## `{command}`", "", *machine, "", TABLE_HEADER,
+                         *[f.row() for f in figures], end])
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        if not text:
+            text = "# Benchmark results\n\nWritten by `python -m benchmarks`; never edited by hand.\n"
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text, encoding="utf-8")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test)")
@@ -99,9 +116,7 @@ def main(argv=None):
     print(table)
     command = "python -m benchmarks" + (" --quick" if args.quick else "") + (
         f" --only {' '.join(args.only)}" if args.only else "")
-    text = "\n".join(["# Benchmark results", "", f"Written by `{command}`; do not edit by hand.", "",
-                      *machine, "", table, ""])
-    pathlib.Path(args.output).write_text(text, encoding="utf-8")
+    write_results(pathlib.Path(args.output), command, machine, figures)
     print(f"wrote {args.output}")
     return 0
 

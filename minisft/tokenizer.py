@@ -17,6 +17,8 @@ import unicodedata
 
 import numpy
 
+from minisft.checkpoint import write_json_atomic, write_text_atomic
+
 SPECIAL_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ASCII_WORDS = re.compile(r"[A-Za-z0-9]+|[!-/:-@\[-`{-~]")
@@ -259,12 +261,10 @@ class BertTokenizer:
 
     def save_pretrained(self, directory):
         """Write vocab.txt and tokenizer_config.json."""
-        from minisft.checkpoint import write_json_atomic
-
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tokens = [self.ids_to_tokens[i] for i in range(len(self.ids_to_tokens))]
-        (directory / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+        write_text_atomic("\n".join(tokens) + "\n", directory / "vocab.txt")
         write_json_atomic({**self.init_kwargs, "tokenizer_class": "BertTokenizer"},
                           directory / "tokenizer_config.json")
 

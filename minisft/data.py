@@ -1,0 +1,342 @@
+"""Labeled data: readers for CSV, TSV, JSON lines and CoNLL files, label vocabularies,
+encoding with the tokenizer (word labels aligned to sub-tokens), and length-grouped,
+dynamically padded, seeded batches.
+
+Tasks: "classification" (text -> class), "pair-classification" (text, text pair -> class),
+"regression" (text [, pair] -> float), "token-classification" (words -> one tag each).
+"""
+import csv
+import io
+import json
+import math
+import pathlib
+import random
+from dataclasses import dataclass
+
+import numpy
+
+TASKS = ("classification", "pair-classification", "regression", "token-classification")
+TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "premise")
+PAIR_COLUMNS = ("text_pair", "sentence2", "question2", "hypothesis")
+LABEL_COLUMNS = ("label", "labels", "score")
+TOKEN_COLUMNS = ("tokens", "words")
+TAG_COLUMNS = ("tags", "ner_tags", "labels", "label")
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file (and line) and the fix."""
+
+
+@dataclass
+class Example:
+    text: object                 # a string, or a list of words for token classification
+    text_pair: str = None
+    label: object = None         # a class name, a float, or a list of tags
+    line: int = 0                # where it came from, for error messages
+
+
+# --- reading -------------------------------------------------------------------------------
+def _read_text(path):
+    path = pathlib.Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); "
+                        "re-save the file as UTF-8") from None
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty")
+    return text
+
+
+def _records(path):
+    """(line number, {column: value}) from a CSV, TSV or JSON lines file."""
+    path = pathlib.Path(path)
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object per line")
+            records.append((number, record))
+        return records
+    if suffix not in (".csv", ".tsv"):
+        raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl or .conll")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+    if reader.fieldnames is None:
+        raise DataError(f"{path}: the file is empty")
+    records = [(reader.line_num, row) for row in reader]
+    if not records:
+        raise DataError(f"{path}: a header but no rows")
+    return records
+
+
+def _pick(path, columns, requested, candidates, what, flag):
+    if requested:
+        if requested not in columns:
+            raise DataError(f"{path}: no column {requested!r} for the {what} "
+                            f"(columns: {', '.join(columns)})")
+        return requested
+    for name in candidates:
+        if name in columns:
+            return name
+    raise DataError(f"{path}: no {what} column (looked for {', '.join(candidates)}; columns: "
+                    f"{', '.join(columns)}); name it with {flag}")
+
+
+def read_conll(path):
+    """Sentences from a CoNLL file: `token<TAB>tag` per line (or space-separated), a blank
+    line between sentences."""
+    text = _read_text(path)
+    examples, words, tags, start = [], [], [], 1
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            if words:
+                examples.append(Example(words, label=tags, line=start))
+            words, tags, start = [], [], number + 1
+            continue
+        fields = line.split("\t") if "\t" in line else line.split()
+        fields = [f.strip() for f in fields]
+        if len(fields) != 2 or not all(fields):
+            raise DataError(f"{path} line {number}: expected 2 fields (token and tag), found "
+                            f"{len(fields)}: {line!r}")
+        words.append(fields[0])
+        tags.append(fields[1])
+    if words:
+        examples.append(Example(words, label=tags, line=start))
+    if not examples:
+        raise DataError(f"{path}: no sentences")
+    return examples
+
+
+def read_examples(path, task, text_column=None, text_pair_column=None, label_column=None,
+                  require_labels=True):
+    """Examples from a labeled file. Columns default to the usual names (text/sentence/
+    sentence1, text_pair/sentence2, label); token classification reads CoNLL, or JSON lines
+    with tokens/tags lists."""
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    path = pathlib.Path(path)
+    if task == "token-classification" and path.suffix.lower() not in (".jsonl", ".json", ".csv", ".tsv"):
+        return read_conll(path)
+    records = _records(path)
+    columns = list(records[0][1])
+    if task == "token-classification":
+        words_column = _pick(path, columns, text_column, TOKEN_COLUMNS, "tokens", "--text-column")
+        tags_column = _pick(path, columns, label_column, TAG_COLUMNS, "tags", "--label-column")
+        return [Example(record[words_column], label=record.get(tags_column), line=number)
+                for number, record in records]
+    text = _pick(path, columns, text_column, TEXT_COLUMNS, "text", "--text-column")
+    pair = None
+    if task == "pair-classification" or text_pair_column:
+        pair = _pick(path, columns, text_pair_column, PAIR_COLUMNS, "text pair", "--text-pair-column")
+    label = None
+    if require_labels or label_column or any(c in columns for c in LABEL_COLUMNS):
+        try:
+            label = _pick(path, columns, label_column, LABEL_COLUMNS, "label", "--label-column")
+        except DataError:
+            if require_labels:
+                raise
+    examples = []
+    for number, record in records:
+        value = record.get(text)
+        if not isinstance(value, str) or (pair and not isinstance(record.get(pair), str)):
+            raise DataError(f"{path} line {number}: missing text (column {text!r}"
+                            + (f" or {pair!r})" if pair else ")"))
+        examples.append(Example(value, record.get(pair) if pair else None,
+                                record.get(label) if label else None, number))
+    if label:
+        _check_label_types(path, examples, task)
+    return examples
+
+
+def _is_number(value):
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _check_label_types(path, examples, task):
+    """Labels must be all numbers (regression) or all of one kind (classification)."""
+    missing = next((e for e in examples if e.label is None or e.label == ""), None)
+    if missing is not None:
+        raise DataError(f"{path} line {missing.line}: missing label")
+    numeric = [_is_number(e.label) for e in examples]
+    if task == "regression":
+        if not all(numeric):
+            bad = examples[numeric.index(False)]
+            raise DataError(f"{path} line {bad.line}: regression label {bad.label!r} is not a number")
+        for e in examples:
+            e.label = float(e.label)
+        return
+    if any(numeric) and not all(numeric):
+        number = examples[numeric.index(True)]
+        text = examples[numeric.index(False)]
+        raise DataError(f"{path}: the label column mixes numbers and names (line {number.line}: "
+                        f"{number.label!r}, line {text.line}: {text.label!r}); fix the labels")
+    kinds = {type(e.label) for e in examples}
+    if len(kinds) > 1:  # JSON: 1 and 1.0 and "1"
+        raise DataError(f"{path}: the label column mixes types {sorted(k.__name__ for k in kinds)}")
+    for e in examples:
+        e.label = str(e.label)
+
+
+# --- labels ----------------------------------------------------------------------------------
+class LabelVocab:
+    """Class names <-> ids, built from the training labels (sorted) and then fixed."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.ids = {name: i for i, name in enumerate(self.names)}
+
+    @classmethod
+    def build(cls, examples, task):
+        if task == "regression":
+            return cls([])
+        if task == "token-classification":
+            names = {tag for e in examples for tag in e.label}
+        else:
+            names = {e.label for e in examples}
+        # numeric class names sort as numbers ("2" before "10")
+        return cls(sorted(names, key=lambda n: (0, float(n), n) if _is_number(n) else (1, 0, n)))
+
+    def encode(self, label, source, line):
+        try:
+            return self.ids[label]
+        except KeyError:
+            raise DataError(f"{source} line {line}: label {label!r} was not seen in training "
+                            f"(known: {', '.join(self.names)})") from None
+
+    def __len__(self):
+        return len(self.names)
+
+
+# --- encoding --------------------------------------------------------------------------------
+def encode(examples, tokenizer, task, labels, max_length=128, label_all_tokens=False, source="data"):
+    """Tokenise examples into features: dicts of input_ids, token_type_ids and label
+    (an int, a float, or per-token ids with -100 where no label is predicted)."""
+    if task == "token-classification":
+        return _encode_tokens(examples, tokenizer, labels, max_length, label_all_tokens, source)
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
+    batch = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_tensors=None)
+    features = []
+    for i, example in enumerate(examples):
+        feature = {"input_ids": batch["input_ids"][i], "token_type_ids": batch["token_type_ids"][i]}
+        if example.label is not None:
+            feature["label"] = (example.label if task == "regression"
+                                else labels.encode(example.label, source, example.line))
+        features.append(feature)
+    return features
+
+
+def _encode_tokens(examples, tokenizer, labels, max_length, label_all_tokens, source):
+    batch = tokenizer([e.text for e in examples], is_split_into_words=True, truncation=True,
+                      max_length=max_length, return_tensors=None)
+    features = []
+    for i, example in enumerate(examples):
+        feature = {"input_ids": batch["input_ids"][i], "token_type_ids": batch["token_type_ids"][i],
+                   "word_ids": batch.word_ids(i)}
+        if example.label is not None:
+            if len(example.label) != len(example.text):
+                raise DataError(f"{source} line {example.line}: {len(example.text)} tokens but "
+                                f"{len(example.label)} tags")
+            tag_ids = [labels.encode(tag, source, example.line) for tag in example.label]
+            feature["label"] = align_labels(batch.word_ids(i), tag_ids, label_all_tokens)
+        features.append(feature)
+    return features
+
+
+def align_labels(word_ids, word_labels, label_all_tokens=False):
+    """Per-token labels: a word's first sub-token gets its label, the other sub-tokens
+    -100 (or the same label with label_all_tokens), special tokens -100."""
+    aligned, previous = [], None
+    for word in word_ids:
+        if word is None:
+            aligned.append(IGNORE_INDEX)
+        elif word != previous or label_all_tokens:
+            aligned.append(word_labels[word])
+        else:
+            aligned.append(IGNORE_INDEX)
+        previous = word
+    return aligned
+
+
+# --- batching --------------------------------------------------------------------------------
+def collate(features, pad_token_id=0):
+    """Pad a list of features to their longest into (B, L) int64 arrays (labels too)."""
+    length = max(len(f["input_ids"]) for f in features)
+    batch_size = len(features)
+    input_ids = numpy.full((batch_size, length), pad_token_id, dtype=numpy.int64)
+    token_type_ids = numpy.zeros((batch_size, length), dtype=numpy.int64)
+    attention_mask = numpy.zeros((batch_size, length), dtype=numpy.int64)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[i, :n] = f["input_ids"]
+        token_type_ids[i, :n] = f["token_type_ids"]
+        attention_mask[i, :n] = 1
+    batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+    if features and "label" in features[0]:
+        first = features[0]["label"]
+        if isinstance(first, list):
+            labels = numpy.full((batch_size, length), IGNORE_INDEX, dtype=numpy.int64)
+            for i, f in enumerate(features):
+                labels[i, :len(f["label"])] = f["label"]
+        else:
+            labels = numpy.array([f["label"] for f in features],
+                                 dtype=numpy.float32 if isinstance(first, float) else numpy.int64)
+        batch["labels"] = labels
+    return batch
+
+
+def train_order(features, batch_size, seed, epoch, group_by_length=True):
+    """The batches of one training epoch as lists of feature indices.
+
+    A seeded shuffle (seed + epoch); when grouping by length, mega-batches of 50 batches are
+    each sorted by length and cut into batches (little padding), and the batches are then
+    shuffled again, except that the one with the longest example goes first (a memory
+    error shows at once, not hours in).
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(features)))
+    rng.shuffle(order)
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    mega = 50 * batch_size
+    length = lambda j: len(features[j]["input_ids"])  # noqa: E731
+    order = [i for start in range(0, len(order), mega)
+             for i in sorted(order[start:start + mega], key=length, reverse=True)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    longest = max(range(len(batches)), key=lambda b: max(map(length, batches[b])))
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
+
+
+def eval_order(features, batch_size):
+    """Batches for evaluation: sorted by length (little padding); predictions are put back
+    in file order by index."""
+    order = sorted(range(len(features)), key=lambda j: len(features[j]["input_ids"]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def steps_per_epoch(num_features, batch_size, accumulation=1):
+    return math.ceil(math.ceil(num_features / batch_size) / accumulation)

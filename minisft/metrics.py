@@ -1,0 +1,137 @@
+"""Evaluation metrics, computed as scikit-learn, scipy and seqeval compute them.
+
+Inputs are sequences of labels (any hashable) or numbers; outputs are floats.
+"""
+import math
+from collections import Counter
+
+
+def accuracy(y_true, y_pred):
+    _check(y_true, y_pred)
+    return sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true)
+
+
+def precision_recall_f1(y_true, y_pred, labels=None):
+    """Per class {label: (precision, recall, f1, support)} and the macro averages."""
+    _check(y_true, y_pred)
+    labels = sorted(set(y_true) | set(y_pred), key=str) if labels is None else list(labels)
+    true_counts, pred_counts = Counter(y_true), Counter(y_pred)
+    hits = Counter(t for t, p in zip(y_true, y_pred) if t == p)
+    per_class = {}
+    for label in labels:
+        precision = _ratio(hits[label], pred_counts[label])
+        recall = _ratio(hits[label], true_counts[label])
+        per_class[label] = (precision, recall, _f1(precision, recall), true_counts[label])
+    macro = tuple(sum(v[i] for v in per_class.values()) / len(per_class) for i in range(3))
+    return per_class, macro
+
+
+def matthews_corrcoef(y_true, y_pred):
+    """Matthews correlation, multiclass form (Gorodkin's R_K); 0 when undefined."""
+    _check(y_true, y_pred)
+    labels = sorted(set(y_true) | set(y_pred), key=str)
+    t, p = Counter(y_true), Counter(y_pred)
+    correct = sum(a == b for a, b in zip(y_true, y_pred))
+    n = len(y_true)
+    covariance = correct * n - sum(t[k] * p[k] for k in labels)
+    denominator = math.sqrt((n * n - sum(p[k] ** 2 for k in labels)) * (n * n - sum(t[k] ** 2 for k in labels)))
+    return covariance / denominator if denominator else 0.0
+
+
+def pearson(x, y):
+    _check(x, y)
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else float("nan")
+
+
+def _ranks(values):
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x, y):
+    return pearson(_ranks(list(x)), _ranks(list(y)))
+
+
+def _split_tag(tag):
+    """"B-PER" -> ("B", "PER"); "O" -> ("O", "")."""
+    if tag in ("O", ""):
+        return "O", ""
+    if len(tag) > 1 and tag[1] in "-_":
+        return tag[0], tag[2:]
+    return tag[0], ""
+
+
+def get_entities(tags):
+    """(type, start, end inclusive) chunks of a BIO(ES) tag sequence, by seqeval's rules:
+    an I- tag after O or after another type starts a new entity."""
+    entities, start, previous_tag, previous_type = [], None, "O", ""
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, kind = _split_tag(tag)
+        if start is not None and _chunk_ends(previous_tag, prefix, previous_type, kind):
+            entities.append((previous_type, start, i - 1))
+            start = None
+        if _chunk_starts(previous_tag, prefix, previous_type, kind):
+            start = i
+        previous_tag, previous_type = prefix, kind
+    return entities
+
+
+def _chunk_ends(prev, tag, prev_type, kind):
+    return (prev in "ES" or (prev in "BI" and tag in "BSO") or (prev != "O" and prev_type != kind))
+
+
+def _chunk_starts(prev, tag, prev_type, kind):
+    return (tag in "BS" or (prev in "ESO" and tag in "EI") or (tag != "O" and prev_type != kind))
+
+
+def entity_f1(true_sequences, pred_sequences):
+    """Entity-level micro precision, recall and F1 over sentences of tags (seqeval's
+    default), and per entity type {type: (precision, recall, f1, support)}."""
+    if len(true_sequences) != len(pred_sequences):
+        raise ValueError("entity_f1: different numbers of true and predicted sentences")
+    true_entities, pred_entities = set(), set()
+    for n, (t, p) in enumerate(zip(true_sequences, pred_sequences)):
+        if len(t) != len(p):
+            raise ValueError(f"entity_f1: sentence {n} has {len(t)} true and {len(p)} predicted tags")
+        true_entities |= {(n, *e) for e in get_entities(t)}
+        pred_entities |= {(n, *e) for e in get_entities(p)}
+    correct = true_entities & pred_entities
+    precision, recall = _ratio(len(correct), len(pred_entities)), _ratio(len(correct), len(true_entities))
+    per_type = {}
+    for kind in sorted({e[1] for e in true_entities | pred_entities}):
+        t = {e for e in true_entities if e[1] == kind}
+        p = {e for e in pred_entities if e[1] == kind}
+        c = len(t & p)
+        pt, rt = _ratio(c, len(p)), _ratio(c, len(t))
+        per_type[kind] = (pt, rt, _f1(pt, rt), len(t))
+    return {"precision": precision, "recall": recall, "f1": _f1(precision, recall)}, per_type
+
+
+def _ratio(a, b):
+    return a / b if b else 0.0
+
+
+def _f1(precision, recall):
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def _check(a, b):
+    if len(a) != len(b):
+        raise ValueError(f"metrics: {len(a)} true values but {len(b)} predictions")
+    if not a:
+        raise ValueError("metrics: no examples")

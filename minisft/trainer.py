@@ -1,0 +1,423 @@
+"""The fine-tuning loop: batches -> loss -> backward -> clip -> AdamW -> schedule, with
+evaluation, best-model selection, early stopping, progress, metrics as JSON lines, and
+checkpoints that resume exactly.
+
+Output directory layout:
+    config.json, model.safetensors, vocab.txt, tokenizer_config.json   the final (best) model,
+                                                                       loadable by transformers
+    training_args.json      the arguments of the run (task, columns, labels, hyper-parameters)
+    metrics.jsonl           one JSON object per log line and per evaluation
+    checkpoint-STEP/        model + optimizer.safetensors + trainer_state.json, for --resume
+    best/                   the best model so far, when evaluating
+"""
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy
+
+from minisft import metrics as M
+from minisft import random
+from minisft.checkpoint import load_safetensors, save_safetensors, write_json_atomic
+from minisft.data import IGNORE_INDEX, collate, eval_order, steps_per_epoch, train_order
+from minisft.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
+from minisft.tensor import no_grad
+
+DEFAULT_METRIC = {"classification": "accuracy", "pair-classification": "accuracy",
+                  "regression": "pearson", "token-classification": "f1"}
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainingArguments:
+    """Hyper-parameters, with the defaults of transformers' run_glue."""
+    output_dir: str
+    task: str = "classification"
+    learning_rate: float = 2e-5
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_train_epochs: float = 3.0
+    max_steps: int = -1                  # > 0 overrides num_train_epochs
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0            # used when warmup_steps is 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0           # 0 disables clipping
+    lr_scheduler_type: str = "linear"    # linear, cosine, constant
+    eval_steps: int = 0                  # 0: evaluate at each epoch end only
+    save_steps: int = 0                  # 0: checkpoint at each epoch end only
+    save_total_limit: int = 2
+    logging_steps: int = 50
+    metric_for_best_model: str = None    # default per task: accuracy, pearson, f1
+    early_stopping_patience: int = 0     # evaluations without improvement; 0 disables
+    seed: int = 42
+    max_length: int = 128
+    group_by_length: bool = True
+    label_all_tokens: bool = False
+    text_column: str = None
+    text_pair_column: str = None
+    label_column: str = None
+
+    def to_json(self):
+        return dataclasses.asdict(self)
+
+    @property
+    def best_metric(self):
+        return self.metric_for_best_model or DEFAULT_METRIC[self.task]
+
+    @property
+    def greater_is_better(self):
+        return not self.best_metric.endswith(("loss", "mse"))
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved with every checkpoint."""
+    global_step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_metric: float = None
+    best_step: int = None
+    evaluations_without_improvement: int = 0
+
+
+class Trainer:
+    """Fine-tunes `model` on encoded features (see minisft.data.encode)."""
+
+    def __init__(self, model, args, train_features=None, eval_features=None, label_names=None,
+                 tokenizer=None, log=None):
+        self.model = model
+        self.args = args
+        self.train_features = train_features
+        self.eval_features = eval_features
+        self.label_names = label_names
+        self.tokenizer = tokenizer
+        self.output_dir = pathlib.Path(args.output_dir)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
+        self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.state = TrainerState()
+        self._last_eval_step = None
+
+    # --- setup ----------------------------------------------------------------------------
+    def total_steps(self):
+        args = self.args
+        per_epoch = steps_per_epoch(len(self.train_features), args.batch_size, args.gradient_accumulation_steps)
+        if args.max_steps > 0:
+            return args.max_steps
+        return max(1, math.ceil(args.num_train_epochs * per_epoch))
+
+    def _build_optimizer(self, total):
+        args = self.args
+        optimizer = AdamW(parameter_groups(self.model, args.weight_decay), lr=args.learning_rate,
+                          betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                          weight_decay=args.weight_decay)
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
+        if args.lr_scheduler_type not in SCHEDULES:
+            raise ValueError(f"unknown lr_scheduler_type {args.lr_scheduler_type!r}; "
+                             f"choose {', '.join(SCHEDULES)}")
+        return optimizer, SCHEDULES[args.lr_scheduler_type](optimizer, warmup, total)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def train(self, resume_from=None):
+        """Train to the end (or early stop); write the final model. Returns the last
+        evaluation's metrics (or {} without eval data)."""
+        args = self.args
+        if not self.train_features:
+            raise TrainingError("no training examples")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        _remove_partial_checkpoints(self.output_dir)
+        total = self.total_steps()
+        optimizer, schedule = self._build_optimizer(total)
+        if resume_from is not None:
+            self._load_checkpoint(resume_from, optimizer, schedule)
+            self.log(f"resumed from {resume_from} at step {self.state.global_step}")
+        self.model.train()
+        accumulation = args.gradient_accumulation_steps
+        progress = _Progress(total, self.state.global_step, self.log, args.logging_steps)
+        last_metrics, stop = {}, False
+        while self.state.global_step < total and not stop:
+            batches = train_order(self.train_features, args.batch_size, args.seed, self.state.epoch,
+                                  args.group_by_length)
+            for index in range(self.state.batch_in_epoch, len(batches)):
+                loss = self._forward_backward(batches[index], accumulation)
+                self.state.batch_in_epoch = index + 1
+                if self.state.batch_in_epoch % accumulation and index + 1 < len(batches):
+                    continue
+                if args.max_grad_norm:
+                    clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                self.state.global_step += 1
+                step = self.state.global_step
+                record = progress.update(step, loss, schedule.get_last_lr()[0], self.state.epoch)
+                if record:
+                    self._append_metrics(record)
+                if args.eval_steps and step % args.eval_steps == 0 and self.eval_features:
+                    last_metrics = self._evaluate_and_select()
+                    stop = self._should_stop()
+                if args.save_steps and step % args.save_steps == 0:
+                    self._save_checkpoint(optimizer, schedule)
+                if step >= total or stop:
+                    break
+            if self.state.batch_in_epoch == len(batches):  # the epoch is complete
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+                if self.eval_features and not (args.eval_steps and self.state.global_step % args.eval_steps == 0):
+                    last_metrics = self._evaluate_and_select()
+                    stop = self._should_stop()
+                if not (args.save_steps and self.state.global_step % args.save_steps == 0):
+                    self._save_checkpoint(optimizer, schedule)
+        progress.close()
+        if self.eval_features and self._last_eval_step != self.state.global_step:
+            last_metrics = self._evaluate_and_select()
+        if stop:
+            self.log(f"early stopping at step {self.state.global_step}: no improvement in "
+                     f"{args.early_stopping_patience} evaluations")
+        self._save_final()
+        return last_metrics
+
+    def _forward_backward(self, indices, accumulation):
+        batch = collate([self.train_features[i] for i in indices], self.pad_token_id)
+        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"], labels=batch["labels"])
+        value = float(out.loss.item())
+        if not math.isfinite(value):
+            last = latest_checkpoint(self.output_dir)
+            raise TrainingError(
+                f"the loss became {value} at step {self.state.global_step + 1} (epoch {self.state.epoch}); "
+                f"training stopped. The last good checkpoint is {last or 'none (none saved yet)'}; "
+                f"try a lower --learning-rate or --max-grad-norm, then --resume")
+        (out.loss * (1.0 / accumulation) if accumulation > 1 else out.loss).backward()
+        return value
+
+    # --- evaluation --------------------------------------------------------------------------
+    def predict(self, features):
+        """Logits for every feature, in order: (N, num_labels), or a list of (L_i, num_labels)
+        arrays for token classification."""
+        self.model.eval()
+        outputs = [None] * len(features)
+        with no_grad():
+            for indices in eval_order(features, self.args.eval_batch_size):
+                batch = collate([features[i] for i in indices], self.pad_token_id)
+                logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    token_type_ids=batch["token_type_ids"]).logits.numpy()
+                for row, i in enumerate(indices):
+                    outputs[i] = logits[row, :len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row]
+        self.model.train()
+        return outputs if self.args.task == "token-classification" else numpy.stack(outputs)
+
+    def evaluate(self, features, prefix="eval"):
+        """Metrics on labeled features, as {f"{prefix}_{name}": value} ({name: value}
+        without a prefix)."""
+        logits = self.predict(features)
+        scores = compute_metrics(self.args.task, logits, [f["label"] for f in features], self.label_names)
+        return {(f"{prefix}_{k}" if prefix else k): v for k, v in scores.items()}
+
+    def _evaluate_and_select(self):
+        self._last_eval_step = self.state.global_step
+        scores = self.evaluate(self.eval_features)
+        key = f"eval_{self.args.best_metric}"
+        if key not in scores:
+            raise TrainingError(f"metric_for_best_model {self.args.best_metric!r} is not computed for "
+                                f"{self.args.task}; choose one of {', '.join(k[5:] for k in scores)}")
+        value = scores[key]
+        best = self.state.best_metric
+        improved = best is None or (value > best if self.args.greater_is_better else value < best)
+        if improved:
+            self.state.best_metric, self.state.best_step = value, self.state.global_step
+            self.state.evaluations_without_improvement = 0
+            self._save_model(self.output_dir / "best")
+        else:
+            self.state.evaluations_without_improvement += 1
+        record = {"step": self.state.global_step, "epoch": self.state.epoch, **scores}
+        self._append_metrics(record)
+        self.log(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()) + (" (best)" if improved else ""))
+        return scores
+
+    def _should_stop(self):
+        patience = self.args.early_stopping_patience
+        return bool(patience) and self.state.evaluations_without_improvement >= patience
+
+    # --- saving ------------------------------------------------------------------------------
+    def _append_metrics(self, record):
+        with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _write_model(self, directory):
+        """Model, tokenizer and arguments: a directory transformers and minisft load."""
+        self.model.save_pretrained(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        write_json_atomic(self.args.to_json(), pathlib.Path(directory) / "training_args.json")
+
+    def _save_model(self, directory):
+        """_write_model into a temporary directory, then swapped in whole by renames."""
+        staging = directory.with_name(f".{directory.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        self._write_model(staging)
+        _swap_in(staging, directory)
+
+    def _save_final(self):
+        """The best model (or the last, without evaluation) into output_dir itself, each
+        file written to a temporary name and renamed."""
+        best = self.output_dir / "best"
+        if best.is_dir():
+            self.model.load_state_dict(load_safetensors(best / "model.safetensors"))
+        self._write_model(self.output_dir)
+
+    def _save_checkpoint(self, optimizer, schedule):
+        """checkpoint-STEP/: written to a temporary directory, then renamed: an interrupted
+        write never touches the previous checkpoint."""
+        directory = self.output_dir / f"checkpoint-{self.state.global_step}"
+        staging = self.output_dir / f".checkpoint-{self.state.global_step}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.model.save_pretrained(staging)
+        optimizer_state = optimizer.state_dict()
+        arrays = {f"{i}.{name}": numpy.asarray(value) for i, entry in optimizer_state["state"].items()
+                  for name, value in entry.items() if hasattr(value, "shape")}
+        save_safetensors({k: _host(v) for k, v in arrays.items()}, staging / "optimizer.safetensors")
+        scalars = {str(i): {name: value for name, value in entry.items() if not hasattr(value, "shape")}
+                   for i, entry in optimizer_state["state"].items()}
+        write_json_atomic({"trainer": dataclasses.asdict(self.state),
+                           "optimizer": {"state": scalars, "param_groups": optimizer_state["param_groups"]},
+                           "schedule": schedule.state_dict(), "rng": random.get_rng_state(),
+                           "args": self.args.to_json()}, staging / "trainer_state.json")
+        _swap_in(staging, directory)
+        checkpoints = _checkpoints(self.output_dir)
+        for old in checkpoints[:-self.args.save_total_limit] if self.args.save_total_limit else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, directory, optimizer, schedule):
+        directory = pathlib.Path(directory)
+        try:
+            saved = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TrainingError(f"{directory} is not a checkpoint (no trainer_state.json)") from None
+        self.model.load_state_dict(load_safetensors(directory / "model.safetensors"))
+        arrays = load_safetensors(directory / "optimizer.safetensors")
+        state = {}
+        for i, scalars in saved["optimizer"]["state"].items():
+            state[int(i)] = dict(scalars)
+        for key, value in arrays.items():
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = value
+        for group in saved["optimizer"]["param_groups"]:
+            group["betas"] = tuple(group["betas"])
+        optimizer.load_state_dict({"state": state, "param_groups": saved["optimizer"]["param_groups"]})
+        schedule.load_state_dict(saved["schedule"])
+        random.set_rng_state(saved["rng"])
+        self.state = TrainerState(**saved["trainer"])
+
+
+def compute_metrics(task, logits, labels, label_names=None):
+    """The task's metrics from model outputs and encoded labels."""
+    if task == "regression":
+        predictions = [float(x) for x in numpy.asarray(logits).reshape(-1)]
+        labels = [float(x) for x in labels]
+        return {"pearson": M.pearson(labels, predictions), "spearman": M.spearman(labels, predictions),
+                "mse": sum((a - b) ** 2 for a, b in zip(labels, predictions)) / len(labels)}
+    if task == "token-classification":
+        true_tags, pred_tags = [], []
+        for row_logits, row_labels in zip(logits, labels):
+            kept = [i for i, label in enumerate(row_labels) if label != IGNORE_INDEX]
+            predicted = row_logits.argmax(-1)
+            true_tags.append([label_names[row_labels[i]] for i in kept])
+            pred_tags.append([label_names[int(predicted[i])] for i in kept])
+        scores, _ = M.entity_f1(true_tags, pred_tags)
+        flat_true = [t for s in true_tags for t in s]
+        flat_pred = [t for s in pred_tags for t in s]
+        return {**scores, "accuracy": M.accuracy(flat_true, flat_pred)}
+    predictions = [int(i) for i in numpy.asarray(logits).argmax(-1)]
+    _, (precision, recall, f1) = M.precision_recall_f1(list(labels), predictions)
+    return {"accuracy": M.accuracy(list(labels), predictions), "f1": f1, "precision": precision,
+            "recall": recall, "mcc": M.matthews_corrcoef(list(labels), predictions)}
+
+
+class _Progress:
+    """step, loss, lr, it/s and ETA: one updating line on a terminal, else plain log lines
+    every `every` steps. Returns a metrics record whenever a log line is due."""
+
+    def __init__(self, total, start, log, every):
+        self.total, self.start_step, self.log, self.every = total, start, log, max(1, every)
+        self.tty = sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.losses = []
+
+    def update(self, step, loss, lr, epoch):
+        self.losses.append(loss)
+        done = step - self.start_step
+        rate = done / max(time.perf_counter() - self.started, 1e-9)
+        eta = (self.total - step) / rate if rate else float("inf")
+        line = (f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3g} "
+                f"{rate:.2f} it/s ETA {_duration(eta)}")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        if step % self.every == 0 or step == self.total:
+            record = {"step": step, "epoch": epoch, "loss": sum(self.losses) / len(self.losses),
+                      "learning_rate": lr, "it_per_s": rate}
+            self.losses = []
+            if not self.tty:
+                self.log(line)
+            return record
+        return None
+
+    def close(self):
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _duration(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+def _fmt(value):
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _host(array):
+    return array.get() if hasattr(array, "get") else array
+
+
+def _swap_in(staging, directory):
+    """Replace `directory` by `staging` with renames only."""
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.rename(directory, old)
+    os.rename(staging, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoints(output_dir):
+    found = [p for p in pathlib.Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir):
+    """The newest complete checkpoint-STEP directory, or None."""
+    checkpoints = _checkpoints(output_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def _remove_partial_checkpoints(output_dir):
+    """Temporary directories left by an interrupted save."""
+    for path in pathlib.Path(output_dir).glob(".*.tmp"):
+        shutil.rmtree(path, ignore_errors=True)
+

@@ -1,0 +1,150 @@
+"""What the command line's train, evaluate and predict do, from files to results: read and
+encode data, build the model for the task, run the Trainer. Kept apart from argument
+parsing so that scripts can call the same steps."""
+import dataclasses
+import json
+import pathlib
+import sys
+
+import numpy
+
+from minisft import random
+from minisft.data import DataError, Example, LabelVocab, encode, read_examples
+from minisft.fetch import resolve_data, resolve_model
+from minisft.models.bert import BertForSequenceClassification, BertForTokenClassification
+from minisft.tokenizer import BertTokenizer
+from minisft.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
+
+
+def model_for(task, directory, labels, **overrides):
+    """The task model, from a pretrained or fine-tuned checkpoint directory."""
+    if task == "token-classification":
+        return BertForTokenClassification.from_pretrained(directory, id2label=dict(enumerate(labels.names)), **overrides)
+    if task == "regression":
+        return BertForSequenceClassification.from_pretrained(directory, num_labels=1, problem_type="regression",
+                                                             **overrides)
+    return BertForSequenceClassification.from_pretrained(directory, id2label=dict(enumerate(labels.names)),
+                                                         problem_type="single_label_classification", **overrides)
+
+
+def _read(path, args, task, require_labels=True):
+    return read_examples(path, task, args.text_column, args.text_pair_column, args.label_column,
+                         require_labels=require_labels)
+
+
+def train(options):
+    """Fine-tune as `minisft train` does; returns the final metrics (eval_*, test_*)."""
+    output = pathlib.Path(options.output)
+    if output.exists() and any(output.iterdir()) and not options.resume and not options.overwrite_output_dir:
+        raise FileExistsError(f"{output} exists and is not empty: choose a new --output, add --resume to "
+                              "continue its training, or --overwrite-output-dir to replace it")
+    model_dir = resolve_model(options.model)
+    train_path, data_task = resolve_data(options.train, "train")
+    task = options.task or data_task or "classification"
+    eval_spec = options.eval or (f"{options.train}:dev" if data_task and ":" not in options.train else None)
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    args = TrainingArguments(output_dir=str(output), task=task,
+                             **{k: v for k, v in vars(options).items() if k in fields and k not in ("output_dir", "task")})
+    random.manual_seed(args.seed)
+    tokenizer = BertTokenizer.from_pretrained(model_dir)
+    train_examples = _read(train_path, args, task)
+    labels = LabelVocab.build(train_examples, task)
+
+    def features(path, examples=None):
+        examples = examples if examples is not None else _read(path, args, task)
+        return encode(examples, tokenizer, task, labels, args.max_length, args.label_all_tokens, source=path)
+
+    train_features = features(train_path, train_examples)
+    eval_features = features(resolve_data(eval_spec, "dev")[0]) if eval_spec else None
+    test_path = resolve_data(options.test, "test")[0] if options.test else None
+    model = model_for(task, model_dir, labels).to(options.device)
+    resume = None
+    if options.resume:
+        resume = latest_checkpoint(output) if options.resume == "latest" else pathlib.Path(options.resume)
+        if resume is None:
+            raise TrainingError(f"--resume: {output} has no checkpoint-STEP directory to resume from")
+    print(f"training {task} on {train_path} ({len(train_features)} examples"
+          + (f", {len(labels)} labels" if len(labels) else "") + f") from {model_dir}", file=sys.stderr)
+    trainer = Trainer(model, args, train_features, eval_features, labels.names, tokenizer)
+    metrics = trainer.train(resume_from=resume)
+    if test_path is not None:
+        test = trainer.evaluate(features(test_path), prefix="test")
+        trainer._append_metrics({"step": trainer.state.global_step, **test})
+        metrics = {**metrics, **test}
+    return metrics
+
+
+def _load_finetuned(model_dir, device):
+    model_dir = pathlib.Path(model_dir)
+    try:
+        saved = json.loads((model_dir / "training_args.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{model_dir / 'training_args.json'} does not exist: --model must be a "
+                                "directory written by `minisft train`") from None
+    args = TrainingArguments(**{k: v for k, v in saved.items()
+                                if k in {f.name for f in dataclasses.fields(TrainingArguments)}})
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    labels = LabelVocab([config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+                        if args.task != "regression" else [])
+    model = model_for(args.task, model_dir, labels).to(device).eval()
+    return args, model, labels, BertTokenizer.from_pretrained(model_dir)
+
+
+def evaluate(model_dir, data, batch_size=64, device="cpu"):
+    """Metrics of a fine-tuned model directory on a labeled file or data set split."""
+    args, model, labels, tokenizer = _load_finetuned(model_dir, device)
+    args.eval_batch_size = batch_size
+    path, _ = resolve_data(data, "test")
+    features = encode(_read(path, args, args.task), tokenizer, args.task, labels, args.max_length,
+                      args.label_all_tokens, source=path)
+    return Trainer(model, args, label_names=labels.names, tokenizer=tokenizer).evaluate(features, prefix="")
+
+
+def _stdin_examples(task):
+    examples = []
+    for number, line in enumerate(sys.stdin, 1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if task == "token-classification":
+            examples.append(Example(line.split(), line=number))
+        elif task == "pair-classification" or "\t" in line:
+            text, _, pair = line.partition("\t")
+            examples.append(Example(text, pair or None, line=number))
+        else:
+            examples.append(Example(line, line=number))
+    if not examples:
+        raise DataError("standard input: no lines to predict")
+    return examples
+
+
+def predict(model_dir, data, batch_size=64, device="cpu"):
+    """One record per input: label and probabilities, a score, or tags per word."""
+    args, model, labels, tokenizer = _load_finetuned(model_dir, device)
+    args.eval_batch_size = batch_size
+    if data == "-":
+        examples = _stdin_examples(args.task)
+    else:
+        examples = _read(resolve_data(data, "test")[0], args, args.task, require_labels=False)
+    for example in examples:
+        example.label = None
+    features = encode(examples, tokenizer, args.task, labels, args.max_length)
+    outputs = Trainer(model, args, label_names=labels.names, tokenizer=tokenizer).predict(features)
+    for example, feature, logits in zip(examples, features, outputs):
+        if args.task == "regression":
+            yield {"text": example.text, "score": float(logits[0])}
+        elif args.task == "token-classification":
+            predicted, tags, previous = logits.argmax(-1), [], None
+            for position, word in enumerate(feature["word_ids"]):
+                if word is not None and word != previous:
+                    tags.append(labels.names[int(predicted[position])])
+                previous = word
+            yield {"tokens": example.text, "labels": tags + ["O"] * (len(example.text) - len(tags))}
+        else:
+            shifted = numpy.exp(logits - logits.max())
+            probabilities = shifted / shifted.sum()
+            record = {"text": example.text}
+            if example.text_pair is not None:
+                record["text_pair"] = example.text_pair
+            yield {**record, "label": labels.names[int(probabilities.argmax())],
+                   "probabilities": {name: round(float(p), 6) for name, p in zip(labels.names, probabilities)}}

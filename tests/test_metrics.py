@@ -1,0 +1,46 @@
+"""Metrics against scikit-learn, scipy and seqeval values stored by make_training_fixtures.py."""
+import json
+import math
+
+import pytest
+
+from minisft import metrics as M
+from conftest import FIXTURES
+
+REF = json.loads((FIXTURES / "metrics_reference.json").read_text())
+
+
+def close(a, b):
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_classification_metrics_equal_sklearn():
+    y_true, y_pred = REF["y_true"], REF["y_pred"]
+    assert close(M.accuracy(y_true, y_pred), REF["accuracy"])
+    _, (precision, recall, f1) = M.precision_recall_f1(y_true, y_pred)
+    assert close(precision, REF["macro_precision"]) and close(recall, REF["macro_recall"])
+    assert close(f1, REF["macro_f1"])
+    assert close(M.matthews_corrcoef(y_true, y_pred), REF["mcc"])
+
+
+def test_correlations_equal_scipy_with_ties():
+    assert close(M.pearson(REF["x"], REF["y"]), REF["pearson"])
+    assert close(M.spearman(REF["x"], REF["y"]), REF["spearman"])
+
+
+def test_entity_f1_equals_seqeval():
+    scores, per_type = M.entity_f1(REF["true_tags"], REF["pred_tags"])
+    assert close(scores["precision"], REF["entity_precision"])
+    assert close(scores["recall"], REF["entity_recall"])
+    assert close(scores["f1"], REF["entity_f1"])
+    assert set(per_type) == {"PER", "LOC", "ORG"}
+
+
+def test_entity_chunking_rules():
+    assert M.get_entities(["B-PER", "I-PER", "O", "I-LOC", "I-LOC", "B-LOC", "I-ORG"]) == [
+        ("PER", 0, 1), ("LOC", 3, 4), ("LOC", 5, 5), ("ORG", 6, 6)]
+
+
+def test_length_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="2 true values but 1 predictions"):
+        M.accuracy([1, 2], [1])
