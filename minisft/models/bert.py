@@ -126,17 +126,24 @@ class BertSelfAttention(nn.Module):
         return context.permute(0, 2, 1, 3).reshape(batch, length, -1), probs
 
 
-class BertSelfOutput(nn.Module):
-    """Project the attention context and add it to the block's input, then LayerNorm."""
+class _ResidualLayerNorm(nn.Module):
+    """LayerNorm(dropout(dense(x)) + residual): (B, L, in_features) -> (B, L, H)."""
 
-    def __init__(self, config):
+    def __init__(self, config, in_features):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, input_tensor):
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertSelfOutput(_ResidualLayerNorm):
+    """Project the attention context and add it to the block's input, then LayerNorm."""
+
+    def __init__(self, config):
+        super().__init__(config, config.hidden_size)
 
 
 class BertAttention(nn.Module):
@@ -162,17 +169,11 @@ class BertIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class BertOutput(nn.Module):
+class BertOutput(_ResidualLayerNorm):
     """(B, L, intermediate_size) back to H, add the residual, LayerNorm."""
 
     def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        super().__init__(config, config.intermediate_size)
 
 
 class BertLayer(nn.Module):
@@ -310,7 +311,24 @@ class TokenClassifierOutput:
     attentions: tuple = None
 
 
-class BertForSequenceClassification(BertPreTrainedModel):
+class _BertWithClassifier(BertPreTrainedModel):
+    """BertModel, dropout (classifier_dropout, else hidden_dropout_prob) and a linear
+    classifier: the common body of the task heads."""
+
+    base_model_prefix = "bert."
+    allowed_missing_keys = ("classifier.",)
+
+    def _build(self, config, add_pooling_layer):
+        self.config = config
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=add_pooling_layer)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+
+class BertForSequenceClassification(_BertWithClassifier):
     """A linear classifier on the pooled [CLS] output.
 
     The loss follows config.problem_type, or is inferred as transformers does: regression
@@ -318,18 +336,9 @@ class BertForSequenceClassification(BertPreTrainedModel):
     labels, multi-label classification (BCE with logits) for float label vectors.
     """
 
-    base_model_prefix = "bert."
-    allowed_missing_keys = ("classifier.",)
-
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.bert = BertModel(config)
-        dropout = config.classifier_dropout
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
+        self._build(config, add_pooling_layer=True)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False):
@@ -360,22 +369,14 @@ class BertForSequenceClassification(BertPreTrainedModel):
                          "single_label_classification or multi_label_classification")
 
 
-class BertForTokenClassification(BertPreTrainedModel):
+class BertForTokenClassification(_BertWithClassifier):
     """A linear classifier on every token's hidden state (NER); labels -100 are ignored."""
 
-    base_model_prefix = "bert."
-    allowed_missing_keys = ("classifier.",)
     ignored_unexpected_keys = ("cls.", "pooler.", "bert.pooler.")
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=False)
-        dropout = config.classifier_dropout
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
+        self._build(config, add_pooling_layer=False)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False):
