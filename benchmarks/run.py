@@ -25,7 +25,9 @@ import platform  # noqa: E402
 from benchmarks.common import TABLE_HEADER  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BENCHMARKS = ["tokenizer_bench", "finetune_bench"]
+# finetune_bench (the README job, ~8 minutes) runs only when named with --only
+BENCHMARKS = ["model_bench", "memory_bench", "tokenizer_bench", "import_bench", "finetune_bench"]
+DEFAULT = BENCHMARKS[:-1]
 
 
 class Environment:
@@ -35,6 +37,7 @@ class Environment:
         from minisft.fetch import fetch
 
         self.reference = reference
+        self.root = ROOT
         self.model_dir = fetch("all-MiniLM-L6-v2", root=ROOT / "weights")
         self._fetch = fetch
 
@@ -106,7 +109,7 @@ def main(argv=None):
     machine = describe_machine(reference)
     print("\n".join(machine))
     figures = []
-    for name in args.only or BENCHMARKS:
+    for name in args.only or DEFAULT:
         module = importlib.import_module(f"benchmarks.{name}")
         print(f"running {name} ...", flush=True)
         for figure in module.run(env, args.quick):

@@ -11,6 +11,7 @@ import numpy
 
 from minisft import random
 from minisft.backend import device_of, get_array_module, index_add
+from minisft.ops import unbroadcast
 from minisft.tensor import Function, Tensor
 
 # --- erf ---------------------------------------------------------------------------------
@@ -200,23 +201,28 @@ def tanh(x):
 
 # --- linear ----------------------------------------------------------------------------
 class _Linear(Function):
+    """x @ weight.T + bias as one 2-D matrix product over all leading dims (one large BLAS
+    call instead of one per batch row)."""
+
     def forward(self, x, weight, bias=None):
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input shape {tuple(x.shape)} does not match weight shape "
                              f"{tuple(weight.shape)}: the input's last dim must be {weight.shape[1]}")
-        self.save_for_backward(x, weight)
-        out = x @ weight.T
+        x2 = x.reshape(-1, x.shape[-1])
+        self.save_for_backward(x2, weight)
+        self.shape = x.shape
+        out = x2 @ weight.T
         if bias is not None:
             out += bias
-        return out
+        return out.reshape(*x.shape[:-1], weight.shape[0])
 
     def backward(self, g):
-        x, weight = self.saved
-        need_x, need_w = self.needs_input_grad[:2]
+        x2, weight = self.saved
+        needs = self.needs_input_grad
         g2 = g.reshape(-1, g.shape[-1])
-        gx = (g @ weight) if need_x else None
-        gw = g2.T @ x.reshape(-1, x.shape[-1]) if need_w else None
-        gb = g2.sum(axis=0) if len(self.needs_input_grad) > 2 and self.needs_input_grad[2] else None
+        gx = (g2 @ weight).reshape(self.shape) if needs[0] else None
+        gw = g2.T @ x2 if needs[1] else None
+        gb = _column_sum(g2) if len(needs) > 2 and needs[2] else None
         return gx, gw, gb
 
 
@@ -230,15 +236,28 @@ class _Softmax(Function):
     def forward(self, x, dim):
         xp = get_array_module(x)
         self.dim = dim
-        y = xp.exp(x - x.max(axis=dim, keepdims=True))
+        y = x - x.max(axis=dim, keepdims=True)
+        xp.exp(y, out=y)
         y /= y.sum(axis=dim, keepdims=True)
         self.save_for_backward(y)
         return y
 
     def backward(self, g):
         (y,) = self.saved
-        # dx = y * (g - sum(g * y))
-        return (y * (g - (g * y).sum(axis=self.dim, keepdims=True)),)
+        return (_softmax_backward(y, g, self.dim),)
+
+
+def _softmax_backward(y, g, dim):
+    """dx = y * (g - sum(g * y)) for y = softmax(x); the row dot product by einsum
+    (no temporary), then two passes."""
+    xp = get_array_module(y)
+    if dim in (-1, y.ndim - 1):
+        dot = xp.einsum("...i,...i->...", g, y)[..., None]
+    else:
+        dot = (g * y).sum(axis=dim, keepdims=True)
+    out = g - dot
+    out *= y
+    return out
 
 
 def softmax(x, dim=-1):
@@ -268,31 +287,121 @@ def log_softmax(x, dim=-1):
     return _LogSoftmax.apply(x, dim=dim)
 
 
+# --- attention ----------------------------------------------------------------------------
+class _Attention(Function):
+    """softmax(q k^T * scale + bias) (with dropout) @ v on (batch..., L, d) arrays.
+
+    Fused so that the (..., L, L) scores are made, normalised and dropped out in place and
+    only the probabilities and the dropout mask are kept for backward. The scale is
+    applied to q and the dropout's 1/(1-p) to v: (..., L, d) arrays, not (..., L, L) ones.
+    """
+
+    def forward(self, q, k, v, bias=None, *, scale, dropout_p, keep_probs):
+        xp = get_array_module(q)
+        cast = q.dtype.type
+        q = q * cast(scale)  # contiguous
+        k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)
+        scores = q @ k.swapaxes(-1, -2)
+        if bias is not None:
+            scores += bias
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = xp.exp(scores, out=scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        self.probs = probs if keep_probs else None
+        keep = None
+        self.dropout_scale = cast(1 / (1 - dropout_p))
+        if dropout_p:
+            keep = random.keep_mask(probs.shape, dropout_p, device_of(probs))
+            out = (probs * keep) @ (v * self.dropout_scale)
+        else:
+            out = probs @ v
+        self.scale = scale
+        self.bias_shape = None if bias is None else bias.shape
+        self.save_for_backward(q, k, v, probs, keep)
+        return out
+
+    def backward(self, g):
+        q, k, v, probs, keep = self.saved  # q already scaled
+        needs = self.needs_input_grad
+        cast = g.dtype.type
+        if keep is None:
+            g_probs = g @ v.swapaxes(-1, -2)
+            gv = probs.swapaxes(-1, -2) @ g if needs[2] else None
+        else:
+            g_probs = g @ (v * self.dropout_scale).swapaxes(-1, -2)
+            g_probs *= keep
+            gv = (probs * keep).swapaxes(-1, -2) @ g if needs[2] else None
+            if gv is not None:
+                gv *= self.dropout_scale
+        g_scores = _softmax_backward(probs, g_probs, -1)
+        g_bias = unbroadcast(g_scores, self.bias_shape) if len(needs) > 3 and needs[3] else None
+        # scores = (q * scale) @ k^T: dq = scale * dS @ k, dk = dS^T @ (q * scale)
+        gq = g_scores @ k if needs[0] else None
+        if gq is not None:
+            gq *= cast(self.scale)
+        gk = g_scores.swapaxes(-1, -2) @ q if needs[1] else None
+        return gq, gk, gv, g_bias
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=None,
+                                 need_weights=False):
+    """Attention over (batch..., L, d) query/key/value; attn_mask is added to the scores
+    (a float bias broadcasting to (batch..., L, L), e.g. the dtype's minimum at padding).
+    Returns the (batch..., L, d) context, and the probabilities too with need_weights."""
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    fn = _Attention()
+    inputs = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
+    context = fn(*inputs, scale=scale, dropout_p=dropout_p, keep_probs=need_weights)
+    if need_weights:
+        return context, Tensor(fn.probs)
+    return context
+
+
 # --- normalisation and regularisation ---------------------------------------------------
+def _column_sum(x2):
+    """Sum over the rows of a 2-D array by one vector-matrix product."""
+    return get_array_module(x2).ones(x2.shape[0], dtype=x2.dtype) @ x2
+
+
+def _row_mean(x2):
+    """Mean of each row of a 2-D array as a (rows, 1) column: one matrix-vector product."""
+    xp = get_array_module(x2)
+    return (x2 @ xp.full(x2.shape[1], 1 / x2.shape[1], dtype=x2.dtype))[:, None]
+
+
 class _LayerNorm(Function):
-    def forward(self, x, weight=None, bias=None, *, axes, eps):
+    """Normalise rows of x viewed as (rows, features); in-place arithmetic, row means by BLAS."""
+
+    def forward(self, x, weight=None, bias=None, *, features, eps):
         xp = get_array_module(x)
-        self.axes = axes
-        mean = x.mean(axis=axes, keepdims=True)
-        centered = x - mean
-        rstd = 1 / xp.sqrt((centered * centered).mean(axis=axes, keepdims=True) + x.dtype.type(eps))
-        xhat = centered * rstd
+        x2 = x.reshape(-1, features)
+        xhat = x2 - _row_mean(x2)
+        rstd = _row_mean(xhat * xhat)
+        rstd += x.dtype.type(eps)
+        rstd = 1 / xp.sqrt(rstd, out=rstd)
+        xhat *= rstd
         self.save_for_backward(xhat, rstd, weight)
-        out = xhat if weight is None else xhat * weight
-        return out if bias is None else out + bias
+        self.shape = x.shape
+        weight2 = None if weight is None else weight.reshape(-1)
+        out = xhat * weight2 if weight is not None else xhat.copy()
+        if bias is not None:
+            out += bias.reshape(-1)
+        return out.reshape(x.shape)
 
     def backward(self, g):
         xhat, rstd, weight = self.saved
-        axes = self.axes
-        leading = tuple(range(g.ndim - len(axes)))
         needs = self.needs_input_grad
-        gw = (g * xhat).sum(axis=leading) if len(needs) > 1 and needs[1] else None
-        gb = g.sum(axis=leading) if len(needs) > 2 and needs[2] else None
-        gxhat = g if weight is None else g * weight
+        g2 = g.reshape(xhat.shape)
+        params_shape = self.shape[-1:] if weight is None else weight.shape
+        gw = _column_sum(g2 * xhat).reshape(params_shape) if len(needs) > 1 and needs[1] else None
+        gb = _column_sum(g2).reshape(params_shape) if len(needs) > 2 and needs[2] else None
         # dx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat))
-        gx = rstd * (gxhat - gxhat.mean(axis=axes, keepdims=True)
-                     - xhat * (gxhat * xhat).mean(axis=axes, keepdims=True))
-        return (gx, gw, gb)[:len(needs)]
+        gxhat = g2 * weight.reshape(-1) if weight is not None else g2.copy()
+        projection = _row_mean(gxhat * xhat)
+        gxhat -= _row_mean(gxhat)
+        gxhat -= xhat * projection
+        gxhat *= rstd
+        return (gxhat.reshape(self.shape), gw, gb)[:len(needs)]
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -301,25 +410,26 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     if tuple(x.shape[-len(normalized_shape):]) != normalized_shape:
         raise ValueError(f"layer_norm: input shape {tuple(x.shape)} does not end with "
                          f"normalized_shape {normalized_shape}")
-    axes = tuple(range(-len(normalized_shape), 0))
     params = [p for p in (weight, bias) if p is not None]
     if weight is None and bias is not None:
         raise ValueError("layer_norm: a bias without a weight is not supported")
-    return _LayerNorm.apply(x, *params, axes=axes, eps=eps)
+    return _LayerNorm.apply(x, *params, features=math.prod(normalized_shape), eps=eps)
 
 
 class _Dropout(Function):
     def forward(self, x, p):
-        xp = get_array_module(x)
-        keep = random.generator(device_of(x)).random(x.shape, dtype=x.dtype) >= x.dtype.type(p)
-        scale = x.dtype.type(1 / (1 - p))
-        self.scale = scale
+        keep = random.keep_mask(x.shape, p, device_of(x))
+        self.scale = x.dtype.type(1 / (1 - p))
         self.save_for_backward(keep)
-        return xp.where(keep, x * scale, x.dtype.type(0))
+        out = x * keep
+        out *= self.scale
+        return out
 
     def backward(self, g):
         (keep,) = self.saved
-        return (get_array_module(g).where(keep, g * self.scale, g.dtype.type(0)),)
+        out = g * keep
+        out *= self.scale
+        return (out,)
 
 
 def dropout(x, p=0.5, training=True):

@@ -36,6 +36,21 @@ def generator(device="cpu"):
     return _generators[device]
 
 
+def keep_mask(shape, p, device="cpu"):
+    """A boolean array, True with probability 1 - p: which elements dropout keeps.
+
+    On the CPU it compares 16 random bits per element with round(p * 65536), twice as
+    fast as drawing floats (p is then exact to 1/65536).
+    """
+    device = Device(device)
+    rng = generator(device)
+    if device.type != "cpu":
+        return rng.random(shape, dtype=numpy.float32) >= p
+    count = int(numpy.prod(shape))
+    bits = numpy.frombuffer(rng.bytes(2 * count), dtype=numpy.uint16).reshape(shape)
+    return bits >= round(p * 65536)
+
+
 def get_rng_state():
     """The CPU generator's state (seed and position), for exact resume."""
     return {"seed": _seed, "cpu": generator("cpu").bit_generator.state}

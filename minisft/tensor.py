@@ -60,15 +60,18 @@ class Function:
 
     @classmethod
     def apply(cls, *inputs, **options):
-        fn = cls()
-        tensors = _as_tensors(cls.__name__, inputs)
-        fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
-        fn.recording = is_grad_enabled() and any(fn.needs_input_grad)
-        out = fn.forward(*(t.data for t in tensors), **options)
-        if not fn.recording:
+        """Run a new node of this op on `inputs` (Tensors, arrays or scalars)."""
+        return cls()(*inputs, **options)
+
+    def __call__(self, *inputs, **options):
+        tensors = _as_tensors(type(self).__name__, inputs)
+        self.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        self.recording = is_grad_enabled() and any(self.needs_input_grad)
+        out = self.forward(*(t.data for t in tensors), **options)
+        if not self.recording:
             return Tensor(out)
-        fn.inputs = tensors
-        return Tensor(out, requires_grad=True, _ctx=fn)
+        self.inputs = tensors
+        return Tensor(out, requires_grad=True, _ctx=self)
 
     def forward(self, *arrays, **options):
         raise NotImplementedError

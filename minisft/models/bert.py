@@ -110,18 +110,16 @@ class BertSelfAttention(nn.Module):
         return x.reshape(batch, length, self.num_attention_heads,
                          self.attention_head_size).permute(0, 2, 1, 3)
 
-    def forward(self, hidden_states, attention_bias):
+    def forward(self, hidden_states, attention_bias, output_attentions=False):
         """hidden_states (B, L, H), attention_bias (B, 1, 1, L) additive -> context (B, L, H),
-        probabilities (B, nh, L, L)."""
-        scale = 1 / math.sqrt(self.attention_head_size)
+        and the probabilities (B, nh, L, L) when output_attentions."""
         query = self._heads(self.query(hidden_states))
         key = self._heads(self.key(hidden_states))
         value = self._heads(self.value(hidden_states))
-        scores = (query @ key.transpose(-1, -2)) * scale
-        if attention_bias is not None:
-            scores = scores + attention_bias
-        probs = F.softmax(scores, dim=-1)
-        context = self.dropout(probs) @ value
+        dropout = self.dropout.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(query, key, value, attention_bias, dropout,
+                                             need_weights=output_attentions)
+        context, probs = out if output_attentions else (out, None)
         batch, _, length, _ = context.shape
         return context.permute(0, 2, 1, 3).reshape(batch, length, -1), probs
 
@@ -152,8 +150,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, attention_bias):
-        context, probs = self.self(hidden_states, attention_bias)
+    def forward(self, hidden_states, attention_bias, output_attentions=False):
+        context, probs = self.self(hidden_states, attention_bias, output_attentions)
         return self.output(context, hidden_states), probs
 
 
@@ -183,8 +181,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, attention_bias):
-        attention_output, probs = self.attention(hidden_states, attention_bias)
+    def forward(self, hidden_states, attention_bias, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, attention_bias, output_attentions)
         return self.output(self.intermediate(attention_output), attention_output), probs
 
 
@@ -198,7 +196,7 @@ class BertEncoder(nn.Module):
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         for layer in self.layer:
-            hidden_states, probs = layer(hidden_states, attention_bias)
+            hidden_states, probs = layer(hidden_states, attention_bias, output_attentions)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             if output_attentions:

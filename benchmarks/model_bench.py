@@ -1,0 +1,48 @@
+"""Engine speed side by side: matmul peak, BERT forward, full fine-tuning steps with the
+fraction of the measured matmul peak they reach, and how step time grows with length."""
+import json
+
+from benchmarks.common import Figure, alternate
+from benchmarks.workloads import Minisft, Reference, model_flops
+
+
+def _libraries(env, device):
+    libraries = [Minisft(env.model_dir, device)]
+    if env.reference:
+        libraries.append(Reference(env.model_dir, device))
+    return libraries
+
+
+def _time(libraries, make, repeats):
+    functions = {lib.name: make(lib) for lib in libraries}
+    return alternate(functions, repeats=repeats, warmup=1)
+
+
+def run(env, quick, device="cpu"):
+    libraries = _libraries(env, device)
+    config = json.loads((env.model_dir / "config.json").read_text())
+    repeats = 2 if quick else 5
+    figures, peaks = [], {}
+    n = 1024 if quick else 2048
+    times = _time(libraries, lambda lib: lib.matmul(n), repeats * 4)
+    rate = {name: [2 * n ** 3 / t / 1e9 for t in ts] for name, ts in times.items()}
+    peaks = {name: max(values) for name, values in rate.items()}
+    figures.append(Figure(f"float32 matmul {n}x{n}x{n} ({device})", "GFLOP/s", rate["minisft"],
+                          rate.get("torch"), lower_is_better=False, note="the array library's practical peak"))
+    for batch, length in ([(8, 32)] if quick else [(32, 128), (8, 128)]):
+        times = _time(libraries, lambda lib: lib.forward(batch, length), repeats)
+        figures.append(Figure(f"BertModel forward {batch}x{length}, no grad ({device})", "s",
+                              times["minisft"], times.get("torch"), note="all-MiniLM-L6-v2"))
+    for batch, length in ([(4, 32)] if quick else [(32, 128), (16, 64)]):
+        times = _time(libraries, lambda lib: lib.train_step(batch, length), repeats)
+        flops = model_flops(config, batch, length, training=True)
+        fractions = {name: min(ts) and flops / min(ts) / 1e9 / peaks[name] for name, ts in times.items()}
+        note = f"{flops / 1e9:.0f} GFLOP/step; fastest step = " + ", ".join(
+            f"{name} {100 * f:.0f}%" for name, f in fractions.items()) + " of its matmul peak"
+        figures.append(Figure(f"training step {batch}x{length} ({device})", "s", times["minisft"],
+                              times.get("torch"), note=note))
+    for length in ([32, 64] if quick else [64, 128, 256, 512]):
+        times = _time(libraries, lambda lib: lib.train_step(8, length), max(2, repeats - 2))
+        figures.append(Figure(f"training step 8x{length} ({device})", "s", times["minisft"], times.get("torch"),
+                              note="step time against sequence length"))
+    return figures

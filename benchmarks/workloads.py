@@ -1,0 +1,117 @@
+"""The same work for both libraries: a BERT forward pass and a full fine-tuning step
+(BertForSequenceClassification forward, cross-entropy, backward, clipping, AdamW) on
+all-MiniLM-L6-v2 with random token ids, and the model FLOPs that work takes."""
+import numpy as np
+
+
+def inputs(batch, length, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.integers(1000, 20000, (batch, length)).astype(np.int64),
+            np.ones((batch, length), np.int64), rng.integers(0, 2, batch).astype(np.int64))
+
+
+def model_flops(config, batch, length, training):
+    """Multiply-adds x 2 of the forward pass (x 3 with backward): the linear layers,
+    attention scores and context, pooler and classifier."""
+    h, i, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    per_token = layers * (2 * (4 * h * h + 2 * h * i) + 2 * 2 * length * h)
+    forward = batch * length * per_token + batch * 2 * (h * h + 2 * h)
+    return forward * (3 if training else 1)
+
+
+class Minisft:
+    name = "minisft"
+
+    def __init__(self, model_dir, device="cpu"):
+        import minisft  # noqa: F401
+        from minisft.backend import keep_freed_memory
+
+        keep_freed_memory()  # as minisft's trainer does
+        self.model_dir, self.device = model_dir, device
+
+    def forward(self, batch, length):
+        import minisft
+        from minisft.models.bert import BertModel
+
+        model = BertModel.from_pretrained(self.model_dir).eval().to(self.device)
+        ids, mask, _ = inputs(batch, length)
+
+        def run():
+            with minisft.no_grad():
+                model(ids, attention_mask=mask).last_hidden_state.numpy()
+        return run
+
+    def train_step(self, batch, length):
+        from minisft.models.bert import BertForSequenceClassification
+        from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
+
+        model = BertForSequenceClassification.from_pretrained(self.model_dir, num_labels=2).train().to(self.device)
+        optimizer = AdamW(parameter_groups(model, 0.01), lr=2e-5)
+        ids, mask, labels = inputs(batch, length)
+
+        def run():
+            loss = model(ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            return loss.item()
+        return run
+
+    def matmul(self, n):
+        xp = np if self.device == "cpu" else __import__("cupy")
+        a = xp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+        b = xp.asarray(np.random.default_rng(1).standard_normal((n, n), dtype=np.float32))
+
+        def run():
+            (a @ b)[0, 0].item()
+        return run
+
+
+class Reference:
+    name = "torch"
+
+    def __init__(self, model_dir, device="cpu"):
+        import torch
+        import transformers
+
+        self.torch, self.transformers = torch, transformers
+        self.model_dir, self.device = model_dir, device
+
+    def forward(self, batch, length):
+        torch = self.torch
+        model = self.transformers.BertModel.from_pretrained(self.model_dir).eval().to(self.device)
+        ids, mask, _ = (torch.from_numpy(a).to(self.device) for a in inputs(batch, length))
+
+        def run():
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask).last_hidden_state.cpu().numpy()
+        return run
+
+    def train_step(self, batch, length):
+        torch = self.torch
+        model = self.transformers.BertForSequenceClassification.from_pretrained(
+            self.model_dir, num_labels=2).train().to(self.device)
+        no_decay = ("bias", "LayerNorm.weight")
+        groups = [{"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": 0.01},
+                  {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=2e-5)
+        ids, mask, labels = (torch.from_numpy(a).to(self.device) for a in inputs(batch, length))
+
+        def run():
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+            return loss.item()
+        return run
+
+    def matmul(self, n):
+        torch = self.torch
+        a = torch.randn(n, n, device=self.device)
+        b = torch.randn(n, n, device=self.device)
+
+        def run():
+            (a @ b)[0, 0].item()
+        return run
