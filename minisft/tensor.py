@@ -44,13 +44,17 @@ class Function:
 
     `forward(*arrays, **options)` returns the output array and keeps, through
     `save_for_backward`, only what `backward` needs. `backward(grad_output)` returns one
-    gradient (or None) per input; `self.needs_input_grad` says which are wanted. After
-    backward the saved arrays are freed.
+    gradient (or None) per input; `self.needs_input_grad` says which are wanted.
+
+    The graph links a node to its `parents`: for each input, the Function that made it,
+    the leaf tensor that receives its gradient, or None. It does not hold the input
+    tensors themselves, so an intermediate result's array is freed as soon as nothing
+    else uses it; after backward the saved arrays are freed too.
     """
 
     def __init__(self):
         self.saved = None
-        self.inputs = ()
+        self.parents = ()
         self.needs_input_grad = ()
         self.recording = False
 
@@ -70,7 +74,8 @@ class Function:
         out = self.forward(*(t.data for t in tensors), **options)
         if not self.recording:
             return Tensor(out)
-        self.inputs = tensors
+        self.parents = tuple(t._ctx if t._ctx is not None else (t if t.requires_grad else None)
+                             for t in tensors)
         return Tensor(out, requires_grad=True, _ctx=self)
 
     def forward(self, *arrays, **options):
@@ -82,7 +87,7 @@ class Function:
     def release(self):
         """Free what forward kept; the graph below this node cannot be walked again."""
         self.saved = None
-        self.inputs = None
+        self.parents = None
 
 
 def _as_tensors(op, inputs):
@@ -203,21 +208,22 @@ class Tensor:
             if tuple(grad.shape) != tuple(self.shape):
                 raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)}, "
                                  f"tensor has shape {tuple(self.shape)}")
-        grads = {id(self): grad}
+        if self._ctx is None:  # a leaf: its own gradient is `grad`
+            _accumulate_leaf(self, grad, owned=False)
+            return
+        grads = {id(self._ctx): grad}
         owned = set()  # ids whose array we created here, safe to add into in place
-        for node in reversed(_topological_order(self)):
-            g = grads.pop(id(node), None)
+        for fn in reversed(_topological_order(self._ctx)):
+            g = grads.pop(id(fn), None)
             if g is None:
                 continue
-            fn = node._ctx
-            if fn is None:
-                _accumulate_leaf(node, g, id(node) in owned)
-                continue
-            input_grads = fn.backward(g)
-            for tensor, input_grad in zip(fn.inputs, input_grads):
-                if input_grad is None or not tensor.requires_grad:
+            for parent, input_grad in zip(fn.parents, fn.backward(g)):
+                if input_grad is None or parent is None:
                     continue
-                key = id(tensor)
+                if isinstance(parent, Tensor):
+                    _accumulate_leaf(parent, input_grad, owned=False)
+                    continue
+                key = id(parent)
                 if key not in grads:
                     grads[key] = input_grad
                 elif key in owned:
@@ -356,23 +362,22 @@ class Tensor:
 
 
 def _topological_order(root):
-    """Tensors that `root` depends on (through tensors requiring grad), inputs first."""
+    """The Functions that `root` (a Function) depends on, inputs first; iterative, so a
+    graph of any depth is fine."""
     order, visited, stack = [], set(), [(root, False)]
     while stack:
-        node, expanded = stack.pop()
+        fn, expanded = stack.pop()
         if expanded:
-            order.append(node)
+            order.append(fn)
             continue
-        if id(node) in visited:
+        if id(fn) in visited:
             continue
-        visited.add(id(node))
-        stack.append((node, True))
-        fn = node._ctx
-        if fn is not None:
-            if fn.inputs is None:
-                raise RuntimeError("backward through a graph a second time: its saved arrays were "
-                                   "freed; call backward(retain_graph=True) the first time")
-            stack.extend((t, False) for t in fn.inputs if t.requires_grad and id(t) not in visited)
+        visited.add(id(fn))
+        if fn.parents is None:
+            raise RuntimeError("backward through a graph a second time: its saved arrays were "
+                               "freed; call backward(retain_graph=True) the first time")
+        stack.append((fn, True))
+        stack.extend((p, False) for p in fn.parents if isinstance(p, Function) and id(p) not in visited)
     return order
 
 

@@ -73,7 +73,7 @@ def test_saved_arrays_are_freed_after_backward(device):
     y = x.exp()
     fn = y._ctx
     y.sum().backward()
-    assert fn.saved is None and fn.inputs is None
+    assert fn.saved is None and fn.parents is None
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         y.sum().backward()
 
