@@ -132,46 +132,56 @@ def erf(x):
 
 
 # --- activations -----------------------------------------------------------------------
-def _gelu_exact(x, erf_fn):
-    """x * Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2, for a float64 array."""
-    return x * (0.5 * (1 + erf_fn(x * (1 / math.sqrt(2)))))
+def _normal_cdf(x, erf_fn):
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2, for a float64 array."""
+    return 0.5 * (1 + erf_fn(x * (1 / math.sqrt(2))))
 
 
-def _gelu_exact_backward(g, x, erf_fn):
-    """g * d/dx [x Phi(x)] = g * (Phi(x) + x phi(x)), for float64 arrays."""
-    cdf = 0.5 * (1 + erf_fn(x * (1 / math.sqrt(2))))
-    pdf = get_array_module(x).exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-    return g * (cdf + x * pdf)
-
-
-def _in_float64(fn, *arrays):
-    """Run a float64 kernel: directly on float64 data (with the accurate erf), or over
-    float32 data chunk by chunk (with the fast rational erf)."""
-    if arrays[0].dtype == numpy.float64:
-        return fn(*arrays, _erf64)
-    return chunked(lambda *chunks: fn(*chunks, _erf_rational), *arrays)
+def normal_cdf(x):
+    """Phi(x) of a float32 or float64 array, in its dtype: float64 directly with the
+    accurate erf, float32 in float64 chunks with the fast rational erf."""
+    if x.dtype == numpy.float64:
+        return _normal_cdf(x, _erf64)
+    return chunked(lambda chunk: _normal_cdf(chunk, _erf_rational), x)
 
 
 class _GELU(Function):
+    """x * Phi(x) (exact, BERT's "gelu") or its tanh approximation.
+
+    The exact form keeps Phi(x) from the forward pass, so that backward,
+    g * (Phi(x) + x * phi(x)), needs only an exp and no second erf.
+    """
+
     def forward(self, x, approximate):
         xp = get_array_module(x)
         cast = x.dtype.type
         self.approximate = approximate
-        self.save_for_backward(x)
         if approximate == "tanh":
+            self.save_for_backward(x)
             return cast(0.5) * x * (1 + xp.tanh(cast(math.sqrt(2 / math.pi)) * (x + cast(0.044715) * x ** 3)))
-        return _in_float64(_gelu_exact, x)
+        cdf = normal_cdf(x)
+        self.save_for_backward(x, cdf)
+        return x * cdf
 
     def backward(self, g):
-        (x,) = self.saved
-        xp = get_array_module(x)
-        cast = x.dtype.type
+        xp = get_array_module(g)
         if self.approximate == "tanh":
+            (x,) = self.saved
+            cast = x.dtype.type
             k = cast(math.sqrt(2 / math.pi))
             th = xp.tanh(k * (x + cast(0.044715) * x ** 3))
             dinner = k * (1 + cast(3 * 0.044715) * x * x)
             return (g * (cast(0.5) * (1 + th) + cast(0.5) * x * (1 - th * th) * dinner),)
-        return (_in_float64(_gelu_exact_backward, g, x),)
+        x, cdf = self.saved
+        cast = x.dtype.type
+        grad = x * x
+        grad *= cast(-0.5)
+        xp.exp(grad, out=grad)
+        grad *= x
+        grad *= cast(1 / math.sqrt(2 * math.pi))  # x * phi(x)
+        grad += cdf
+        grad *= g
+        return (grad,)
 
 
 def gelu(x, approximate="none"):

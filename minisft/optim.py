@@ -112,14 +112,20 @@ class Adam(Optimizer):
             else:
                 grad = grad + weight_decay * param.data
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg += (grad - exp_avg) * (1 - beta1)          # lerp towards grad
+        # torch's formulas, in this order, through one scratch array:
+        work = grad - exp_avg
+        work *= 1 - beta1
+        exp_avg += work                                   # exp_avg.lerp_(grad, 1 - beta1)
+        xp.multiply(grad, 1 - beta2, out=work)
+        work *= grad
         exp_avg_sq *= beta2
-        exp_avg_sq += (1 - beta2) * grad * grad
-        step_size = lr / (1 - beta1 ** step)
-        denom = xp.sqrt(exp_avg_sq)
-        denom /= math.sqrt(1 - beta2 ** step)
-        denom += eps
-        param.data -= step_size * (exp_avg / denom)
+        exp_avg_sq += work                                # .mul_(beta2).addcmul_(g, g, 1 - beta2)
+        xp.sqrt(exp_avg_sq, out=work)
+        work /= math.sqrt(1 - beta2 ** step)
+        work += eps                                       # denom
+        xp.divide(exp_avg, work, out=work)
+        work *= lr / (1 - beta1 ** step)
+        param.data -= work                                # p.addcdiv_(exp_avg, denom, -step_size)
 
 
 class AdamW(Adam):

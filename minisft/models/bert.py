@@ -282,7 +282,7 @@ class BertModel(BertPreTrainedModel):
         attention_mask = _as_ids("attention_mask", attention_mask, input_ids.shape)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)
         bias = None
-        if attention_mask is not None:
+        if attention_mask is not None and not attention_mask.all():  # all ones: nothing to mask
             # Padding keys get the dtype's most negative value: exp() makes them exactly 0.
             xp_mask = hidden.device.put(attention_mask)
             bias = ((1 - xp_mask[:, None, None, :]) * numpy.finfo(hidden.dtype).min).astype(hidden.dtype)
