@@ -322,9 +322,10 @@ class _Attention(Function):
     def forward(self, q, k, v, bias=None, *, scale, dropout_p, keep_probs):
         xp = get_array_module(q)
         cast = q.dtype.type
-        q = q * cast(scale)  # contiguous
-        # batched products with a transposed right operand are several times slower in
-        # NumPy than with a contiguous one: transpose k once
+        # NumPy's batched products are several times slower on strided operands (heads
+        # are a permuted view of (B, L, H), k^T a transposed one): make them contiguous.
+        q = xp.ascontiguousarray(q) * cast(scale)
+        v = xp.ascontiguousarray(v)
         scores = q @ xp.ascontiguousarray(k.swapaxes(-1, -2))
         if bias is not None:
             scores += bias

@@ -156,6 +156,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0):
     xp = get_array_module(grads[0])
     if norm_type == math.inf:
         total = max(float(xp.abs(g).max()) for g in grads)
+    elif norm_type == 2:  # a dot product per gradient: one pass, no temporary
+        total = math.sqrt(sum(float(xp.dot(g.ravel(), g.ravel())) for g in grads))
     else:
         total = float(sum(float(xp.sum(xp.abs(g) ** norm_type)) for g in grads) ** (1.0 / norm_type))
     coefficient = max_norm / (total + 1e-6)

@@ -25,6 +25,7 @@ import numpy
 
 from minisft import metrics as M
 from minisft import random
+from minisft.backend import keep_freed_memory
 from minisft.checkpoint import load_safetensors, save_safetensors, write_json_atomic
 from minisft.data import IGNORE_INDEX, collate, eval_order, steps_per_epoch, train_order
 from minisft.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
@@ -139,6 +140,7 @@ class Trainer:
             raise TrainingError("no training examples")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _remove_partial_checkpoints(self.output_dir)
+        keep_freed_memory()
         total = self.total_steps()
         optimizer, schedule = self._build_optimizer(total)
         if resume_from is not None:
