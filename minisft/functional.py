@@ -333,18 +333,20 @@ class _Attention(Function):
         self.probs = probs if keep_probs else None
         keep = None
         self.dropout_scale = cast(1 / (1 - dropout_p))
+        keep = dropped = None
         if dropout_p:
             keep = random.keep_mask(probs.shape, dropout_p, device_of(probs))
-            out = (probs * keep) @ (v * self.dropout_scale)
+            dropped = probs * keep
+            out = dropped @ (v * self.dropout_scale)
         else:
             out = probs @ v
         self.scale = scale
         self.bias_shape = None if bias is None else bias.shape
-        self.save_for_backward(q, k, v, probs, keep)
+        self.save_for_backward(q, k, v, probs, keep, dropped)
         return out
 
     def backward(self, g):
-        q, k, v, probs, keep = self.saved  # q already scaled
+        q, k, v, probs, keep, dropped = self.saved  # q already scaled; dropped = probs * keep
         xp = get_array_module(g)
         needs = self.needs_input_grad
         cast = g.dtype.type
@@ -356,7 +358,7 @@ class _Attention(Function):
             v_t *= self.dropout_scale
             g_probs = g @ v_t
             g_probs *= keep
-            gv = (probs * keep).swapaxes(-1, -2) @ g if needs[2] else None
+            gv = dropped.swapaxes(-1, -2) @ g if needs[2] else None
             if gv is not None:
                 gv *= self.dropout_scale
         g_scores = _softmax_backward(probs, g_probs, -1)

@@ -213,6 +213,7 @@ class Tensor:
             return
         grads = {id(self._ctx): grad}
         owned = set()  # ids whose array we created here, safe to add into in place
+        given = set()  # arrays that became a leaf's .grad in this pass
         for fn in reversed(_topological_order(self._ctx)):
             g = grads.pop(id(fn), None)
             if g is None:
@@ -221,7 +222,11 @@ class Tensor:
                 if input_grad is None or parent is None:
                     continue
                 if isinstance(parent, Tensor):
-                    _accumulate_leaf(parent, input_grad, owned=False)
+                    # an array the op just made (not g, not a view, not given before) is
+                    # taken as it is; anything else is copied before it becomes .grad
+                    fresh = input_grad is not g and input_grad.base is None and id(input_grad) not in given
+                    given.add(id(input_grad))
+                    _accumulate_leaf(parent, input_grad, owned=fresh)
                     continue
                 key = id(parent)
                 if key not in grads:
