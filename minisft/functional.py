@@ -209,6 +209,18 @@ def tanh(x):
     return x.tanh()
 
 
+# --- row and column reductions by BLAS (much faster than sum/mean along a short axis) ----
+def _column_sum(x2):
+    """Sum over the rows of a 2-D array by one vector-matrix product."""
+    return get_array_module(x2).ones(x2.shape[0], dtype=x2.dtype) @ x2
+
+
+def _row_mean(x2):
+    """Mean of each row of a 2-D array as a (rows, 1) column: one matrix-vector product."""
+    xp = get_array_module(x2)
+    return (x2 @ xp.full(x2.shape[1], 1 / x2.shape[1], dtype=x2.dtype))[:, None]
+
+
 # --- linear ----------------------------------------------------------------------------
 class _Linear(Function):
     """x @ weight.T + bias as one 2-D matrix product over all leading dims (one large BLAS
@@ -386,17 +398,6 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 
 # --- normalisation and regularisation ---------------------------------------------------
-def _column_sum(x2):
-    """Sum over the rows of a 2-D array by one vector-matrix product."""
-    return get_array_module(x2).ones(x2.shape[0], dtype=x2.dtype) @ x2
-
-
-def _row_mean(x2):
-    """Mean of each row of a 2-D array as a (rows, 1) column: one matrix-vector product."""
-    xp = get_array_module(x2)
-    return (x2 @ xp.full(x2.shape[1], 1 / x2.shape[1], dtype=x2.dtype))[:, None]
-
-
 class _LayerNorm(Function):
     """Normalise rows of x viewed as (rows, features); in-place arithmetic, row means by BLAS."""
 
