@@ -30,11 +30,11 @@ def run(env, quick, device="cpu"):
     figures.append(Figure(f"float32 matmul {n}x{n}x{n} ({device})", "GFLOP/s", rate["minisft"],
                           rate.get("torch"), lower_is_better=False, note="the array library's practical peak"))
     for batch, length in ([(8, 32)] if quick else [(32, 128), (8, 128)]):
-        times = _time(libraries, lambda lib: lib.forward(batch, length), repeats)
+        times = _time(libraries, lambda lib, b=batch, n=length: lib.forward(b, n), repeats)
         figures.append(Figure(f"BertModel forward {batch}x{length}, no grad ({device})", "s",
                               times["minisft"], times.get("torch"), note="all-MiniLM-L6-v2"))
     for batch, length in ([(4, 32)] if quick else [(32, 128), (16, 64)]):
-        times = _time(libraries, lambda lib: lib.train_step(batch, length), repeats)
+        times = _time(libraries, lambda lib, b=batch, n=length: lib.train_step(b, n), repeats)
         flops = model_flops(config, batch, length, training=True)
         fractions = {name: min(ts) and flops / min(ts) / 1e9 / peaks[name] for name, ts in times.items()}
         note = f"{flops / 1e9:.0f} GFLOP/step; fastest step = " + ", ".join(
@@ -42,7 +42,7 @@ def run(env, quick, device="cpu"):
         figures.append(Figure(f"training step {batch}x{length} ({device})", "s", times["minisft"],
                               times.get("torch"), note=note))
     for length in ([32, 64] if quick else [64, 128, 256, 512]):
-        times = _time(libraries, lambda lib: lib.train_step(8, length), max(2, repeats - 2))
+        times = _time(libraries, lambda lib, n=length: lib.train_step(8, n), max(2, repeats - 2))
         figures.append(Figure(f"training step 8x{length} ({device})", "s", times["minisft"], times.get("torch"),
                               note="step time against sequence length"))
     return figures

@@ -1,7 +1,6 @@
 """The training loop on the tiny model: outputs, exact resume, NaN stop, interrupted
 checkpoint writes, early stopping, and the command line's errors."""
 import json
-import os
 import shutil
 import subprocess
 import sys

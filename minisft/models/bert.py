@@ -3,7 +3,6 @@
 
 Shapes: B batch, L sequence length, H hidden_size, nh heads of dh = H / nh.
 """
-import math
 import pathlib
 from dataclasses import dataclass
 
