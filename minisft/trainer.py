@@ -25,7 +25,7 @@ import numpy
 
 from minisft import metrics as M
 from minisft import random
-from minisft.backend import keep_freed_memory
+from minisft.backend import Device, keep_freed_memory
 from minisft.checkpoint import load_safetensors, save_safetensors, write_json_atomic
 from minisft.data import IGNORE_INDEX, collate, eval_order, steps_per_epoch, train_order
 from minisft.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
@@ -146,6 +146,8 @@ class Trainer:
         if resume_from is not None:
             self._load_checkpoint(resume_from, optimizer, schedule)
             self.log(f"resumed from {resume_from} at step {self.state.global_step}")
+        else:
+            _remove_previous_run(self.output_dir)
         self.model.train()
         accumulation = args.gradient_accumulation_steps
         progress = _Progress(total, self.state.global_step, self.log, args.logging_steps)
@@ -289,9 +291,9 @@ class Trainer:
         shutil.rmtree(staging, ignore_errors=True)
         self.model.save_pretrained(staging)
         optimizer_state = optimizer.state_dict()
-        arrays = {f"{i}.{name}": numpy.asarray(value) for i, entry in optimizer_state["state"].items()
+        arrays = {f"{i}.{name}": Device("cpu").put(value) for i, entry in optimizer_state["state"].items()
                   for name, value in entry.items() if hasattr(value, "shape")}
-        save_safetensors({k: _host(v) for k, v in arrays.items()}, staging / "optimizer.safetensors")
+        save_safetensors(arrays, staging / "optimizer.safetensors")
         scalars = {str(i): {name: value for name, value in entry.items() if not hasattr(value, "shape")}
                    for i, entry in optimizer_state["state"].items()}
         write_json_atomic({"trainer": dataclasses.asdict(self.state),
@@ -393,10 +395,6 @@ def _fmt(value):
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _host(array):
-    return array.get() if hasattr(array, "get") else array
-
-
 def _swap_in(staging, directory):
     """Replace `directory` by `staging` with renames only."""
     old = directory.with_name(f".{directory.name}.old")
@@ -416,6 +414,15 @@ def latest_checkpoint(output_dir):
     """The newest complete checkpoint-STEP directory, or None."""
     checkpoints = _checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+def _remove_previous_run(output_dir):
+    """A fresh run in a reused directory (--overwrite-output-dir) must not pick up the old
+    run's best model, checkpoints or metrics; other files are left alone."""
+    output_dir = pathlib.Path(output_dir)
+    for path in [output_dir / "best", *_checkpoints(output_dir)]:
+        shutil.rmtree(path, ignore_errors=True)
+    (output_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def _remove_partial_checkpoints(output_dir):

@@ -140,3 +140,15 @@ def test_progress_degrades_to_log_lines(tmp_path, sentiment, capsys):
     assert train("--max-steps", 4, output=tmp_path / "out", data=sentiment) == 0
     err = capsys.readouterr().err
     assert "step 2/4" in err and "it/s" in err and "ETA" in err and "\r" not in err
+
+
+def test_overwrite_starts_clean_but_keeps_other_files(tmp_path, sentiment):
+    output = tmp_path / "out"
+    assert train("--max-steps", 12, "--eval-steps", 12, output=output, data=sentiment) == 0
+    (output / "notes.txt").write_text("mine")
+    assert cli.main(["train", "--model", str(TINY), "--train", str(sentiment[0]), "--output", str(output),
+                     "--batch-size", "4", "--max-steps", "2", "--overwrite-output-dir"]) == 0
+    assert not (output / "best").exists()  # no evaluation in the second run: no stale best model
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 2
+    assert (output / "notes.txt").read_text() == "mine"
