@@ -223,7 +223,7 @@ def _raw_index(index, device):
 
 def _is_advanced(index):
     parts = index if isinstance(index, tuple) else (index,)
-    return any(hasattr(p, "shape") or isinstance(p, list) for p in parts)
+    return any(hasattr(p, "shape") for p in parts)
 
 
 class GetItem(Function):
