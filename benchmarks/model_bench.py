@@ -18,7 +18,27 @@ def _time(libraries, make, repeats):
     return alternate(functions, repeats=repeats, warmup=1)
 
 
-def run(env, quick, device="cpu"):
+def run(env, quick):
+    """CPU figures, and the same on CUDA when both CuPy and torch see a GPU."""
+    figures = _run_on(env, quick, "cpu")
+    if _gpu_available(env):
+        figures += _run_on(env, quick, "cuda")
+    return figures
+
+
+def _gpu_available(env):
+    import minisft
+
+    if not minisft.cuda_available():
+        return False
+    if not env.reference:
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_on(env, quick, device):
     libraries = _libraries(env, device)
     config = json.loads((env.model_dir / "config.json").read_text())
     repeats = 2 if quick else 5
