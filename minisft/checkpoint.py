@@ -25,13 +25,9 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or does not fit the model."""
 
 
-def read_header(path):
-    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}}."""
-    return _read_header(pathlib.Path(path))[0]
-
-
 def _read_header(path):
-    """(header, offset where tensor data starts), checked against the file's size."""
+    """(header, offset where tensor data starts) of a safetensors file, the header being
+    {name: {"dtype", "shape", "data_offsets"}}, checked against the file's size."""
     try:
         with open(path, "rb") as f:
             prefix = f.read(8)

@@ -326,8 +326,8 @@ def log_softmax(x, dim=-1):
 class _Attention(Function):
     """softmax(q k^T * scale + bias) (with dropout) @ v on (batch..., L, d) arrays.
 
-    Fused so that the (..., L, L) scores are made, normalised and dropped out in place and
-    only the probabilities and the dropout mask are kept for backward. The scale is
+    Fused so that the (..., L, L) scores are made and normalised in place, and backward
+    keeps only the probabilities, the dropout mask and the dropped-out probabilities. The scale is
     applied to q and the dropout's 1/(1-p) to v: (..., L, d) arrays, not (..., L, L) ones.
     """
 

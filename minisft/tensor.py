@@ -218,13 +218,16 @@ class Tensor:
             g = grads.pop(id(fn), None)
             if g is None:
                 continue
-            for parent, input_grad in zip(fn.parents, fn.backward(g)):
+            input_grads = fn.backward(g)
+            for parent, input_grad in zip(fn.parents, input_grads):
                 if input_grad is None or parent is None:
                     continue
                 if isinstance(parent, Tensor):
-                    # an array the op just made (not g, not a view, not given before) is
-                    # taken as it is; anything else is copied before it becomes .grad
-                    fresh = input_grad is not g and input_grad.base is None and id(input_grad) not in given
+                    # an array the op just made for this input alone (not g, not a view, not
+                    # returned twice, not given before) is taken as it is; anything else is
+                    # copied, so that adding into one .grad never changes another gradient
+                    fresh = (input_grad is not g and input_grad.base is None and id(input_grad) not in given
+                             and sum(other is input_grad for other in input_grads) == 1)
                     given.add(id(input_grad))
                     _accumulate_leaf(parent, input_grad, owned=fresh)
                     continue

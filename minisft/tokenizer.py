@@ -312,11 +312,11 @@ class BertTokenizer:
                 continue
             for word, begin, end, origins in self.basic_tokenizer.words(segment, start):
                 index += 1
-                spans = [(s, e) for _, s, e in self.wordpiece_tokenizer.split(word)]
-                piece_ids = self._pieces[word]
+                pieces = self.wordpiece_tokenizer.split(word)
+                piece_ids = [self.vocab[piece] for piece, _, _ in pieces]
                 ids.extend(piece_ids)
-                for s, e in spans:
-                    if piece_ids == (self.unk_token_id,):
+                for _, s, e in pieces:
+                    if piece_ids == [self.unk_token_id]:
                         offsets.append((begin, end))
                     elif origins is None:
                         offsets.append((begin + s, begin + e))

@@ -164,3 +164,23 @@ def test_to_device_round_trip(device):
     (y * 2).sum().backward()
     assert_close(x.grad, [2.0, 2.0])
     assert isinstance(x.grad, np.ndarray)
+
+
+def test_one_gradient_array_returned_for_two_inputs_is_not_shared():
+    """A leaf's .grad must not be the array still pending for another node: adding the
+    leaf's next gradient into it would change that node's gradient too."""
+    class Twice(minisft.tensor.__globals__["Function"]):
+        def forward(self, a, b):
+            return a + b
+
+        def backward(self, g):
+            grad = g * 1.0  # a fresh array, handed to both inputs
+            return grad, grad
+
+    a = minisft.tensor([1.0], requires_grad=True)
+    c = minisft.tensor([2.0], requires_grad=True)
+    x = c * 1.0
+    out = Twice.apply(a, x) + a * x  # a's second gradient arrives before x's is complete
+    out.sum().backward()
+    assert_close(a.grad, [1.0 + 2.0])  # 1 + x
+    assert_close(c.grad, [1.0 + 1.0])  # 1 + a
