@@ -12,6 +12,7 @@ import numpy
 from minisft import random
 from minisft.backend import device_of, get_array_module, index_add
 from minisft.ops import unbroadcast
+from minisft.parallel import for_blocks
 from minisft.tensor import Function, Tensor
 
 # --- erf ---------------------------------------------------------------------------------
@@ -27,7 +28,7 @@ from minisft.tensor import Function, Tensor
 #   evaluated in float64 over cache-sized chunks, so that the float32 result is within
 #   6e-8 (half a float32 epsilon) at the cost of ~25 array operations.
 _CLIP32 = 3.92
-_CHUNK = 1 << 15  # elements per chunk: the float64 temporaries stay in the CPU's cache
+_CHUNK = 1 << 17  # elements per chunk: big enough to amortise a call, small enough for the cache
 
 
 def _chebyshev_fit(f, lo, hi, degree):
@@ -79,8 +80,9 @@ def _clenshaw(fit, t):
     return u * b1 - b2 + cast(coefficients[0])
 
 
-def _horner(coefficients, t):
-    out = t * coefficients[-1]
+def _horner(coefficients, t, out):
+    """out = the polynomial (coefficients lowest first) at t, in place."""
+    get_array_module(t).multiply(t, coefficients[-1], out=out)
     out += coefficients[-2]
     for c in coefficients[-3::-1]:
         out *= t
@@ -98,28 +100,63 @@ def _erf64(x):
     return xp.where(t < 4.0, inner, outer)
 
 
-def _erf_rational(x):
-    """erf of a float64 array by the rational fit (accurate to 3.3e-8)."""
+def _erf_rational_(x, scratch):
+    """x <- erf(x) in place for a float64 array, by the rational fit (accurate to 3.3e-8);
+    scratch: three arrays of x's shape."""
+    xp = get_array_module(x)
     p, q = _erf32_rational()
-    clipped = get_array_module(x).clip(x, -_CLIP32, _CLIP32)
-    t = clipped * clipped
-    out = _horner(p, t)
-    out *= clipped
-    out /= _horner(q, t)
+    t, numerator, denominator = scratch
+    xp.clip(x, -_CLIP32, _CLIP32, out=x)
+    xp.multiply(x, x, out=t)
+    x *= _horner(p, t, numerator)
+    x /= _horner(q, t, denominator)
+    return x
+
+
+def _normal_cdf_(x, scratch):
+    """x <- Phi(x) = (1 + erf(x / sqrt 2)) / 2 in place, for a float64 array."""
+    x *= 1 / math.sqrt(2)
+    _erf_rational_(x, scratch)
+    x *= 0.5
+    x += 0.5
+    return x
+
+
+def by_rows(kernel, *arrays, align=1):
+    """kernel(*blocks) over blocks of rows (the leading axis) of `arrays`, None passed
+    through, run side by side on the CPU's threads (see minisft.parallel.for_blocks); on
+    the GPU once, over the whole arrays. Returns the kernel's results in block order. The
+    kernel must treat rows independently, so that the result does not depend on the blocks."""
+    lead = arrays[0]
+    if get_array_module(lead) is not numpy or lead.ndim == 0:
+        return [kernel(*arrays)]
+
+    def run(start, stop):
+        return kernel(*(None if a is None else a[start:stop] for a in arrays))
+    return for_blocks(run, lead.shape[0], lead.size // max(lead.shape[0], 1), align)
+
+
+def _in_chunks(fn, x, out):
+    """out = fn(x as float64, scratch) over cache-sized chunks of the 1-D float32 arrays x
+    and out, with fn working in place: no allocation per chunk."""
+    buffers = numpy.empty((4, min(_CHUNK, x.size)))
+    for start in range(0, x.size, _CHUNK):
+        piece = slice(start, start + _CHUNK)
+        chunk, *scratch = buffers[:, :x[piece].size]
+        chunk[...] = x[piece]
+        out[piece] = fn(chunk, scratch)
+
+
+def _float32_by_chunks(fn, x):
+    """fn (in place on float64, as _in_chunks calls it) applied to a float32 array,
+    returning float32: in float64 chunks on the CPU's threads, in one piece on the GPU."""
+    xp = get_array_module(x)
+    if xp is not numpy:
+        x64 = x.astype(xp.float64)
+        return fn(x64, [xp.empty_like(x64) for _ in range(3)]).astype(x.dtype)
+    out = numpy.empty(x.shape, dtype=x.dtype)
+    by_rows(lambda xb, ob: _in_chunks(fn, xb, ob), x.reshape(-1), out.reshape(-1))
     return out
-
-
-def chunked(fn, *arrays):
-    """fn(*float64 chunks) -> float64 chunk, applied over float32 arrays of one shape in
-    cache-sized pieces; returns float32. On the GPU the whole array is one piece."""
-    xp = get_array_module(arrays[0])
-    flat = [a.reshape(-1) for a in arrays]
-    out = xp.empty(flat[0].shape, dtype=arrays[0].dtype)
-    step = flat[0].size if xp is not numpy else _CHUNK
-    for start in range(0, flat[0].size, step):
-        piece = slice(start, start + step)
-        out[piece] = fn(*(a[piece].astype(numpy.float64) for a in flat))
-    return out.reshape(arrays[0].shape)
 
 
 def erf(x):
@@ -127,22 +164,30 @@ def erf(x):
     if x.dtype == numpy.float64:
         return _erf64(x)
     if x.dtype == numpy.float32:
-        return chunked(_erf_rational, x)
+        return _float32_by_chunks(_erf_rational_, x)
     raise TypeError(f"erf: float32 or float64 arrays only, not {x.dtype}")
 
 
 # --- activations -----------------------------------------------------------------------
-def _normal_cdf(x, erf_fn):
-    """Phi(x) = (1 + erf(x / sqrt 2)) / 2, for a float64 array."""
-    return 0.5 * (1 + erf_fn(x * (1 / math.sqrt(2))))
-
-
 def normal_cdf(x):
     """Phi(x) of a float32 or float64 array, in its dtype: float64 directly with the
     accurate erf, float32 in float64 chunks with the fast rational erf."""
     if x.dtype == numpy.float64:
-        return _normal_cdf(x, _erf64)
-    return chunked(lambda chunk: _normal_cdf(chunk, _erf_rational), x)
+        return 0.5 * (1 + _erf64(x * (1 / math.sqrt(2))))
+    return _float32_by_chunks(_normal_cdf_, x)
+
+
+def _gelu_grad(x, cdf, g, out):
+    """out = g * (Phi(x) + x * phi(x)), the exact GELU's derivative times g."""
+    xp = get_array_module(x)
+    cast = x.dtype.type
+    xp.multiply(x, x, out=out)
+    out *= cast(-0.5)
+    xp.exp(out, out=out)
+    out *= x
+    out *= cast(1 / math.sqrt(2 * math.pi))  # x * phi(x)
+    out += cdf
+    out *= g
 
 
 class _GELU(Function):
@@ -161,7 +206,9 @@ class _GELU(Function):
             return cast(0.5) * x * (1 + xp.tanh(cast(math.sqrt(2 / math.pi)) * (x + cast(0.044715) * x ** 3)))
         cdf = normal_cdf(x)
         self.save_for_backward(x, cdf)
-        return x * cdf
+        out = xp.empty_like(x)
+        by_rows(lambda xb, cb, ob: xp.multiply(xb, cb, out=ob), x, cdf, out)
+        return out
 
     def backward(self, g):
         xp = get_array_module(g)
@@ -173,14 +220,8 @@ class _GELU(Function):
             dinner = k * (1 + cast(3 * 0.044715) * x * x)
             return (g * (cast(0.5) * (1 + th) + cast(0.5) * x * (1 - th * th) * dinner),)
         x, cdf = self.saved
-        cast = x.dtype.type
-        grad = x * x
-        grad *= cast(-0.5)
-        xp.exp(grad, out=grad)
-        grad *= x
-        grad *= cast(1 / math.sqrt(2 * math.pi))  # x * phi(x)
-        grad += cdf
-        grad *= g
+        grad = xp.empty_like(x)
+        by_rows(_gelu_grad, x, cdf, g, grad)
         return (grad,)
 
 
@@ -326,61 +367,80 @@ def log_softmax(x, dim=-1):
 class _Attention(Function):
     """softmax(q k^T * scale + bias) (with dropout) @ v on (batch..., L, d) arrays.
 
-    Fused so that the (..., L, L) scores are made and normalised in place, and backward
-    keeps only the probabilities, the dropout mask and the dropped-out probabilities. The scale is
-    applied to q and the dropout's 1/(1-p) to v: (..., L, d) arrays, not (..., L, L) ones.
+    Fused so that the (..., L, L) scores are made and normalised in place, block by block of
+    the leading batch axis on the CPU's threads, and backward keeps only the probabilities,
+    the dropout mask and the dropped-out probabilities. The scale is applied to q and the
+    dropout's 1/(1-p) to v: (..., L, d) arrays, not (..., L, L) ones. q, k and v are kept
+    contiguous: NumPy's batched products are several times slower on strided operands
+    (heads are a permuted view of (B, L, H), k^T a transposed one).
     """
 
     def forward(self, q, k, v, bias=None, *, scale, dropout_p, keep_probs):
         xp = get_array_module(q)
         cast = q.dtype.type
-        # NumPy's batched products are several times slower on strided operands (heads
-        # are a permuted view of (B, L, H), k^T a transposed one): make them contiguous.
-        q = xp.ascontiguousarray(q) * cast(scale)
-        v = xp.ascontiguousarray(v)
-        scores = q @ xp.ascontiguousarray(k.swapaxes(-1, -2))
-        if bias is not None:
-            scores += bias
-        probs = _softmax_last_axis_(scores)
-        self.probs = probs if keep_probs else None
-        keep = None
-        self.dropout_scale = cast(1 / (1 - dropout_p))
-        keep = dropped = None
-        if dropout_p:
-            keep = random.keep_mask(probs.shape, dropout_p, device_of(probs))
-            dropped = probs * keep
-            out = dropped @ (v * self.dropout_scale)
-        else:
-            out = probs @ v
-        self.scale = scale
-        self.bias_shape = None if bias is None else bias.shape
-        self.save_for_backward(q, k, v, probs, keep, dropped)
-        return out
+        self.unbatched = q.ndim == 2
+        if self.unbatched:
+            q, k, v = q[None], k[None], v[None]
+        self.input_shapes = [a.shape for a in (q, k, v)] + [None if bias is None else bias.shape]
+        batch = numpy.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        q, k, v = (xp.broadcast_to(a, batch + a.shape[-2:]) for a in (q, k, v))
+        scores_shape = batch + (q.shape[-2], k.shape[-2])
+        bias = None if bias is None else xp.broadcast_to(bias, scores_shape)
+        self.scale, self.dropout_scale = cast(scale), cast(1 / (1 - dropout_p))
+        keep = random.keep_mask(scores_shape, dropout_p, device_of(q)) if dropout_p else None
+        saved_q, saved_k, saved_v = (xp.empty(a.shape, dtype=a.dtype) for a in (q, k, v))
+        probs = xp.empty(scores_shape, dtype=q.dtype)
+        dropped = None if keep is None else xp.empty_like(probs)
+        out = xp.empty(batch + (q.shape[-2], v.shape[-1]), dtype=q.dtype)
+
+        def block(q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, dropped, out):
+            xp.multiply(q, self.scale, out=saved_q)
+            saved_k[...] = k
+            xp.multiply(v, self.dropout_scale, out=saved_v)
+            xp.matmul(saved_q, xp.ascontiguousarray(k.swapaxes(-1, -2)), out=probs)
+            if bias is not None:
+                probs += bias
+            _softmax_last_axis_(probs)
+            if keep is not None:
+                probs = xp.multiply(probs, keep, out=dropped)
+            xp.matmul(probs, saved_v, out=out)
+
+        by_rows(block, q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, dropped, out)
+        self.probs = (probs[0] if self.unbatched else probs) if keep_probs else None
+        self.save_for_backward(saved_q, saved_k, saved_v, probs, keep, dropped)
+        return out[0] if self.unbatched else out
 
     def backward(self, g):
-        q, k, v, probs, keep, dropped = self.saved  # q already scaled; dropped = probs * keep
+        q, k, v, probs, keep, dropped = self.saved  # q scaled, v scaled by the dropout's 1/(1-p)
         xp = get_array_module(g)
-        needs = self.needs_input_grad
-        cast = g.dtype.type
-        v_t = xp.ascontiguousarray(v.swapaxes(-1, -2))
-        if keep is None:
-            g_probs = g @ v_t
-            gv = probs.swapaxes(-1, -2) @ g if needs[2] else None
-        else:
-            v_t *= self.dropout_scale
-            g_probs = g @ v_t
-            g_probs *= keep
-            gv = dropped.swapaxes(-1, -2) @ g if needs[2] else None
-            if gv is not None:
+        needs = list(self.needs_input_grad) + [False] * (4 - len(self.needs_input_grad))
+        g = g[None] if self.unbatched else g
+        gq, gk, gv = (xp.empty_like(a) if need else None for a, need in zip((q, k, v), needs))
+        g_bias = xp.empty_like(probs) if needs[3] else None
+
+        def block(g, q, k, v, probs, keep, dropped, gq, gk, gv, g_bias):
+            g_scores = xp.matmul(g, xp.ascontiguousarray(v.swapaxes(-1, -2)), out=g_bias)
+            if keep is not None:  # v is already scaled by 1 / (1 - p)
+                g_scores *= keep
+            # softmax backward in place: dS = P * (dP - rowsum(dP * P))
+            g_scores -= xp.einsum("...i,...i->...", g_scores, probs)[..., None]
+            g_scores *= probs
+            if gv is not None:  # out = dropped @ (v / (1 - p))
+                xp.matmul((probs if dropped is None else dropped).swapaxes(-1, -2), g, out=gv)
                 gv *= self.dropout_scale
-        g_scores = _softmax_backward(probs, g_probs, -1)
-        g_bias = unbroadcast(g_scores, self.bias_shape) if len(needs) > 3 and needs[3] else None
-        # scores = (q * scale) @ k^T: dq = scale * dS @ k, dk = dS^T @ (q * scale)
-        gq = g_scores @ k if needs[0] else None
-        if gq is not None:
-            gq *= cast(self.scale)
-        gk = g_scores.swapaxes(-1, -2) @ q if needs[1] else None
-        return gq, gk, gv, g_bias
+            # scores = (q * scale) @ k^T: dq = scale * dS @ k, dk = dS^T @ (q * scale)
+            if gq is not None:
+                xp.matmul(g_scores, k, out=gq)
+                gq *= self.scale
+            if gk is not None:
+                xp.matmul(g_scores.swapaxes(-1, -2), q, out=gk)
+
+        by_rows(block, g, q, k, v, probs, keep, dropped, gq, gk, gv, g_bias)
+        grads = [None if grad is None else unbroadcast(grad, shape)
+                 for grad, shape in zip((gq, gk, gv, g_bias), self.input_shapes)]
+        if self.unbatched:
+            grads[:3] = [None if grad is None else grad[0] for grad in grads[:3]]
+        return tuple(grads[:len(self.needs_input_grad)])
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=None,
@@ -399,38 +459,63 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 # --- normalisation and regularisation ---------------------------------------------------
 class _LayerNorm(Function):
-    """Normalise rows of x viewed as (rows, features); in-place arithmetic, row means by BLAS."""
+    """Normalise rows of x viewed as (rows, features), block by block of rows on the CPU's
+    threads; in-place arithmetic, row means by BLAS."""
 
     def forward(self, x, weight=None, bias=None, *, features, eps):
         xp = get_array_module(x)
         x2 = x.reshape(-1, features)
-        xhat = x2 - _row_mean(x2)
-        rstd = _row_mean(xhat * xhat)
-        rstd += x.dtype.type(eps)
-        rstd = 1 / xp.sqrt(rstd, out=rstd)
-        xhat *= rstd
+        xhat, out = xp.empty(x2.shape, dtype=x.dtype), xp.empty(x2.shape, dtype=x.dtype)
+        rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)
+        weight2 = None if weight is None else weight.reshape(-1)
+
+        def block(x2, xhat, rstd, out):
+            xp.subtract(x2, _row_mean(x2), out=xhat)
+            rstd[...] = _row_mean(xp.multiply(xhat, xhat, out=out))
+            rstd += x.dtype.type(eps)
+            xp.divide(1, xp.sqrt(rstd, out=rstd), out=rstd)
+            xhat *= rstd
+            if weight2 is None:
+                out[...] = xhat
+            else:
+                xp.multiply(xhat, weight2, out=out)
+            if bias is not None:
+                out += bias.reshape(-1)
+
+        by_rows(block, x2, xhat, rstd, out, align=16)
         self.save_for_backward(xhat, rstd, weight)
         self.shape = x.shape
-        weight2 = None if weight is None else weight.reshape(-1)
-        out = xhat * weight2 if weight is not None else xhat.copy()
-        if bias is not None:
-            out += bias.reshape(-1)
         return out.reshape(x.shape)
 
     def backward(self, g):
         xhat, rstd, weight = self.saved
+        xp = get_array_module(g)
         needs = self.needs_input_grad
         g2 = g.reshape(xhat.shape)
         params_shape = self.shape[-1:] if weight is None else weight.shape
-        gw = _column_sum(g2 * xhat).reshape(params_shape) if len(needs) > 1 and needs[1] else None
+        weight2 = None if weight is None else weight.reshape(-1)
+        need_gw = len(needs) > 1 and needs[1]
+        g_times_xhat = xp.empty_like(xhat) if need_gw else None
+        gx = xp.empty_like(xhat)
+
+        def block(g2, xhat, rstd, g_times_xhat, gx):
+            if g_times_xhat is not None:
+                xp.multiply(g2, xhat, out=g_times_xhat)
+            # dx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat))
+            if weight2 is None:
+                gx[...] = g2
+            else:
+                xp.multiply(g2, weight2, out=gx)
+            product = gx * xhat
+            projection = _row_mean(product)
+            gx -= _row_mean(gx)
+            gx -= xp.multiply(xhat, projection, out=product)
+            gx *= rstd
+
+        by_rows(block, g2, xhat, rstd, g_times_xhat, gx, align=16)
+        gw = _column_sum(g_times_xhat).reshape(params_shape) if need_gw else None
         gb = _column_sum(g2).reshape(params_shape) if len(needs) > 2 and needs[2] else None
-        # dx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat))
-        gxhat = g2 * weight.reshape(-1) if weight is not None else g2.copy()
-        projection = _row_mean(gxhat * xhat)
-        gxhat -= _row_mean(gxhat)
-        gxhat -= xhat * projection
-        gxhat *= rstd
-        return (gxhat.reshape(self.shape), gw, gb)[:len(needs)]
+        return (gx.reshape(self.shape), gw, gb)[:len(needs)]
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -450,15 +535,23 @@ class _Dropout(Function):
         keep = random.keep_mask(x.shape, p, device_of(x))
         self.scale = x.dtype.type(1 / (1 - p))
         self.save_for_backward(keep)
-        out = x * keep
-        out *= self.scale
-        return out
+        return _masked_scale(x, keep, self.scale)
 
     def backward(self, g):
         (keep,) = self.saved
-        out = g * keep
-        out *= self.scale
-        return (out,)
+        return (_masked_scale(g, keep, self.scale),)
+
+
+def _masked_scale(x, keep, scale):
+    """x * keep * scale, by blocks of rows on the CPU's threads."""
+    xp = get_array_module(x)
+    out = xp.empty(x.shape, dtype=x.dtype)
+
+    def block(x, keep, out):
+        xp.multiply(x, keep, out=out)
+        out *= scale
+    by_rows(block, x, keep, out)
+    return out
 
 
 def dropout(x, p=0.5, training=True):

@@ -81,3 +81,33 @@ def test_masked_softmax_rows_match_unmasked_subset():
     alone = F.softmax(minisft.tensor(x[:, :3]), dim=-1)
     assert_close(masked.numpy()[:, :3], alone.numpy(), atol=1e-7)
     assert (masked.numpy()[:, 3:] == 0).all()
+
+
+def _seeded(fn, seed=5):
+    """fn with the generator reset before each call: the same dropout mask every time."""
+    def call(*args):
+        minisft.manual_seed(seed)
+        return fn(*args)
+    return call
+
+
+def test_attention_with_dropout_gradcheck_and_expectation(device):
+    rng = np.random.default_rng(0)
+    q, k, v = (minisft.tensor(rng.standard_normal(s), device=device) for s in [(2, 3, 4, 5), (2, 3, 6, 5), (2, 3, 6, 2)])
+    bias = minisft.tensor(rng.standard_normal((2, 1, 1, 6)), device=device)
+    minisft.gradcheck(_seeded(lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, b, dropout_p=0.3)),
+                      [q, k, v, bias])
+    # the mask drops whole probabilities: with p = 0 it is plain attention
+    plain = F.scaled_dot_product_attention(q, k, v, bias)
+    assert_close(F.scaled_dot_product_attention(q, k, v, bias, dropout_p=0.0), plain.numpy(), atol=0)
+
+
+def test_attention_broadcasts_batch_dims_and_takes_unbatched_inputs(device):
+    rng = np.random.default_rng(1)
+    q = minisft.tensor(rng.standard_normal((2, 3, 4, 5)), device=device)
+    k, v = (minisft.tensor(rng.standard_normal(s), device=device) for s in [(1, 3, 6, 5), (3, 6, 2)])
+    minisft.gradcheck(F.scaled_dot_product_attention, [q, k, v])
+    q2, k2, v2 = (minisft.tensor(rng.standard_normal(s), device=device) for s in [(4, 5), (6, 5), (6, 2)])
+    minisft.gradcheck(F.scaled_dot_product_attention, [q2, k2, v2])
+    batched = F.scaled_dot_product_attention(q2.reshape(1, 4, 5), k2.reshape(1, 6, 5), v2.reshape(1, 6, 2))
+    assert_close(F.scaled_dot_product_attention(q2, k2, v2), batched.numpy()[0], atol=1e-12)

@@ -1,0 +1,91 @@
+"""Intra-op parallelism on the CPU.
+
+BLAS runs matrix products on every core, but NumPy's elementwise loops (GELU, softmax,
+LayerNorm, dropout) run on one. They release the GIL, though, so a large row-wise kernel
+can be cut into contiguous blocks of rows that a small thread pool runs side by side, the
+way PyTorch uses OpenMP. Each block computes exactly what the whole would for its rows, so
+results do not depend on the thread count.
+
+The thread count defaults to MINISFT_NUM_THREADS, else OMP_NUM_THREADS, else the cores this
+process may run on; `set_num_threads` changes it.
+"""
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+
+MIN_BLOCK_ELEMENTS = 1 << 17  # smaller blocks cost more to hand over than they save
+
+_lock = threading.Lock()
+_threads = None
+_pool = None
+_local = threading.local()  # .inside: this thread is running a block (no nesting)
+
+
+def _default_threads():
+    for name in ("MINISFT_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                raise ValueError(f"{name}={value!r} is not a whole number of threads") from None
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def get_num_threads():
+    """How many threads row-wise kernels use (BLAS keeps its own setting)."""
+    global _threads
+    if _threads is None:
+        _threads = _default_threads()
+    return _threads
+
+
+def set_num_threads(count):
+    """Use `count` threads for row-wise kernels from now on (1: run them inline)."""
+    global _threads, _pool
+    if int(count) < 1:
+        raise ValueError(f"set_num_threads: need at least 1 thread, not {count}")
+    with _lock:
+        _threads = int(count)
+        if _pool is not None:
+            _pool.shutdown()
+            _pool = None
+
+
+def _executor():
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(get_num_threads() - 1, thread_name_prefix="minisft")
+        return _pool
+
+
+def _run_block(kernel, start, stop):
+    _local.inside = True
+    try:
+        return kernel(start, stop)
+    finally:
+        _local.inside = False
+
+
+def for_blocks(kernel, rows, row_elements=1, align=1):
+    """Call kernel(start, stop) over contiguous blocks that cover range(rows), on up to
+    get_num_threads() threads, and return the results in block order.
+
+    `row_elements` (elements per row) sizes the blocks: work under MIN_BLOCK_ELEMENTS per
+    thread, or a call made from inside another block, runs inline as one block. Blocks
+    start at multiples of `align` rows (BLAS kernels treat rows in groups: aligned blocks
+    round each row exactly as the whole would).
+    """
+    threads = min(get_num_threads(), max(1, rows // align),
+                  max(1, rows * row_elements // MIN_BLOCK_ELEMENTS))
+    if threads <= 1 or getattr(_local, "inside", False):
+        return [kernel(0, rows)]
+    bounds = [0] + [rows * i // threads // align * align for i in range(1, threads)] + [rows]
+    futures = [_executor().submit(_run_block, kernel, start, stop)
+               for start, stop in zip(bounds[1:-1], bounds[2:])]
+    try:
+        results = [_run_block(kernel, bounds[0], bounds[1])]
+    finally:
+        wait(futures)  # every block has finished before anything is returned or raised
+    return results + [future.result() for future in futures]

@@ -1,0 +1,83 @@
+"""minisft.parallel: blocks cover the rows, errors surface, and a training step gives
+bit-identical results whatever the thread count."""
+import threading
+
+import numpy as np
+import pytest
+
+import minisft
+from minisft import parallel
+from minisft.models.bert import BertForSequenceClassification
+from minisft.optim import AdamW
+from conftest import FIXTURES
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """Set the thread count and let any block size use the pool; restore afterwards."""
+    monkeypatch.setattr(parallel, "MIN_BLOCK_ELEMENTS", 1)
+    before = parallel.get_num_threads()
+    yield parallel.set_num_threads
+    parallel.set_num_threads(before)
+
+
+def test_blocks_cover_the_rows_in_order_on_several_threads(threads):
+    threads(3)
+    seen = []
+    results = parallel.for_blocks(lambda start, stop: seen.append(threading.get_ident()) or (start, stop), 10)
+    assert results == [(0, 3), (3, 6), (6, 10)]
+    assert len(set(seen)) >= 2  # the caller and the pool (a worker may take two blocks)
+    assert parallel.for_blocks(lambda start, stop: (start, stop), 40, align=16) == [(0, 16), (16, 40)]
+
+
+def test_nested_calls_run_inline_and_errors_surface_after_every_block(threads):
+    threads(2)
+    inner = parallel.for_blocks(lambda start, stop: parallel.for_blocks(lambda a, b: (a, b), 8), 4)
+    assert inner == [[(0, 8)], [(0, 8)]]
+    finished = []
+
+    def kernel(start, stop):
+        if start == 0:
+            raise ValueError("first block failed")
+        finished.append(stop)
+    with pytest.raises(ValueError, match="first block failed"):
+        parallel.for_blocks(kernel, 4)
+    assert finished == [4]
+
+
+def test_thread_count_validation(monkeypatch):
+    with pytest.raises(ValueError, match="at least 1"):
+        parallel.set_num_threads(0)
+    monkeypatch.setenv("MINISFT_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="MINISFT_NUM_THREADS='two'"):
+        parallel._default_threads()
+    monkeypatch.setenv("MINISFT_NUM_THREADS", "3")
+    assert parallel._default_threads() == 3
+
+
+def _training_step(seed=0):
+    """Loss, logits and every gradient of one training step of the tiny BERT with dropout,
+    then the weights after an AdamW step."""
+    minisft.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(FIXTURES / "tiny-bert", num_labels=3).train()
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 64, (5, 13))  # odd sizes: blocks of unequal length
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    out = model(ids, attention_mask=mask, labels=rng.integers(0, 3, 5))
+    out.loss.backward()
+    grads = {name: p.grad.copy() for name, p in model.named_parameters()}
+    AdamW(model.parameters(), lr=1e-3).step()
+    return out.loss.numpy(), out.logits.numpy(), grads, {n: p.numpy() for n, p in model.named_parameters()}
+
+
+def test_training_step_is_bit_identical_for_any_thread_count(threads):
+    threads(1)
+    reference = _training_step()
+    for count in (2, 3):
+        threads(count)
+        loss, logits, grads, weights = _training_step()
+        assert loss == reference[0] and (logits == reference[1]).all()
+        for name in grads:
+            assert (grads[name] == reference[2][name]).all(), name
+            assert (weights[name] == reference[3][name]).all(), name
