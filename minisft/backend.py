@@ -134,6 +134,7 @@ def keep_freed_memory():
     try:
         libc = ctypes.CDLL(name)
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 62))
+        largest = 2 ** 31 - 1  # mallopt takes a C int: anything larger wraps (to 0: trim always)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, largest))
     except (OSError, AttributeError):
         return False
