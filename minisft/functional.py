@@ -12,7 +12,7 @@ import numpy
 from minisft import random
 from minisft.backend import device_of, get_array_module, index_add
 from minisft.ops import unbroadcast
-from minisft.parallel import for_blocks
+from minisft.parallel import by_rows
 from minisft.tensor import Function, Tensor
 
 # --- erf ---------------------------------------------------------------------------------
@@ -120,20 +120,6 @@ def _normal_cdf_(x, scratch):
     x *= 0.5
     x += 0.5
     return x
-
-
-def by_rows(kernel, *arrays, align=1):
-    """kernel(*blocks) over blocks of rows (the leading axis) of `arrays`, None passed
-    through, run side by side on the CPU's threads (see minisft.parallel.for_blocks); on
-    the GPU once, over the whole arrays. Returns the kernel's results in block order. The
-    kernel must treat rows independently, so that the result does not depend on the blocks."""
-    lead = arrays[0]
-    if get_array_module(lead) is not numpy or lead.ndim == 0:
-        return [kernel(*arrays)]
-
-    def run(start, stop):
-        return kernel(*(None if a is None else a[start:stop] for a in arrays))
-    return for_blocks(run, lead.shape[0], lead.size // max(lead.shape[0], 1), align)
 
 
 def _in_chunks(fn, x, out):
@@ -250,16 +236,10 @@ def tanh(x):
     return x.tanh()
 
 
-# --- row and column reductions by BLAS (much faster than sum/mean along a short axis) ----
+# --- column sums by BLAS (much faster than sum() over the rows) ------------------------
 def _column_sum(x2):
     """Sum over the rows of a 2-D array by one vector-matrix product."""
     return get_array_module(x2).ones(x2.shape[0], dtype=x2.dtype) @ x2
-
-
-def _row_mean(x2):
-    """Mean of each row of a 2-D array as a (rows, 1) column: one matrix-vector product."""
-    xp = get_array_module(x2)
-    return (x2 @ xp.full(x2.shape[1], 1 / x2.shape[1], dtype=x2.dtype))[:, None]
 
 
 # --- linear ----------------------------------------------------------------------------
@@ -276,7 +256,7 @@ class _Linear(Function):
         self.shape = x.shape
         out = x2 @ weight.T
         if bias is not None:
-            out += bias
+            by_rows(lambda block: get_array_module(block).add(block, bias, out=block), out)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     def backward(self, g):
@@ -460,29 +440,31 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 # --- normalisation and regularisation ---------------------------------------------------
 class _LayerNorm(Function):
     """Normalise rows of x viewed as (rows, features), block by block of rows on the CPU's
-    threads; in-place arithmetic, row means by BLAS."""
+    threads; in-place arithmetic, row sums by einsum (no temporaries, and several times
+    faster than sum() along a short axis)."""
 
     def forward(self, x, weight=None, bias=None, *, features, eps):
         xp = get_array_module(x)
+        cast = x.dtype.type
         x2 = x.reshape(-1, features)
         xhat, out = xp.empty(x2.shape, dtype=x.dtype), xp.empty(x2.shape, dtype=x.dtype)
         rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)
-        weight2 = None if weight is None else weight.reshape(-1)
 
         def block(x2, xhat, rstd, out):
-            xp.subtract(x2, _row_mean(x2), out=xhat)
-            rstd[...] = _row_mean(xp.multiply(xhat, xhat, out=out))
-            rstd += x.dtype.type(eps)
+            xp.subtract(x2, xp.einsum("ij->i", x2)[:, None] * cast(1 / features), out=xhat)
+            xp.einsum("ij,ij->i", xhat, xhat, out=rstd[:, 0])
+            rstd *= cast(1 / features)
+            rstd += cast(eps)
             xp.divide(1, xp.sqrt(rstd, out=rstd), out=rstd)
             xhat *= rstd
-            if weight2 is None:
+            if weight is None:
                 out[...] = xhat
             else:
-                xp.multiply(xhat, weight2, out=out)
+                xp.multiply(xhat, weight.reshape(-1), out=out)
             if bias is not None:
                 out += bias.reshape(-1)
 
-        by_rows(block, x2, xhat, rstd, out, align=16)
+        by_rows(block, x2, xhat, rstd, out)
         self.save_for_backward(xhat, rstd, weight)
         self.shape = x.shape
         return out.reshape(x.shape)
@@ -490,10 +472,10 @@ class _LayerNorm(Function):
     def backward(self, g):
         xhat, rstd, weight = self.saved
         xp = get_array_module(g)
+        cast = g.dtype.type
         needs = self.needs_input_grad
         g2 = g.reshape(xhat.shape)
         params_shape = self.shape[-1:] if weight is None else weight.shape
-        weight2 = None if weight is None else weight.reshape(-1)
         need_gw = len(needs) > 1 and needs[1]
         g_times_xhat = xp.empty_like(xhat) if need_gw else None
         gx = xp.empty_like(xhat)
@@ -502,17 +484,16 @@ class _LayerNorm(Function):
             if g_times_xhat is not None:
                 xp.multiply(g2, xhat, out=g_times_xhat)
             # dx = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat))
-            if weight2 is None:
+            if weight is None:
                 gx[...] = g2
             else:
-                xp.multiply(g2, weight2, out=gx)
-            product = gx * xhat
-            projection = _row_mean(product)
-            gx -= _row_mean(gx)
-            gx -= xp.multiply(xhat, projection, out=product)
+                xp.multiply(g2, weight.reshape(-1), out=gx)
+            projection = xp.einsum("ij,ij->i", gx, xhat)[:, None] * cast(1 / xhat.shape[1])
+            gx -= xp.einsum("ij->i", gx)[:, None] * cast(1 / xhat.shape[1])
+            gx -= xhat * projection
             gx *= rstd
 
-        by_rows(block, g2, xhat, rstd, g_times_xhat, gx, align=16)
+        by_rows(block, g2, xhat, rstd, g_times_xhat, gx)
         gw = _column_sum(g_times_xhat).reshape(params_shape) if need_gw else None
         gb = _column_sum(g2).reshape(params_shape) if len(needs) > 2 and needs[2] else None
         return (gx.reshape(self.shape), gw, gb)[:len(needs)]

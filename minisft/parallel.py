@@ -13,6 +13,10 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 
+import numpy
+
+from minisft.backend import get_array_module
+
 MIN_BLOCK_ELEMENTS = 1 << 17  # smaller blocks cost more to hand over than they save
 
 _lock = threading.Lock()
@@ -68,20 +72,17 @@ def _run_block(kernel, start, stop):
         _local.inside = False
 
 
-def for_blocks(kernel, rows, row_elements=1, align=1):
+def for_blocks(kernel, rows, row_elements=1):
     """Call kernel(start, stop) over contiguous blocks that cover range(rows), on up to
     get_num_threads() threads, and return the results in block order.
 
     `row_elements` (elements per row) sizes the blocks: work under MIN_BLOCK_ELEMENTS per
-    thread, or a call made from inside another block, runs inline as one block. Blocks
-    start at multiples of `align` rows (BLAS kernels treat rows in groups: aligned blocks
-    round each row exactly as the whole would).
+    thread, or a call made from inside another block, runs inline as one block.
     """
-    threads = min(get_num_threads(), max(1, rows // align),
-                  max(1, rows * row_elements // MIN_BLOCK_ELEMENTS))
+    threads = min(get_num_threads(), rows, max(1, rows * row_elements // MIN_BLOCK_ELEMENTS))
     if threads <= 1 or getattr(_local, "inside", False):
         return [kernel(0, rows)]
-    bounds = [0] + [rows * i // threads // align * align for i in range(1, threads)] + [rows]
+    bounds = [rows * i // threads for i in range(threads + 1)]
     futures = [_executor().submit(_run_block, kernel, start, stop)
                for start, stop in zip(bounds[1:-1], bounds[2:])]
     try:
@@ -89,3 +90,18 @@ def for_blocks(kernel, rows, row_elements=1, align=1):
     finally:
         wait(futures)  # every block has finished before anything is returned or raised
     return results + [future.result() for future in futures]
+
+
+def by_rows(kernel, *arrays):
+    """kernel(*blocks) over blocks of rows (the leading axis) of `arrays`, None passed
+    through, run side by side by for_blocks; on the GPU once, over the whole arrays.
+    Returns the kernel's results in block order. The kernel must treat rows independently
+    (no BLAS: its kernels round rows differently by their place in a block), so that the
+    result does not depend on the blocks."""
+    lead = arrays[0]
+    if get_array_module(lead) is not numpy or lead.ndim == 0:
+        return [kernel(*arrays)]
+
+    def run(start, stop):
+        return kernel(*(None if a is None else a[start:stop] for a in arrays))
+    return for_blocks(run, lead.shape[0], lead.size // max(lead.shape[0], 1))

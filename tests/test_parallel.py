@@ -27,7 +27,6 @@ def test_blocks_cover_the_rows_in_order_on_several_threads(threads):
     results = parallel.for_blocks(lambda start, stop: seen.append(threading.get_ident()) or (start, stop), 10)
     assert results == [(0, 3), (3, 6), (6, 10)]
     assert len(set(seen)) >= 2  # the caller and the pool (a worker may take two blocks)
-    assert parallel.for_blocks(lambda start, stop: (start, stop), 40, align=16) == [(0, 16), (16, 40)]
 
 
 def test_nested_calls_run_inline_and_errors_surface_after_every_block(threads):
