@@ -9,6 +9,8 @@ from benchmarks.common import Figure
 
 WORKER = """
 import json, resource, sys
+if {name!r} == "minisft":
+    import minisft  # before NumPy, as in run.py
 sys.path.insert(0, {root!r})
 from benchmarks.workloads import Minisft, Reference
 library = (Minisft if {name!r} == "minisft" else Reference)({model!r})

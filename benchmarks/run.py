@@ -15,6 +15,9 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 # they pin current NumPy to a slower kernel. Benchmarks measure the machine as it is.
 os.environ.pop("OPENBLAS_CORETYPE", None)
 os.environ.pop("OPENBLAS_L2_SIZE", None)
+# minisft before anything that loads NumPy (torch does): it sets OpenBLAS's thread options,
+# which OpenBLAS reads once when NumPy loads it, as minisft's own CLI does.
+import minisft  # noqa: E402, F401
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
