@@ -363,6 +363,19 @@ def log_softmax(x, dim=-1):
 
 
 # --- attention ----------------------------------------------------------------------------
+def _axis_order(a):
+    """a's axes from the outermost in memory to the innermost; C order for arrays with a
+    repeated (0-stride) axis."""
+    if 0 in a.strides:
+        return tuple(range(a.ndim))
+    return tuple(sorted(range(a.ndim), key=lambda axis: -a.strides[axis]))
+
+
+def _empty_in_order(xp, shape, order, dtype):
+    """An empty array of `shape` whose axes lie in memory in `order` (see _axis_order)."""
+    return xp.empty([shape[axis] for axis in order], dtype=dtype).transpose(tuple(numpy.argsort(order).tolist()))
+
+
 class _Attention(Function):
     """softmax(q k^T * scale + bias) (with dropout) @ v on (batch..., L, d) arrays.
 
@@ -383,6 +396,9 @@ class _Attention(Function):
         self.input_shapes = [a.shape for a in (q, k, v)] + [None if bias is None else bias.shape]
         batch = numpy.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         q, k, v = (xp.broadcast_to(a, batch + a.shape[-2:]) for a in (q, k, v))
+        # outputs and gradients are laid out in memory as the inputs are: heads that are a
+        # permuted view of (B, L, H) get a context and gradients that permute back as views
+        self.orders = [_axis_order(a) for a in (q, k, v)]
         scores_shape = batch + (q.shape[-2], k.shape[-2])
         bias = None if bias is None else xp.broadcast_to(bias, scores_shape)
         self.scale, self.dropout_scale = cast(scale), cast(1 / (1 - dropout_p))
@@ -390,7 +406,7 @@ class _Attention(Function):
         saved_q, saved_k, saved_v = (xp.empty(a.shape, dtype=a.dtype) for a in (q, k, v))
         probs = xp.empty(scores_shape, dtype=q.dtype)
         dropped = None if keep is None else xp.empty_like(probs)
-        out = xp.empty(batch + (q.shape[-2], v.shape[-1]), dtype=q.dtype)
+        out = _empty_in_order(xp, batch + (q.shape[-2], v.shape[-1]), self.orders[0], q.dtype)
 
         def block(q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, dropped, out):
             xp.multiply(q, self.scale, out=saved_q)
@@ -414,7 +430,8 @@ class _Attention(Function):
         xp = get_array_module(g)
         needs = list(self.needs_input_grad) + [False] * (4 - len(self.needs_input_grad))
         g = g[None] if self.unbatched else g
-        gq, gk, gv = (xp.empty_like(a) if need else None for a, need in zip((q, k, v), needs))
+        gq, gk, gv = (_empty_in_order(xp, a.shape, order, a.dtype) if need else None
+                      for a, order, need in zip((q, k, v), self.orders, needs))
         g_bias = xp.empty_like(probs) if needs[3] else None
 
         def block(g, q, k, v, probs, keep, dropped, gq, gk, gv, g_bias):
