@@ -363,6 +363,17 @@ def log_softmax(x, dim=-1):
 
 
 # --- attention ----------------------------------------------------------------------------
+# BLAS runs small products on one thread each (OpenBLAS: up to 100^3 multiply-adds) and
+# threads larger ones itself: attention splits into blocks on minisft's threads only when
+# its products are small, as blocks of threaded products would oversubscribe the cores.
+_SMALL_PRODUCT = 100 ** 3
+
+
+def _attention_blocks(kernel, *arrays, product_size):
+    """by_rows for small products, else kernel once over the whole arrays."""
+    return by_rows(kernel, *arrays) if product_size <= _SMALL_PRODUCT else [kernel(*arrays)]
+
+
 def _axis_order(a):
     """a's axes from the outermost in memory to the innermost; C order for arrays with a
     repeated (0-stride) axis."""
@@ -420,7 +431,9 @@ class _Attention(Function):
                 probs = xp.multiply(probs, keep, out=dropped)
             xp.matmul(probs, saved_v, out=out)
 
-        by_rows(block, q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, dropped, out)
+        self.product_size = q.shape[-2] * k.shape[-2] * max(q.shape[-1], v.shape[-1])
+        _attention_blocks(block, q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, dropped, out,
+                          product_size=self.product_size)
         self.probs = (probs[0] if self.unbatched else probs) if keep_probs else None
         self.save_for_backward(saved_q, saved_k, saved_v, probs, keep, dropped)
         return out[0] if self.unbatched else out
@@ -451,7 +464,8 @@ class _Attention(Function):
             if gk is not None:
                 xp.matmul(g_scores.swapaxes(-1, -2), q, out=gk)
 
-        by_rows(block, g, q, k, v, probs, keep, dropped, gq, gk, gv, g_bias)
+        _attention_blocks(block, g, q, k, v, probs, keep, dropped, gq, gk, gv, g_bias,
+                          product_size=self.product_size)
         grads = [None if grad is None else unbroadcast(grad, shape)
                  for grad, shape in zip((gq, gk, gv, g_bias), self.input_shapes)]
         if self.unbatched:

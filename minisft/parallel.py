@@ -64,6 +64,16 @@ def _executor():
         return _pool
 
 
+def _forget_pool():
+    """In a forked child the pool's threads do not exist: start a new pool on next use."""
+    global _pool, _lock
+    _pool, _lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _run_block(kernel, start, stop):
     _local.inside = True
     try:
@@ -95,9 +105,10 @@ def for_blocks(kernel, rows, row_elements=1):
 def by_rows(kernel, *arrays):
     """kernel(*blocks) over blocks of rows (the leading axis) of `arrays`, None passed
     through, run side by side by for_blocks; on the GPU once, over the whole arrays.
-    Returns the kernel's results in block order. The kernel must treat rows independently
-    (no BLAS: its kernels round rows differently by their place in a block), so that the
-    result does not depend on the blocks."""
+    Returns the kernel's results in block order. The kernel must treat rows independently,
+    so that the result does not depend on the blocks: elementwise work, reductions along a
+    row by einsum, and batched products one matrix per row are fine; a BLAS call across the
+    block's rows (gemv) is not, as BLAS rounds a row differently by its place in a block."""
     lead = arrays[0]
     if get_array_module(lead) is not numpy or lead.ndim == 0:
         return [kernel(*arrays)]

@@ -80,3 +80,15 @@ def test_training_step_is_bit_identical_for_any_thread_count(threads):
         for name in grads:
             assert (grads[name] == reference[2][name]).all(), name
             assert (weights[name] == reference[3][name]).all(), name
+
+
+def test_a_forked_child_gets_a_new_pool(threads):
+    import os
+
+    threads(2)
+    parallel.for_blocks(lambda start, stop: None, 4)  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:
+        ok = parallel.for_blocks(lambda start, stop: (start, stop), 4) == [(0, 2), (2, 4)]
+        os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
