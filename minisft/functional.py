@@ -391,8 +391,9 @@ class _Attention(Function):
     """softmax(q k^T * scale + bias) (with dropout) @ v on (batch..., L, d) arrays.
 
     Fused so that the (..., L, L) scores are made and normalised in place, block by block of
-    the leading batch axis on the CPU's threads, and backward keeps only the probabilities,
-    the dropout mask and the dropped-out probabilities. The scale is applied to q and the
+    the leading batch axis on the CPU's threads, and backward keeps only the probabilities
+    and the dropout mask (the dropped-out probabilities are remade, one cheap pass, rather
+    than kept: a (..., L, L) array per layer). The scale is applied to q and the
     dropout's 1/(1-p) to v: (..., L, d) arrays, not (..., L, L) ones. q, k and v are kept
     contiguous: NumPy's batched products are several times slower on strided operands
     (heads are a permuted view of (B, L, H), k^T a transposed one).
@@ -416,10 +417,9 @@ class _Attention(Function):
         keep = random.keep_mask(scores_shape, dropout_p, device_of(q)) if dropout_p else None
         saved_q, saved_k, saved_v = (xp.empty(a.shape, dtype=a.dtype) for a in (q, k, v))
         probs = xp.empty(scores_shape, dtype=q.dtype)
-        dropped = None if keep is None else xp.empty_like(probs)
         out = _empty_in_order(xp, batch + (q.shape[-2], v.shape[-1]), self.orders[0], q.dtype)
 
-        def block(q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, dropped, out):
+        def block(q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, out):
             xp.multiply(q, self.scale, out=saved_q)
             saved_k[...] = k
             xp.multiply(v, self.dropout_scale, out=saved_v)
@@ -427,19 +427,17 @@ class _Attention(Function):
             if bias is not None:
                 probs += bias
             _softmax_last_axis_(probs)
-            if keep is not None:
-                probs = xp.multiply(probs, keep, out=dropped)
-            xp.matmul(probs, saved_v, out=out)
+            xp.matmul(probs if keep is None else probs * keep, saved_v, out=out)
 
         self.product_size = q.shape[-2] * k.shape[-2] * max(q.shape[-1], v.shape[-1])
-        _attention_blocks(block, q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, dropped, out,
+        _attention_blocks(block, q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, out,
                           product_size=self.product_size)
         self.probs = (probs[0] if self.unbatched else probs) if keep_probs else None
-        self.save_for_backward(saved_q, saved_k, saved_v, probs, keep, dropped)
+        self.save_for_backward(saved_q, saved_k, saved_v, probs, keep)
         return out[0] if self.unbatched else out
 
     def backward(self, g):
-        q, k, v, probs, keep, dropped = self.saved  # q scaled, v scaled by the dropout's 1/(1-p)
+        q, k, v, probs, keep = self.saved  # q scaled, v scaled by the dropout's 1/(1-p)
         xp = get_array_module(g)
         needs = list(self.needs_input_grad) + [False] * (4 - len(self.needs_input_grad))
         g = g[None] if self.unbatched else g
@@ -447,16 +445,18 @@ class _Attention(Function):
                       for a, order, need in zip((q, k, v), self.orders, needs))
         g_bias = xp.empty_like(probs) if needs[3] else None
 
-        def block(g, q, k, v, probs, keep, dropped, gq, gk, gv, g_bias):
+        def block(g, q, k, v, probs, keep, gq, gk, gv, g_bias):
+            if gv is not None:  # out = (probs * keep) @ (v / (1 - p))
+                dropped = probs if keep is None else probs * keep
+                xp.matmul(dropped.swapaxes(-1, -2), g, out=gv)
+                gv *= self.dropout_scale
+                del dropped  # freed before g_scores is made
             g_scores = xp.matmul(g, xp.ascontiguousarray(v.swapaxes(-1, -2)), out=g_bias)
             if keep is not None:  # v is already scaled by 1 / (1 - p)
                 g_scores *= keep
             # softmax backward in place: dS = P * (dP - rowsum(dP * P))
             g_scores -= xp.einsum("...i,...i->...", g_scores, probs)[..., None]
             g_scores *= probs
-            if gv is not None:  # out = dropped @ (v / (1 - p))
-                xp.matmul((probs if dropped is None else dropped).swapaxes(-1, -2), g, out=gv)
-                gv *= self.dropout_scale
             # scores = (q * scale) @ k^T: dq = scale * dS @ k, dk = dS^T @ (q * scale)
             if gq is not None:
                 xp.matmul(g_scores, k, out=gq)
@@ -464,7 +464,7 @@ class _Attention(Function):
             if gk is not None:
                 xp.matmul(g_scores.swapaxes(-1, -2), q, out=gk)
 
-        _attention_blocks(block, g, q, k, v, probs, keep, dropped, gq, gk, gv, g_bias,
+        _attention_blocks(block, g, q, k, v, probs, keep, gq, gk, gv, g_bias,
                           product_size=self.product_size)
         grads = [None if grad is None else unbroadcast(grad, shape)
                  for grad, shape in zip((gq, gk, gv, g_bias), self.input_shapes)]
