@@ -226,7 +226,7 @@ class _GELU(Function):
             return (g * (cast(0.5) * (1 + th) + cast(0.5) * x * (1 - th * th) * dinner),)
         x, cdf = self.saved
         grad = xp.empty_like(x)
-        by_rows(_gelu_grad, x, cdf, g, grad)
+        by_rows(_gelu_grad, x, cdf, g, grad, cache_sized=True)
         return (grad,)
 
 

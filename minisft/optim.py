@@ -116,7 +116,7 @@ class Adam(Optimizer):
         by_rows(functools.partial(_adam_block, beta1=beta1, beta2=beta2, eps=eps,
                                   step_size=lr / (1 - beta1 ** step),
                                   bias_correction2=math.sqrt(1 - beta2 ** step)),
-                param.data, grad, state["exp_avg"], state["exp_avg_sq"])
+                param.data, grad, state["exp_avg"], state["exp_avg_sq"], cache_sized=True)
 
 
 def _adam_block(param, grad, exp_avg, exp_avg_sq, *, beta1, beta2, eps, step_size, bias_correction2):

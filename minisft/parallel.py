@@ -18,6 +18,7 @@ import numpy
 from minisft.backend import get_array_module
 
 MIN_BLOCK_ELEMENTS = 1 << 17  # smaller blocks cost more to hand over than they save
+CACHE_ELEMENTS = 1 << 18  # a piece of a few arrays of this many floats stays in the CPU's cache
 
 _lock = threading.Lock()
 _threads = None
@@ -102,10 +103,12 @@ def for_blocks(kernel, rows, row_elements=1):
     return results + [future.result() for future in futures]
 
 
-def by_rows(kernel, *arrays):
+def by_rows(kernel, *arrays, cache_sized=False):
     """kernel(*blocks) over blocks of rows (the leading axis) of `arrays`, None passed
     through, run side by side by for_blocks; on the GPU once, over the whole arrays.
-    Returns the kernel's results in block order. The kernel must treat rows independently,
+    With cache_sized, each thread walks its block in pieces of about CACHE_ELEMENTS elements
+    (at least a row), so that a kernel of many passes finds its operands in the CPU's cache
+    rather than in memory. Returns the kernel's results in block (and piece) order. The kernel must treat rows independently,
     so that the result does not depend on the blocks: elementwise work, reductions along a
     row by einsum, and batched products one matrix per row are fine; a BLAS call across the
     block's rows (gemv) is not, as BLAS rounds a row differently by its place in a block."""
@@ -113,6 +116,11 @@ def by_rows(kernel, *arrays):
     if get_array_module(lead) is not numpy or lead.ndim == 0:
         return [kernel(*arrays)]
 
+    row_elements = lead.size // max(lead.shape[0], 1)
+    step = max(1, CACHE_ELEMENTS // max(row_elements, 1)) if cache_sized else None
+
     def run(start, stop):
-        return kernel(*(None if a is None else a[start:stop] for a in arrays))
-    return for_blocks(run, lead.shape[0], lead.size // max(lead.shape[0], 1))
+        size = step or max(stop - start, 1)
+        return [kernel(*(None if a is None else a[piece:min(piece + size, stop)] for a in arrays))
+                for piece in range(start, max(stop, start + 1), size)]
+    return [result for block in for_blocks(run, lead.shape[0], row_elements) for result in block]

@@ -92,3 +92,16 @@ def test_a_forked_child_gets_a_new_pool(threads):
         ok = parallel.for_blocks(lambda start, stop: (start, stop), 4) == [(0, 2), (2, 4)]
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_dropout_masks_drawn_in_blocks_are_one_sequential_draw(threads):
+    from minisft import random
+
+    threads(3)
+    minisft.manual_seed(11)
+    masks = [random.keep_mask((7, 13), 0.25), random.keep_mask((5,), 0.5)]
+    reference = np.random.default_rng(11).bit_generator
+    for mask, p in zip(masks, (0.25, 0.5)):
+        bits = reference.random_raw((mask.size + 3) // 4).view(np.uint16)[:mask.size]
+        assert (mask == (bits >= round(p * 65536)).reshape(mask.shape)).all()
+    assert random.generator("cpu").bit_generator.random_raw() == reference.random_raw()
