@@ -502,7 +502,7 @@ class _LayerNorm(Function):
 
         def block(x2, xhat, rstd, out):
             xp.subtract(x2, xp.einsum("ij->i", x2)[:, None] * cast(1 / features), out=xhat)
-            xp.einsum("ij,ij->i", xhat, xhat, out=rstd[:, 0])
+            rstd[:, 0] = xp.einsum("ij,ij->i", xhat, xhat)
             rstd *= cast(1 / features)
             rstd += cast(eps)
             xp.divide(1, xp.sqrt(rstd, out=rstd), out=rstd)
