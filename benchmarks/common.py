@@ -43,19 +43,20 @@ TABLE_HEADER = ("| figure | unit | minisft median (min-max) | reference median (
                 "minisft / reference | better | note |\n|---|---|---|---|---|---|---|")
 
 
-def alternate(functions, repeats, warmup=1, settle=0.3):
+def alternate(functions, repeats, warmup=1):
     """Time each callable `repeats` times, interleaved (a, b, a, b, ...) after `warmup`
     untimed calls of each, so that drift in machine load hits both alike. Each timed call
-    starts `settle` seconds after the previous one ended: the threads a library leaves
-    spinning after its work (OpenMP, BLAS) would otherwise slow the next one (NumPy's
-    2048^3 product measures ~15% slower straight after torch's). Returns {name: [seconds, ...]}."""
+    follows an untimed call of the same callable: threads the other library leaves spinning
+    after its work (OpenMP, BLAS) would otherwise slow it (NumPy's 2048^3 product measures
+    ~15% slower straight after torch's), and a pause instead leaves the CPU caches and cores
+    cold. Returns {name: [seconds, ...]}."""
     for _ in range(warmup):
         for fn in functions.values():
             fn()
     times = {name: [] for name in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
-            time.sleep(settle)
+            fn()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
