@@ -25,8 +25,10 @@ from minisft.tensor import Function, Tensor
 #   max error 4e-15.
 # - float32 (the hot path: GELU in every layer): one rational function
 #     erf(x) = x * R(x^2),  R = P5 / Q5,  |x| clipped at 3.92 where erf rounds to 1,
-#   evaluated in float64 over cache-sized chunks, so that the float32 result is within
-#   6e-8 (half a float32 epsilon) at the cost of ~25 array operations.
+#   evaluated in float64 over cache-sized chunks (side by side on the CPU's threads), so
+#   that the float32 result is within 6e-8 (half a float32 epsilon) at the cost of ~25
+#   array operations. GELU evaluates Phi(x) = (1 + erf(x / sqrt 2)) / 2 the same way, with
+#   its constants folded into the coefficients.
 _CLIP32 = 3.92
 _CHUNK = 1 << 17  # elements per chunk: big enough to amortise a call, small enough for the cache
 
@@ -101,7 +103,7 @@ def _erf64(x):
 
 
 @functools.cache
-def _normal_cdf_rational():
+def _normal_cdf_coefficients():
     """(P, Q) with Phi(x) = 1/2 + x P(x^2) / Q(x^2): the erf fit at x / sqrt 2, with the
     1/sqrt 2 and the halving folded into the coefficients (two array passes fewer)."""
     p, q = _erf32_rational()
@@ -109,53 +111,52 @@ def _normal_cdf_rational():
             tuple(c / 2 ** i for i, c in enumerate(q)))
 
 
-def _odd_rational_(x, scratch, p, q, clip):
-    """x <- x * P(x^2) / Q(x^2) in place for a float64 array, |x| clipped at `clip`;
-    scratch: three arrays of x's shape."""
-    xp = get_array_module(x)
+def _odd_rational_terms(x, work, scratch, p, q, clip):
+    """work <- x * P(x^2), |x| clipped at `clip`, and return Q(x^2), for float64 `work` and
+    `scratch` (three arrays) of x's shape: the caller divides, rounding once into its output."""
+    xp = get_array_module(work)
     t, numerator, denominator = scratch
-    xp.clip(x, -clip, clip, out=x)
-    xp.multiply(x, x, out=t)
-    x *= _horner(p, t, numerator)
-    x /= _horner(q, t, denominator)
-    return x
+    xp.clip(x, -clip, clip, out=work)  # widened to float64 in the same pass
+    xp.multiply(work, work, out=t)
+    work *= _horner(p, t, numerator)
+    return _horner(q, t, denominator)
 
 
-def _erf_rational_(x, scratch):
-    """x <- erf(x) in place, by the rational fit (accurate to 3.3e-8)."""
-    return _odd_rational_(x, scratch, *_erf32_rational(), _CLIP32)
+def _erf_rational(x, out, work, scratch):
+    """out = erf(x), by the rational fit (accurate to 3.3e-8)."""
+    q = _odd_rational_terms(x, work, scratch, *_erf32_rational(), _CLIP32)
+    get_array_module(work).divide(work, q, out=out)
 
 
-def _normal_cdf_(x, scratch):
-    """x <- Phi(x) = (1 + erf(x / sqrt 2)) / 2 in place, by the same fit."""
-    _odd_rational_(x, scratch, *_normal_cdf_rational(), _CLIP32 * math.sqrt(2))
-    x += 0.5
-    return x
+def _normal_cdf_rational(x, out, work, scratch):
+    """out = Phi(x) = (1 + erf(x / sqrt 2)) / 2, by the same fit."""
+    q = _odd_rational_terms(x, work, scratch, *_normal_cdf_coefficients(), _CLIP32 * math.sqrt(2))
+    work /= q
+    get_array_module(work).add(work, 0.5, out=out)
 
 
 def _in_chunks(fn, x, out, product=None):
-    """out = fn(x as float64, scratch), and product = x * out when given, over cache-sized
-    chunks of the 1-D float32 arrays, with fn working in place: no allocation per chunk."""
+    """fn(x, out, float64 work, scratch) over cache-sized chunks of the 1-D float32 arrays,
+    and product = x * out when given: no allocation per chunk."""
     buffers = numpy.empty((4, min(_CHUNK, x.size)))
     for start in range(0, x.size, _CHUNK):
         piece = slice(start, start + _CHUNK)
-        chunk, *scratch = buffers[:, :x[piece].size]
-        chunk[...] = x[piece]
-        out[piece] = fn(chunk, scratch)
+        work, *scratch = buffers[:, :x[piece].size]
+        fn(x[piece], out[piece], work, scratch)
         if product is not None:
             numpy.multiply(x[piece], out[piece], out=product[piece])
 
 
 def _float32_by_chunks(fn, x, with_product=False):
-    """fn (in place on float64, as _in_chunks calls it) applied to a float32 array,
-    returning float32 (and x * fn(x) too, with_product): in float64 chunks on the CPU's
-    threads, in one piece on the GPU."""
+    """fn (as _in_chunks calls it) applied to a float32 array, returning float32 (and
+    x * fn(x) too, with_product): in float64 chunks on the CPU's threads, in one piece on
+    the GPU."""
     xp = get_array_module(x)
+    out = xp.empty(x.shape, dtype=x.dtype)
     if xp is not numpy:
-        x64 = x.astype(xp.float64)
-        out = fn(x64, [xp.empty_like(x64) for _ in range(3)]).astype(x.dtype)
+        work, *scratch = xp.empty((4,) + x.shape)
+        fn(x, out, work, scratch)
         return (out, x * out) if with_product else out
-    out = numpy.empty(x.shape, dtype=x.dtype)
     product = numpy.empty(x.shape, dtype=x.dtype) if with_product else None
     by_rows(lambda *blocks: _in_chunks(fn, *blocks), x.reshape(-1), out.reshape(-1),
             None if product is None else product.reshape(-1))
@@ -167,7 +168,7 @@ def erf(x):
     if x.dtype == numpy.float64:
         return _erf64(x)
     if x.dtype == numpy.float32:
-        return _float32_by_chunks(_erf_rational_, x)
+        return _float32_by_chunks(_erf_rational, x)
     raise TypeError(f"erf: float32 or float64 arrays only, not {x.dtype}")
 
 
@@ -177,7 +178,7 @@ def normal_cdf(x):
     accurate erf, float32 in float64 chunks with the fast rational erf."""
     if x.dtype == numpy.float64:
         return 0.5 * (1 + _erf64(x * (1 / math.sqrt(2))))
-    return _float32_by_chunks(_normal_cdf_, x)
+    return _float32_by_chunks(_normal_cdf_rational, x)
 
 
 def _gelu_grad(x, cdf, g, out):
@@ -208,7 +209,7 @@ class _GELU(Function):
             self.save_for_backward(x)
             return cast(0.5) * x * (1 + xp.tanh(cast(math.sqrt(2 / math.pi)) * (x + cast(0.044715) * x ** 3)))
         if x.dtype == numpy.float32:
-            cdf, out = _float32_by_chunks(_normal_cdf_, x, with_product=True)
+            cdf, out = _float32_by_chunks(_normal_cdf_rational, x, with_product=True)
         else:
             cdf = normal_cdf(x)
             out = x * cdf

@@ -108,21 +108,21 @@ class Adam(Optimizer):
             state["exp_avg_sq"] = xp.zeros_like(param.data)
         state["step"] += 1
         step = state["step"]
-        if weight_decay:
-            if self.decoupled:
-                param.data *= 1 - lr * weight_decay
-            else:
-                grad = grad + weight_decay * param.data
-        by_rows(functools.partial(_adam_block, beta1=beta1, beta2=beta2, eps=eps,
+        if weight_decay and not self.decoupled:
+            grad = grad + weight_decay * param.data
+        decay = 1 - lr * weight_decay if weight_decay and self.decoupled else None
+        by_rows(functools.partial(_adam_block, decay=decay, beta1=beta1, beta2=beta2, eps=eps,
                                   step_size=lr / (1 - beta1 ** step),
                                   bias_correction2=math.sqrt(1 - beta2 ** step)),
                 param.data, grad, state["exp_avg"], state["exp_avg_sq"], cache_sized=True)
 
 
-def _adam_block(param, grad, exp_avg, exp_avg_sq, *, beta1, beta2, eps, step_size, bias_correction2):
+def _adam_block(param, grad, exp_avg, exp_avg_sq, *, decay, beta1, beta2, eps, step_size, bias_correction2):
     """One Adam step on a block of rows: torch's formulas, in this order, through one
-    scratch array."""
+    scratch array; `decay` is AdamW's decoupled weight decay factor (or None)."""
     xp = get_array_module(param)
+    if decay is not None:
+        param *= decay                                # p.mul_(1 - lr * weight_decay)
     work = grad - exp_avg
     work *= 1 - beta1
     exp_avg += work                                   # exp_avg.lerp_(grad, 1 - beta1)
