@@ -388,37 +388,30 @@ def _empty_in_order(xp, shape, order, dtype):
     return xp.empty([shape[axis] for axis in order], dtype=dtype).transpose(tuple(numpy.argsort(order).tolist()))
 
 
-class _Attention(Function):
+class _AttentionBase(Function):
     """softmax(q k^T * scale + bias) (with dropout) @ v on (batch..., L, d) arrays.
 
     Fused so that the (..., L, L) scores are made and normalised in place, block by block of
     the leading batch axis on the CPU's threads, and backward keeps only the probabilities
     and the dropout mask (the dropped-out probabilities are remade, one cheap pass, rather
-    than kept: a (..., L, L) array per layer). The scale is applied to q and the
-    dropout's 1/(1-p) to v: (..., L, d) arrays, not (..., L, L) ones. q, k and v are kept
-    contiguous: NumPy's batched products are several times slower on strided operands
-    (heads are a permuted view of (B, L, H), k^T a transposed one).
+    than kept: a (..., L, L) array per layer). The scale is applied to q and the dropout's
+    1/(1-p) to v: (..., L, d) arrays, not (..., L, L) ones. q, k and v are kept contiguous:
+    NumPy's batched products are several times slower on strided operands (heads are a
+    permuted view of (B, L, H), k^T a transposed one). Subclasses lay out the inputs and
+    outputs.
     """
 
-    def forward(self, q, k, v, bias=None, *, scale, dropout_p, keep_probs):
+    def attend(self, q, k, v, bias, out, *, scale, dropout_p, keep_probs):
+        """Fill `out` (batch..., Lq, dv) with the context of q, k, v (batch..., L, d) and
+        bias (broadcasting to the scores), keeping what backward needs."""
         xp = get_array_module(q)
         cast = q.dtype.type
-        self.unbatched = q.ndim == 2
-        if self.unbatched:
-            q, k, v = q[None], k[None], v[None]
-        self.input_shapes = [a.shape for a in (q, k, v)] + [None if bias is None else bias.shape]
-        batch = numpy.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
-        q, k, v = (xp.broadcast_to(a, batch + a.shape[-2:]) for a in (q, k, v))
-        # outputs and gradients are laid out in memory as the inputs are: heads that are a
-        # permuted view of (B, L, H) get a context and gradients that permute back as views
-        self.orders = [_axis_order(a) for a in (q, k, v)]
-        scores_shape = batch + (q.shape[-2], k.shape[-2])
+        scores_shape = q.shape[:-1] + (k.shape[-2],)
         bias = None if bias is None else xp.broadcast_to(bias, scores_shape)
         self.scale, self.dropout_scale = cast(scale), cast(1 / (1 - dropout_p))
         keep = random.keep_mask(scores_shape, dropout_p, device_of(q)) if dropout_p else None
         saved_q, saved_k, saved_v = (xp.empty(a.shape, dtype=a.dtype) for a in (q, k, v))
         probs = xp.empty(scores_shape, dtype=q.dtype)
-        out = _empty_in_order(xp, batch + (q.shape[-2], v.shape[-1]), self.orders[0], q.dtype)
 
         def block(q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, out):
             xp.multiply(q, self.scale, out=saved_q)
@@ -433,26 +426,21 @@ class _Attention(Function):
         self.product_size = q.shape[-2] * k.shape[-2] * max(q.shape[-1], v.shape[-1])
         _attention_blocks(block, q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, out,
                           product_size=self.product_size)
-        self.probs = (probs[0] if self.unbatched else probs) if keep_probs else None
+        self.probs = probs if keep_probs else None
         self.save_for_backward(saved_q, saved_k, saved_v, probs, keep)
-        return out[0] if self.unbatched else out
 
-    def backward(self, g):
+    def attend_backward(self, g, gq, gk, gv, g_scores):
+        """Fill the gradients given (None: not needed) from g, the context's gradient."""
         q, k, v, probs, keep = self.saved  # q scaled, v scaled by the dropout's 1/(1-p)
         xp = get_array_module(g)
-        needs = list(self.needs_input_grad) + [False] * (4 - len(self.needs_input_grad))
-        g = g[None] if self.unbatched else g
-        gq, gk, gv = (_empty_in_order(xp, a.shape, order, a.dtype) if need else None
-                      for a, order, need in zip((q, k, v), self.orders, needs))
-        g_bias = xp.empty_like(probs) if needs[3] else None
 
-        def block(g, q, k, v, probs, keep, gq, gk, gv, g_bias):
+        def block(g, q, k, v, probs, keep, gq, gk, gv, g_scores_out):
             if gv is not None:  # out = (probs * keep) @ (v / (1 - p))
                 dropped = probs if keep is None else probs * keep
                 xp.matmul(dropped.swapaxes(-1, -2), g, out=gv)
                 gv *= self.dropout_scale
                 del dropped  # freed before g_scores is made
-            g_scores = xp.matmul(g, xp.ascontiguousarray(v.swapaxes(-1, -2)), out=g_bias)
+            g_scores = xp.matmul(g, xp.ascontiguousarray(v.swapaxes(-1, -2)), out=g_scores_out)
             if keep is not None:  # v is already scaled by 1 / (1 - p)
                 g_scores *= keep
             # softmax backward in place: dS = P * (dP - rowsum(dP * P))
@@ -465,13 +453,84 @@ class _Attention(Function):
             if gk is not None:
                 xp.matmul(g_scores.swapaxes(-1, -2), q, out=gk)
 
-        _attention_blocks(block, g, q, k, v, probs, keep, gq, gk, gv, g_bias,
+        _attention_blocks(block, g, q, k, v, probs, keep, gq, gk, gv, g_scores,
                           product_size=self.product_size)
+
+
+class _Attention(_AttentionBase):
+    """Attention on separate (batch..., L, d) q, k, v, broadcasting their batch dims. The
+    context and the gradients are laid out in memory as the inputs are: heads that are a
+    permuted view of (B, L, H) get a context and gradients that permute back as views."""
+
+    def forward(self, q, k, v, bias=None, *, scale, dropout_p, keep_probs):
+        xp = get_array_module(q)
+        self.unbatched = q.ndim == 2
+        if self.unbatched:
+            q, k, v = q[None], k[None], v[None]
+        self.input_shapes = [a.shape for a in (q, k, v)] + [None if bias is None else bias.shape]
+        batch = numpy.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+        q, k, v = (xp.broadcast_to(a, batch + a.shape[-2:]) for a in (q, k, v))
+        self.orders = [_axis_order(a) for a in (q, k, v)]
+        out = _empty_in_order(xp, batch + (q.shape[-2], v.shape[-1]), self.orders[0], q.dtype)
+        self.attend(q, k, v, bias, out, scale=scale, dropout_p=dropout_p, keep_probs=keep_probs)
+        if self.unbatched and self.probs is not None:
+            self.probs = self.probs[0]
+        return out[0] if self.unbatched else out
+
+    def backward(self, g):
+        q, k, v, probs = self.saved[:4]
+        xp = get_array_module(g)
+        needs = list(self.needs_input_grad) + [False] * (4 - len(self.needs_input_grad))
+        gq, gk, gv = (_empty_in_order(xp, a.shape, order, a.dtype) if need else None
+                      for a, order, need in zip((q, k, v), self.orders, needs))
+        g_bias = xp.empty_like(probs) if needs[3] else None
+        self.attend_backward(g[None] if self.unbatched else g, gq, gk, gv, g_bias)
         grads = [None if grad is None else unbroadcast(grad, shape)
                  for grad, shape in zip((gq, gk, gv, g_bias), self.input_shapes)]
         if self.unbatched:
             grads[:3] = [None if grad is None else grad[0] for grad in grads[:3]]
         return tuple(grads[:len(self.needs_input_grad)])
+
+
+class _PackedAttention(_AttentionBase):
+    """Multi-head self-attention on packed projections: qkv (B, L, 3 * H), the query, key
+    and value heads side by side, -> context (B, L, H). The heads are views of qkv, the
+    context is made in (B, L, heads, d) memory and qkv's gradient in one (B, L, 3H) array,
+    so that a fused QKV projection's backward is one matrix product."""
+
+    def forward(self, qkv, bias=None, *, num_heads, scale, dropout_p, keep_probs):
+        xp = get_array_module(qkv)
+        batch, length, packed = qkv.shape
+        if packed % (3 * num_heads):
+            raise ValueError(f"multi_head_attention: qkv's last dim {packed} is not 3 x num_heads "
+                             f"({num_heads}) x a head size")
+        self.head_shape = (batch, length, num_heads, packed // (3 * num_heads))
+        q, k, v = self._heads(qkv.reshape(batch, length, 3, *self.head_shape[2:]))
+        out = xp.empty(self.head_shape, dtype=qkv.dtype)
+        self.bias_shape = None if bias is None else bias.shape
+        scale = 1 / math.sqrt(self.head_shape[-1]) if scale is None else scale
+        self.attend(q, k, v, bias, out.transpose(0, 2, 1, 3), scale=scale, dropout_p=dropout_p,
+                    keep_probs=keep_probs)
+        return out.reshape(batch, length, -1)
+
+    @staticmethod
+    def _heads(packed):
+        """(B, L, 3, heads, d) -> three (B, heads, L, d) views."""
+        return [packed[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
+
+    def backward(self, g):
+        xp = get_array_module(g)
+        batch, length, heads, size = self.head_shape
+        g_qkv = xp.empty((batch, length, 3, heads, size), dtype=g.dtype)
+        needs_bias = len(self.needs_input_grad) > 1 and self.needs_input_grad[1]
+        g_bias = xp.empty_like(self.saved[3]) if needs_bias else None
+        self.attend_backward(g.reshape(self.head_shape).transpose(0, 2, 1, 3), *self._heads(g_qkv), g_bias)
+        grads = (g_qkv.reshape(batch, length, -1), None if g_bias is None else unbroadcast(g_bias, self.bias_shape))
+        return grads[:len(self.needs_input_grad)]
+
+
+def _with_weights(fn, context, need_weights):
+    return (context, Tensor(fn.probs)) if need_weights else context
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=None,
@@ -483,9 +542,20 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     fn = _Attention()
     inputs = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
     context = fn(*inputs, scale=scale, dropout_p=dropout_p, keep_probs=need_weights)
-    if need_weights:
-        return context, Tensor(fn.probs)
-    return context
+    return _with_weights(fn, context, need_weights)
+
+
+def multi_head_attention(qkv, num_heads, attn_mask=None, dropout_p=0.0, scale=None, need_weights=False):
+    """Self-attention of `num_heads` heads on packed projections qkv (B, L, 3 * H) (query,
+    key and value side by side, as one linear layer over stacked weights makes them);
+    attn_mask as in scaled_dot_product_attention, broadcasting to (B, heads, L, L). Returns
+    the (B, L, H) context (heads concatenated), and the (B, heads, L, L) probabilities too
+    with need_weights. The same as scaled_dot_product_attention on the split, permuted heads,
+    without the copies."""
+    fn = _PackedAttention()
+    inputs = (qkv,) if attn_mask is None else (qkv, attn_mask)
+    context = fn(*inputs, num_heads=num_heads, scale=scale, dropout_p=dropout_p, keep_probs=need_weights)
+    return _with_weights(fn, context, need_weights)
 
 
 # --- normalisation and regularisation ---------------------------------------------------

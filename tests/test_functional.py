@@ -111,3 +111,30 @@ def test_attention_broadcasts_batch_dims_and_takes_unbatched_inputs(device):
     minisft.gradcheck(F.scaled_dot_product_attention, [q2, k2, v2])
     batched = F.scaled_dot_product_attention(q2.reshape(1, 4, 5), k2.reshape(1, 6, 5), v2.reshape(1, 6, 2))
     assert_close(F.scaled_dot_product_attention(q2, k2, v2), batched.numpy()[0], atol=1e-12)
+
+
+def test_multi_head_attention_equals_attention_on_the_split_heads(device):
+    rng = np.random.default_rng(2)
+    batch, length, heads, size = 2, 5, 3, 4
+    qkv = minisft.tensor(rng.standard_normal((batch, length, 3 * heads * size)), requires_grad=True, device=device)
+    bias = minisft.tensor(rng.standard_normal((batch, 1, 1, length)), requires_grad=True, device=device)
+    context, probs = F.multi_head_attention(qkv, heads, bias, need_weights=True)
+    split = qkv.reshape(batch, length, 3, heads, size)
+    q, k, v = (split[:, :, i].permute(0, 2, 1, 3) for i in range(3))
+    expected, expected_probs = F.scaled_dot_product_attention(q, k, v, bias, need_weights=True)
+    expected = expected.permute(0, 2, 1, 3).reshape(batch, length, heads * size)
+    assert_close(context, expected.numpy(), atol=1e-6)
+    assert_close(probs, expected_probs.numpy(), atol=1e-6)
+    g = rng.standard_normal(context.shape).astype(np.float32)
+    context.backward(g)
+    ours = qkv.grad.copy(), bias.grad.copy()
+    qkv.grad = bias.grad = None
+    expected.backward(g)
+    assert_close(ours[0], qkv.grad, atol=1e-6)
+    assert_close(ours[1], bias.grad, atol=1e-6)
+    minisft.gradcheck(_seeded(lambda x, b: F.multi_head_attention(x, heads, b, dropout_p=0.2)), [qkv, bias])
+
+
+def test_multi_head_attention_rejects_a_size_that_is_not_three_heads():
+    with pytest.raises(ValueError, match=r"last dim 10 is not 3 x num_heads \(2\)"):
+        F.multi_head_attention(minisft.tensor(np.zeros((1, 2, 10))), 2)

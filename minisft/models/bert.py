@@ -12,6 +12,7 @@ from minisft import functional as F
 from minisft import nn, random
 from minisft.checkpoint import load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
+from minisft.ops import cat
 from minisft.tensor import Tensor
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
@@ -103,24 +104,18 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
-    def _heads(self, x):
-        """(B, L, H) -> (B, nh, L, dh)"""
-        batch, length, _ = x.shape
-        return x.reshape(batch, length, self.num_attention_heads,
-                         self.attention_head_size).permute(0, 2, 1, 3)
-
     def forward(self, hidden_states, attention_bias, output_attentions=False):
         """hidden_states (B, L, H), attention_bias (B, 1, 1, L) additive -> context (B, L, H),
-        and the probabilities (B, nh, L, L) when output_attentions."""
-        query = self._heads(self.query(hidden_states))
-        key = self._heads(self.key(hidden_states))
-        value = self._heads(self.value(hidden_states))
+        and the probabilities (B, nh, L, L) when output_attentions. The query, key and value
+        projections run as one product over their stacked weights, (B, L, 3H), whose heads
+        the attention reads in place."""
+        weight = cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(hidden_states, weight, bias)
         dropout = self.dropout.p if self.training else 0.0
-        out = F.scaled_dot_product_attention(query, key, value, attention_bias, dropout,
-                                             need_weights=output_attentions)
-        context, probs = out if output_attentions else (out, None)
-        batch, _, length, _ = context.shape
-        return context.permute(0, 2, 1, 3).reshape(batch, length, -1), probs
+        out = F.multi_head_attention(qkv, self.num_attention_heads, attention_bias, dropout,
+                                     need_weights=output_attentions)
+        return out if output_attentions else (out, None)
 
 
 class _ResidualLayerNorm(nn.Module):
