@@ -80,7 +80,9 @@ def describe_machine(reference):
                      f"transformers {transformers.__version__}")
     else:
         lines.append("- reference not installed (pip install -e '.[reference]'): minisft figures only")
-    lines.append(f"- threads: OMP/OPENBLAS/MKL_NUM_THREADS={THREADS}")
+    lines.append(f"- threads: OMP/OPENBLAS/MKL_NUM_THREADS={THREADS}; minisft's pool "
+                 f"{minisft.get_num_threads()}; OPENBLAS_THREAD_TIMEOUT="
+                 f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT')}")
     return lines
 
 
