@@ -91,30 +91,28 @@ def _temporary_beside(path):
     return tmp
 
 
-def save_safetensors(tensors, path, metadata=None):
-    """Write {name: array} to `path` atomically (temporary file, then rename)."""
+def _write_atomic(path, write):
+    """write(temporary path) next to `path`, then rename it into place: an interrupted
+    write leaves the old file (or none), never half a file."""
     path = pathlib.Path(path)
-    arrays = {name: numpy.ascontiguousarray(array) for name, array in tensors.items()}
     tmp = _temporary_beside(path)
     try:
-        save_file(arrays, tmp, metadata=metadata or {"format": "pt"})
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: array} to `path` atomically (temporary file, then rename)."""
+    arrays = {name: numpy.ascontiguousarray(array) for name, array in tensors.items()}
+    _write_atomic(path, lambda tmp: save_file(arrays, tmp, metadata=metadata or {"format": "pt"}))
 
 
 def write_text_atomic(text, path):
     """Write `text` to `path` through a temporary file and a rename."""
-    path = pathlib.Path(path)
-    tmp = _temporary_beside(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+    _write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def write_json_atomic(obj, path):

@@ -4,9 +4,7 @@ import dataclasses
 import json
 import sys
 
-
 from minisft import fetch as fetching
-
 
 
 def _fetch(args):
@@ -89,6 +87,14 @@ def _add_training_options(parser):
     add("--device", default="cpu", help="cpu or cuda[:N]")
 
 
+def _add_inference_options(parser, data_help):
+    """The options evaluate and predict share."""
+    parser.add_argument("--model", required=True, help="a directory written by `minisft train`")
+    parser.add_argument("--data", required=True, help=data_help)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minisft", description="Fine-tune pretrained BERT models without PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -113,21 +119,15 @@ def build_parser():
     evaluate = commands.add_parser("evaluate", help="metrics of a fine-tuned model on a labeled file",
                                    description="Print the metrics of a model directory written by `minisft train` "
                                                "on a labeled file (columns as in training).")
-    evaluate.add_argument("--model", required=True, help="a directory written by `minisft train`")
-    evaluate.add_argument("--data", required=True, help="labeled file, or data set name[:split] (default split: test)")
-    evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--device", default="cpu")
+    _add_inference_options(evaluate, data_help="labeled file, or data set name[:split] (default split: test)")
     evaluate.set_defaults(run=_evaluate)
 
     predict = commands.add_parser("predict", help="predictions as JSON lines",
                                   description="One JSON object per input line: label and probabilities "
                                               "(classification), score (regression), or tags per word "
                                               "(token classification).")
-    predict.add_argument("--model", required=True, help="a directory written by `minisft train`")
-    predict.add_argument("--data", required=True, help="file (labels not needed), data set name[:split], or - for "
-                                                         "standard input (one text per line)")
-    predict.add_argument("--batch-size", type=int, default=64)
-    predict.add_argument("--device", default="cpu")
+    _add_inference_options(predict, data_help="file (labels not needed), data set name[:split], or - for "
+                                              "standard input (one text per line)")
     predict.set_defaults(run=_predict)
     return parser
 

@@ -253,14 +253,15 @@ def _encode_tokens(examples, tokenizer, labels, max_length, label_all_tokens, so
                       max_length=max_length, return_tensors=None)
     features = []
     for i, example in enumerate(examples):
+        word_ids = batch.word_ids(i)
         feature = {"input_ids": batch["input_ids"][i], "token_type_ids": batch["token_type_ids"][i],
-                   "word_ids": batch.word_ids(i)}
+                   "word_ids": word_ids}
         if example.label is not None:
             if len(example.label) != len(example.text):
                 raise DataError(f"{source} line {example.line}: {len(example.text)} tokens but "
                                 f"{len(example.label)} tags")
             tag_ids = [labels.encode(tag, source, example.line) for tag in example.label]
-            feature["label"] = align_labels(batch.word_ids(i), tag_ids, label_all_tokens)
+            feature["label"] = align_labels(word_ids, tag_ids, label_all_tokens)
         features.append(feature)
     return features
 
@@ -319,23 +320,28 @@ def train_order(features, batch_size, seed, epoch, group_by_length=True):
     order = list(range(len(features)))
     rng.shuffle(order)
     if not group_by_length:
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        return _cut(order, batch_size)
     mega = 50 * batch_size
     length = lambda j: len(features[j]["input_ids"])  # noqa: E731
     order = [i for start in range(0, len(order), mega)
              for i in sorted(order[start:start + mega], key=length, reverse=True)]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = _cut(order, batch_size)
     rng.shuffle(batches)
     longest = max(range(len(batches)), key=lambda b: max(map(length, batches[b])))
     batches[0], batches[longest] = batches[longest], batches[0]
     return batches
 
 
+def _cut(order, batch_size):
+    """Consecutive batches of `batch_size` indices (the last may be shorter)."""
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def eval_order(features, batch_size):
     """Batches for evaluation: sorted by length (little padding); predictions are put back
     in file order by index."""
     order = sorted(range(len(features)), key=lambda j: len(features[j]["input_ids"]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return _cut(order, batch_size)
 
 
 def steps_per_epoch(num_features, batch_size, accumulation=1):

@@ -324,16 +324,20 @@ class _Softmax(Function):
 
 
 def _softmax_backward(y, g, dim):
-    """dx = y * (g - sum(g * y)) for y = softmax(x); the row dot product by einsum
-    (no temporary), then two passes."""
-    xp = get_array_module(y)
+    """dx = y * (g - sum(g * y)) for y = softmax(x) along `dim`, in a new array."""
     if dim in (-1, y.ndim - 1):
-        dot = xp.einsum("...i,...i->...", g, y)[..., None]
-    else:
-        dot = (g * y).sum(axis=dim, keepdims=True)
-    out = g - dot
+        return _softmax_backward_last_axis_(y, g.copy())
+    out = g - (g * y).sum(axis=dim, keepdims=True)
     out *= y
     return out
+
+
+def _softmax_backward_last_axis_(y, g):
+    """g <- y * (g - rowsum(g * y)) in place, along the last axis; the row dot product by
+    einsum (no temporary)."""
+    g -= get_array_module(y).einsum("...i,...i->...", g, y)[..., None]
+    g *= y
+    return g
 
 
 def softmax(x, dim=-1):
@@ -443,9 +447,7 @@ class _AttentionBase(Function):
             g_scores = xp.matmul(g, xp.ascontiguousarray(v.swapaxes(-1, -2)), out=g_scores_out)
             if keep is not None:  # v is already scaled by 1 / (1 - p)
                 g_scores *= keep
-            # softmax backward in place: dS = P * (dP - rowsum(dP * P))
-            g_scores -= xp.einsum("...i,...i->...", g_scores, probs)[..., None]
-            g_scores *= probs
+            _softmax_backward_last_axis_(probs, g_scores)
             # scores = (q * scale) @ k^T: dq = scale * dS @ k, dk = dS^T @ (q * scale)
             if gq is not None:
                 xp.matmul(g_scores, k, out=gq)

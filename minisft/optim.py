@@ -238,8 +238,8 @@ def get_constant_schedule_with_warmup(optimizer, num_warmup_steps):
     return LambdaLR(optimizer, lambda step: _warmup(step, num_warmup_steps) if step < num_warmup_steps else 1.0)
 
 
-SCHEDULES = {
-    "linear": lambda opt, warmup, total: get_linear_schedule_with_warmup(opt, warmup, total),
-    "cosine": lambda opt, warmup, total: get_cosine_schedule_with_warmup(opt, warmup, total),
-    "constant": lambda opt, warmup, total: get_constant_schedule_with_warmup(opt, warmup),
+SCHEDULES = {  # name -> (optimizer, warmup steps, total steps) -> schedule
+    "linear": get_linear_schedule_with_warmup,
+    "cosine": get_cosine_schedule_with_warmup,
+    "constant": lambda optimizer, warmup, total: get_constant_schedule_with_warmup(optimizer, warmup),
 }

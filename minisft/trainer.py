@@ -270,10 +270,7 @@ class Trainer:
 
     def _save_model(self, directory):
         """_write_model into a temporary directory, then swapped in whole by renames."""
-        staging = directory.with_name(f".{directory.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        self._write_model(staging)
-        _swap_in(staging, directory)
+        _write_staged(directory, self._write_model)
 
     def _save_final(self):
         """The best model (or the last, without evaluation) into output_dir itself, each
@@ -286,21 +283,20 @@ class Trainer:
     def _save_checkpoint(self, optimizer, schedule):
         """checkpoint-STEP/: written to a temporary directory, then renamed: an interrupted
         write never touches the previous checkpoint."""
-        directory = self.output_dir / f"checkpoint-{self.state.global_step}"
-        staging = self.output_dir / f".checkpoint-{self.state.global_step}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        self.model.save_pretrained(staging)
-        optimizer_state = optimizer.state_dict()
-        arrays = {f"{i}.{name}": Device("cpu").put(value) for i, entry in optimizer_state["state"].items()
-                  for name, value in entry.items() if hasattr(value, "shape")}
-        save_safetensors(arrays, staging / "optimizer.safetensors")
-        scalars = {str(i): {name: value for name, value in entry.items() if not hasattr(value, "shape")}
-                   for i, entry in optimizer_state["state"].items()}
-        write_json_atomic({"trainer": dataclasses.asdict(self.state),
-                           "optimizer": {"state": scalars, "param_groups": optimizer_state["param_groups"]},
-                           "schedule": schedule.state_dict(), "rng": random.get_rng_state(),
-                           "args": self.args.to_json()}, staging / "trainer_state.json")
-        _swap_in(staging, directory)
+        def write(staging):
+            self.model.save_pretrained(staging)
+            optimizer_state = optimizer.state_dict()
+            arrays = {f"{i}.{name}": Device("cpu").put(value) for i, entry in optimizer_state["state"].items()
+                      for name, value in entry.items() if hasattr(value, "shape")}
+            save_safetensors(arrays, staging / "optimizer.safetensors")
+            scalars = {str(i): {name: value for name, value in entry.items() if not hasattr(value, "shape")}
+                       for i, entry in optimizer_state["state"].items()}
+            write_json_atomic({"trainer": dataclasses.asdict(self.state),
+                               "optimizer": {"state": scalars, "param_groups": optimizer_state["param_groups"]},
+                               "schedule": schedule.state_dict(), "rng": random.get_rng_state(),
+                               "args": self.args.to_json()}, staging / "trainer_state.json")
+
+        _write_staged(self.output_dir / f"checkpoint-{self.state.global_step}", write)
         checkpoints = _checkpoints(self.output_dir)
         for old in checkpoints[:-self.args.save_total_limit] if self.args.save_total_limit else []:
             shutil.rmtree(old, ignore_errors=True)
@@ -393,6 +389,15 @@ def _duration(seconds):
 
 def _fmt(value):
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _write_staged(directory, write):
+    """write(staging directory) into .NAME.tmp beside `directory`, then swap it in whole:
+    an interrupted write never touches the previous `directory`."""
+    staging = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    _swap_in(staging, directory)
 
 
 def _swap_in(staging, directory):
