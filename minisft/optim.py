@@ -3,11 +3,10 @@
 Each optimiser updates `param.data` in place from `param.grad`, keeping its per-parameter
 state (momentum buffers, Adam moments, step counts) as arrays on the parameter's device.
 """
-import functools
 import math
 
+from minisft import kernels
 from minisft.backend import get_array_module
-from minisft.parallel import by_rows
 
 
 class Optimizer:
@@ -111,31 +110,9 @@ class Adam(Optimizer):
         if weight_decay and not self.decoupled:
             grad = grad + weight_decay * param.data
         decay = 1 - lr * weight_decay if weight_decay and self.decoupled else None
-        by_rows(functools.partial(_adam_block, decay=decay, beta1=beta1, beta2=beta2, eps=eps,
-                                  step_size=lr / (1 - beta1 ** step),
-                                  bias_correction2=math.sqrt(1 - beta2 ** step)),
-                param.data, grad, state["exp_avg"], state["exp_avg_sq"], cache_sized=True)
-
-
-def _adam_block(param, grad, exp_avg, exp_avg_sq, *, decay, beta1, beta2, eps, step_size, bias_correction2):
-    """One Adam step on a block of rows: torch's formulas, in this order, through one
-    scratch array; `decay` is AdamW's decoupled weight decay factor (or None)."""
-    xp = get_array_module(param)
-    if decay is not None:
-        param *= decay                                # p.mul_(1 - lr * weight_decay)
-    work = grad - exp_avg
-    work *= 1 - beta1
-    exp_avg += work                                   # exp_avg.lerp_(grad, 1 - beta1)
-    xp.multiply(grad, 1 - beta2, out=work)
-    work *= grad
-    exp_avg_sq *= beta2
-    exp_avg_sq += work                                # .mul_(beta2).addcmul_(g, g, 1 - beta2)
-    xp.sqrt(exp_avg_sq, out=work)
-    work /= bias_correction2
-    work += eps                                       # denom
-    xp.divide(exp_avg, work, out=work)
-    work *= step_size
-    param -= work                                     # p.addcdiv_(exp_avg, denom, -step_size)
+        kernels.for_array(param.data).adam_update(
+            param.data, grad, state["exp_avg"], state["exp_avg_sq"], decay=decay, beta1=beta1, beta2=beta2,
+            eps=eps, step_size=lr / (1 - beta1 ** step), bias_correction2=math.sqrt(1 - beta2 ** step))
 
 
 class AdamW(Adam):

@@ -6,9 +6,18 @@ can be cut into contiguous blocks of rows that a small thread pool runs side by 
 way PyTorch uses OpenMP. Each block computes exactly what the whole would for its rows, so
 results do not depend on the thread count.
 
+Matrix products run on the same threads: the fast kernels cut them into tiles of rows and
+ask the BLAS for one thread while they run (`one_blas_thread`), so that BLAS's own worker
+threads, which spin for a while after each product, never compete with the pool. That works
+whatever was imported first: nothing depends on environment variables read when NumPy
+loads its BLAS.
+
 The thread count defaults to MINISFT_NUM_THREADS, else OMP_NUM_THREADS, else the cores this
 process may run on; `set_num_threads` changes it.
 """
+import contextlib
+import ctypes
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -83,17 +92,19 @@ def _run_block(kernel, start, stop):
         _local.inside = False
 
 
-def for_blocks(kernel, rows, row_elements=1):
+def for_blocks(kernel, rows, row_elements=1, tile=1):
     """Call kernel(start, stop) over contiguous blocks that cover range(rows), on up to
     get_num_threads() threads, and return the results in block order.
 
     `row_elements` (elements per row) sizes the blocks: work under MIN_BLOCK_ELEMENTS per
-    thread, or a call made from inside another block, runs inline as one block.
+    thread, or a call made from inside another block, runs inline as one block. Block
+    bounds are multiples of `tile` rows.
     """
-    threads = min(get_num_threads(), rows, max(1, rows * row_elements // MIN_BLOCK_ELEMENTS))
+    tiles = -(-rows // tile)
+    threads = min(get_num_threads(), tiles, max(1, rows * row_elements // MIN_BLOCK_ELEMENTS))
     if threads <= 1 or getattr(_local, "inside", False):
         return [kernel(0, rows)]
-    bounds = [rows * i // threads for i in range(threads + 1)]
+    bounds = [min(rows, tiles * i // threads * tile) for i in range(threads + 1)]
     futures = [_executor().submit(_run_block, kernel, start, stop)
                for start, stop in zip(bounds[1:-1], bounds[2:])]
     try:
@@ -103,12 +114,14 @@ def for_blocks(kernel, rows, row_elements=1):
     return results + [future.result() for future in futures]
 
 
-def by_rows(kernel, *arrays, cache_sized=False):
+def by_rows(kernel, *arrays, cache_sized=False, tile=None):
     """kernel(*blocks) over blocks of rows (the leading axis) of `arrays`, None passed
     through, run side by side by for_blocks; on the GPU once, over the whole arrays.
     With cache_sized, each thread walks its block in pieces of about CACHE_ELEMENTS elements
     (at least a row), so that a kernel of many passes finds its operands in the CPU's cache
-    rather than in memory. Returns the kernel's results in block (and piece) order. The kernel must treat rows independently,
+    rather than in memory. With `tile`, blocks and pieces are tiles of that many rows, the
+same tiles for any thread count (for BLAS calls, whose rounding depends on the rows they
+get). Returns the kernel's results in block (and piece) order. The kernel must treat rows independently,
     so that the result does not depend on the blocks: elementwise work, reductions along a
     row by einsum, and batched products one matrix per row are fine; a BLAS call across the
     block's rows (gemv) is not, as BLAS rounds a row differently by its place in a block."""
@@ -117,10 +130,69 @@ def by_rows(kernel, *arrays, cache_sized=False):
         return [kernel(*arrays)]
 
     row_elements = lead.size // max(lead.shape[0], 1)
-    step = max(1, CACHE_ELEMENTS // max(row_elements, 1)) if cache_sized else None
+    step = tile or (max(1, CACHE_ELEMENTS // max(row_elements, 1)) if cache_sized else None)
 
     def run(start, stop):
         size = step or max(stop - start, 1)
         return [kernel(*(None if a is None else a[piece:min(piece + size, stop)] for a in arrays))
                 for piece in range(start, max(stop, start + 1), size)]
-    return [result for block in for_blocks(run, lead.shape[0], row_elements) for result in block]
+    return [result for block in for_blocks(run, lead.shape[0], row_elements, tile or 1) for result in block]
+
+
+# --- the BLAS's own threads ---------------------------------------------------------------
+_BLAS_SETTERS = (  # (set, get) symbol pairs: OpenBLAS as NumPy's wheels ship it, OpenBLAS, MKL
+    ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"),
+    ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+    ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+    ("openblas_set_num_threads", "openblas_get_num_threads"),
+    ("MKL_Set_Num_Threads", "MKL_Get_Max_Threads"),
+)
+
+
+@functools.cache
+def blas_threads_control():
+    """(set, get) of the thread count of the BLAS that NumPy loaded, found among this
+    process's shared libraries (Linux), or None where it cannot be found."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            paths = {line.split()[-1] for line in maps if "blas" in line.lower() or "mkl" in line.lower()}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        try:
+            library = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for set_name, get_name in _BLAS_SETTERS:
+            if hasattr(library, set_name) and hasattr(library, get_name):
+                return getattr(library, set_name), getattr(library, get_name)
+    return None
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """Run the block with the BLAS on one thread (restored after), or, where its thread count
+    cannot be set, leave it as it is. Yields whether it took effect."""
+    control = blas_threads_control() if get_num_threads() > 1 else None
+    if control is None:
+        yield False
+        return
+    set_threads, get_threads = control
+    previous = get_threads()
+    set_threads(1)
+    try:
+        yield True
+    finally:
+        set_threads(previous)
+
+
+def by_tiles_on_one_blas_thread(kernel, *arrays, tile):
+    """by_rows(kernel, *arrays, tile=tile) with the BLAS on one thread, for kernels made of
+    matrix products: the products run side by side on minisft's threads. Where the BLAS's
+    thread count cannot be set, kernel runs once over the whole arrays (BLAS threads it)."""
+    if get_array_module(arrays[0]) is not numpy:
+        return [kernel(*arrays)]
+    with one_blas_thread() as pinned:
+        if pinned:
+            return by_rows(kernel, *arrays, tile=tile)
+    return [kernel(*arrays)]

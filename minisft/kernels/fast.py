@@ -1,0 +1,395 @@
+"""Fast kernels: the reference kernels' results, with the reference kernels' signatures,
+computed for speed on the CPU.
+
+What makes them fast (minisft.parallel has the threads):
+- row-wise work runs in blocks of rows on minisft's thread pool, and matrix products in
+  fixed tiles of rows on the same threads with the BLAS on one thread, so results do not
+  depend on the thread count;
+- arithmetic is in place, in cache-sized pieces where a kernel makes many passes;
+- GELU's float32 erf is a rational function evaluated in float64 chunks;
+- attention normalises its (L, L) scores in place and remakes, rather than keeps, the
+  dropped-out probabilities.
+On CuPy arrays the same code runs once over whole arrays.
+"""
+import math
+
+import numpy
+
+from minisft.backend import get_array_module
+from minisft.kernels import erf_coefficients as table
+from minisft.kernels import reference
+from minisft.parallel import by_rows, by_tiles_on_one_blas_thread, get_num_threads
+
+_CHUNK = 1 << 17  # elements per float64 chunk: big enough to amortise a call, small enough for the cache
+GEMM_TILE = 256   # rows per matrix-product call: the same tiles for any thread count
+
+
+# --- erf and the normal CDF: a rational function in float64 chunks ------------------------
+def _horner(coefficients, t, out):
+    """out = the polynomial (coefficients lowest first) at t, in place."""
+    get_array_module(t).multiply(t, coefficients[-1], out=out)
+    out += coefficients[-2]
+    for c in coefficients[-3::-1]:
+        out *= t
+        out += c
+    return out
+
+
+def _odd_rational_terms(x, work, scratch, p, q, clip):
+    """work <- x * P(x^2), |x| clipped at `clip`, and return Q(x^2), for float64 `work` and
+    `scratch` (three arrays) of x's shape: the caller divides, rounding once into its output."""
+    xp = get_array_module(work)
+    t, numerator, denominator = scratch
+    xp.clip(x, -clip, clip, out=work)  # widened to float64 in the same pass
+    xp.multiply(work, work, out=t)
+    work *= _horner(p, t, numerator)
+    return _horner(q, t, denominator)
+
+
+# Phi(x) = 1/2 + x P(x^2) / Q(x^2): the erf table at x / sqrt 2, with the 1/sqrt 2 and the
+# halving folded into the coefficients (two array passes fewer).
+_CDF_P = tuple(c / (2 * math.sqrt(2)) / 2 ** i for i, c in enumerate(table.RATIONAL_P))
+_CDF_Q = tuple(c / 2 ** i for i, c in enumerate(table.RATIONAL_Q))
+
+
+def _erf_rational(x, out, work, scratch):
+    """out = erf(x), by the rational table (accurate to 3.3e-8)."""
+    q = _odd_rational_terms(x, work, scratch, table.RATIONAL_P, table.RATIONAL_Q, table.RATIONAL_CLIP)
+    get_array_module(work).divide(work, q, out=out)
+
+
+def _normal_cdf_rational(x, out, work, scratch):
+    """out = Phi(x) = (1 + erf(x / sqrt 2)) / 2, by the same table."""
+    q = _odd_rational_terms(x, work, scratch, _CDF_P, _CDF_Q, table.RATIONAL_CLIP * math.sqrt(2))
+    work /= q
+    get_array_module(work).add(work, 0.5, out=out)
+
+
+def _in_chunks(fn, x, out, product=None):
+    """fn(x, out, float64 work, scratch) over cache-sized chunks of the 1-D float32 arrays,
+    and product = x * out when given: no allocation per chunk."""
+    buffers = numpy.empty((4, min(_CHUNK, x.size)))
+    for start in range(0, x.size, _CHUNK):
+        piece = slice(start, start + _CHUNK)
+        work, *scratch = buffers[:, :x[piece].size]
+        fn(x[piece], out[piece], work, scratch)
+        if product is not None:
+            numpy.multiply(x[piece], out[piece], out=product[piece])
+
+
+def _float32_by_chunks(fn, x, with_product=False):
+    """fn (as _in_chunks calls it) applied to a float32 array, returning float32 (and
+    x * fn(x) too, with_product): in float64 chunks on the CPU's threads, in one piece on
+    the GPU."""
+    xp = get_array_module(x)
+    out = xp.empty(x.shape, dtype=x.dtype)
+    if xp is not numpy:
+        work, *scratch = xp.empty((4,) + x.shape)
+        fn(x, out, work, scratch)
+        return (out, x * out) if with_product else out
+    product = numpy.empty(x.shape, dtype=x.dtype) if with_product else None
+    by_rows(lambda *blocks: _in_chunks(fn, *blocks), x.reshape(-1), out.reshape(-1),
+            None if product is None else product.reshape(-1))
+    return (out, product) if with_product else out
+
+
+def erf(x):
+    """erf(x): float32 by the rational table in float64 chunks, float64 as the reference."""
+    return _float32_by_chunks(_erf_rational, x) if x.dtype == numpy.float32 else reference.erf(x)
+
+
+def normal_cdf(x):
+    if x.dtype != numpy.float32:
+        return reference.normal_cdf(x)
+    return _float32_by_chunks(_normal_cdf_rational, x)
+
+
+# --- GELU ---------------------------------------------------------------------------------
+def gelu_forward(x):
+    if x.dtype != numpy.float32:
+        return reference.gelu_forward(x)
+    cdf, y = _float32_by_chunks(_normal_cdf_rational, x, with_product=True)
+    return y, cdf
+
+
+def _gelu_grad(x, cdf, g, out):
+    """out = g * (Phi(x) + x * phi(x)), in place through `out`."""
+    xp = get_array_module(x)
+    cast = x.dtype.type
+    xp.multiply(x, x, out=out)
+    out *= cast(-0.5)
+    xp.exp(out, out=out)
+    out *= x
+    out *= cast(1 / math.sqrt(2 * math.pi))  # x * phi(x)
+    out += cdf
+    out *= g
+
+
+def gelu_backward(x, cdf, g):
+    grad = get_array_module(x).empty_like(x)
+    by_rows(_gelu_grad, x, cdf, g, grad, cache_sized=True)
+    return grad
+
+
+def gelu_tanh_forward(x):
+    cast = x.dtype.type
+    xp = get_array_module(x)
+    out = x * x
+    out *= cast(0.044715)
+    out += cast(1)
+    out *= x
+    out *= cast(math.sqrt(2 / math.pi))
+    xp.tanh(out, out=out)
+    out += cast(1)
+    out *= x
+    out *= cast(0.5)
+    return out
+
+
+gelu_tanh_backward = reference.gelu_tanh_backward
+
+
+# --- softmax family (last axis, in place) ---------------------------------------------------
+def _row_max(x):
+    """max along the last axis; fmax.reduce is several times faster than max() on NumPy."""
+    return numpy.fmax.reduce(x, axis=-1) if get_array_module(x) is numpy else x.max(axis=-1)
+
+
+def _softmax_(x):
+    """softmax over the last axis, in place; row sums by einsum (no temporary)."""
+    xp = get_array_module(x)
+    x -= _row_max(x)[..., None]
+    xp.exp(x, out=x)
+    x /= xp.einsum("...i->...", x)[..., None]
+    return x
+
+
+def _softmax_backward_(y, g):
+    """g <- y * (g - rowsum(g * y)) in place; the row dot product by einsum."""
+    g -= get_array_module(y).einsum("...i,...i->...", g, y)[..., None]
+    g *= y
+    return g
+
+
+def softmax_forward(x):
+    return _softmax_(x.copy())
+
+
+def softmax_backward(y, g):
+    return _softmax_backward_(y, g.copy())
+
+
+def log_softmax_forward(x):
+    xp = get_array_module(x)
+    y = x - _row_max(x)[..., None]
+    e = xp.exp(y)
+    y -= xp.log(xp.einsum("...i->...", e))[..., None]
+    return y
+
+
+def log_softmax_backward(y, g):
+    grad = get_array_module(y).exp(y)
+    grad *= -g.sum(axis=-1, keepdims=True)
+    grad += g
+    return grad
+
+
+# --- linear: products in tiles of rows on minisft's threads ----------------------------------
+def linear_forward(x, weight, bias):
+    xp = get_array_module(x)
+    out = xp.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
+
+    def tile(x, out):
+        xp.matmul(x, weight.T, out=out)
+        if bias is not None:
+            out += bias
+    by_tiles_on_one_blas_thread(tile, x, out, tile=GEMM_TILE)
+    return out
+
+
+def _column_sum(x):
+    """Sum over the rows of a 2-D array by one vector-matrix product."""
+    return get_array_module(x).ones(x.shape[0], dtype=x.dtype) @ x
+
+
+def linear_backward(g, x, weight, needs):
+    xp = get_array_module(g)
+    gx = gw = None
+    if needs[0]:
+        gx = xp.empty(x.shape, dtype=g.dtype)
+        by_tiles_on_one_blas_thread(lambda g, gx: xp.matmul(g, weight, out=gx), g, gx, tile=GEMM_TILE)
+    if needs[1]:  # dW's rows (output features) in tiles: g^T's rows are g's columns
+        gw = xp.empty(weight.shape, dtype=g.dtype)
+        by_tiles_on_one_blas_thread(lambda g_t, gw: xp.matmul(g_t, x, out=gw), g.T, gw, tile=GEMM_TILE)
+    gb = _column_sum(g) if needs[2] else None
+    return gx, gw, gb
+
+
+# --- attention: batch blocks on minisft's threads, scores normalised in place ---------------
+def _by_batch(block, *arrays):
+    """block over blocks of the batch: of the first axis, or of the second (heads) when the
+    first is too short to give every thread a block. The arrays share their batch axes."""
+    if arrays[0].ndim >= 4 and arrays[0].shape[0] < get_num_threads():
+        arrays = [None if a is None else a.swapaxes(0, 1) for a in arrays]
+    by_tiles_on_one_blas_thread(block, *arrays, tile=1)
+
+
+def attention_forward(q, k, v, bias, keep, scale, dropout_scale, out):
+    """Keeps q pre-scaled, k, and v pre-scaled by the dropout's 1/(1-p), contiguous (NumPy's
+    batched products are several times slower on strided operands, and heads are a permuted
+    view of (B, L, H)): the scale touches (L, d) arrays, not (L, L) ones."""
+    xp = get_array_module(q)
+    cast = q.dtype.type
+    saved_q, saved_k, saved_v = (xp.empty(a.shape, dtype=a.dtype) for a in (q, k, v))
+    probs = xp.empty(q.shape[:-1] + (k.shape[-2],), dtype=q.dtype)
+
+    def block(q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, out):
+        xp.multiply(q, cast(scale), out=saved_q)
+        saved_k[...] = k
+        xp.multiply(v, cast(dropout_scale), out=saved_v)
+        xp.matmul(saved_q, xp.ascontiguousarray(k.swapaxes(-1, -2)), out=probs)
+        if bias is not None:
+            probs += bias
+        _softmax_(probs)
+        xp.matmul(probs if keep is None else probs * keep, saved_v, out=out)
+
+    _by_batch(block, q, k, v, bias, keep, saved_q, saved_k, saved_v, probs, out)
+    return saved_q, saved_k, saved_v, probs
+
+
+def attention_backward(g, saved, keep, scale, dropout_scale, gq, gk, gv, g_bias):
+    xp = get_array_module(g)
+    cast = g.dtype.type
+
+    def block(g, q, k, v, probs, keep, gq, gk, gv, g_scores_out):
+        if gv is not None:  # out = (probs * keep) @ (v / (1 - p))
+            dropped = probs if keep is None else probs * keep
+            xp.matmul(dropped.swapaxes(-1, -2), g, out=gv)
+            gv *= cast(dropout_scale)
+            del dropped  # freed before g_scores is made
+        g_scores = xp.matmul(g, xp.ascontiguousarray(v.swapaxes(-1, -2)), out=g_scores_out)
+        if keep is not None:  # v is already scaled by 1 / (1 - p)
+            g_scores *= keep
+        _softmax_backward_(probs, g_scores)
+        # scores = (q * scale) @ k^T: dq = scale * dS @ k, dk = dS^T @ (q * scale)
+        if gq is not None:
+            xp.matmul(g_scores, k, out=gq)
+            gq *= cast(scale)
+        if gk is not None:
+            xp.matmul(g_scores.swapaxes(-1, -2), q, out=gk)
+
+    _by_batch(block, g, *saved, keep, gq, gk, gv, g_bias)
+
+
+# --- LayerNorm: blocks of rows, in place, row sums by einsum -------------------------------
+def layer_norm_forward(x, weight, bias, eps):
+    xp = get_array_module(x)
+    cast = x.dtype.type
+    features = x.shape[1]
+    xhat, out = xp.empty(x.shape, dtype=x.dtype), xp.empty(x.shape, dtype=x.dtype)
+    rstd = xp.empty((x.shape[0], 1), dtype=x.dtype)
+
+    def block(x, xhat, rstd, out):
+        xp.subtract(x, xp.einsum("ij->i", x)[:, None] * cast(1 / features), out=xhat)
+        rstd[:, 0] = xp.einsum("ij,ij->i", xhat, xhat)
+        rstd *= cast(1 / features)
+        rstd += cast(eps)
+        xp.divide(1, xp.sqrt(rstd, out=rstd), out=rstd)
+        xhat *= rstd
+        if weight is None:
+            out[...] = xhat
+        else:
+            xp.multiply(xhat, weight, out=out)
+        if bias is not None:
+            out += bias
+
+    by_rows(block, x, xhat, rstd, out)
+    return out, xhat, rstd
+
+
+def layer_norm_backward(g, xhat, rstd, weight, need_params):
+    xp = get_array_module(g)
+    cast = g.dtype.type
+    mean = cast(1 / xhat.shape[1])
+    g_times_xhat = xp.empty_like(xhat) if need_params else None
+    gx = xp.empty_like(xhat)
+
+    def block(g, xhat, rstd, g_times_xhat, gx):
+        if g_times_xhat is not None:
+            xp.multiply(g, xhat, out=g_times_xhat)
+        if weight is None:
+            gx[...] = g
+        else:
+            xp.multiply(g, weight, out=gx)
+        projection = xp.einsum("ij,ij->i", gx, xhat)[:, None] * mean
+        gx -= xp.einsum("ij->i", gx)[:, None] * mean
+        gx -= xhat * projection
+        gx *= rstd
+
+    by_rows(block, g, xhat, rstd, g_times_xhat, gx)
+    if not need_params:
+        return gx, None, None
+    return gx, _column_sum(g_times_xhat), _column_sum(g)
+
+
+# --- dropout --------------------------------------------------------------------------------
+def dropout(x, keep, scale):
+    xp = get_array_module(x)
+    out = xp.empty(x.shape, dtype=x.dtype)
+
+    def block(x, keep, out):
+        xp.multiply(x, keep, out=out)
+        out *= x.dtype.type(scale)
+    by_rows(block, x, keep, out)
+    return out
+
+
+# --- cross-entropy: one softmax pass, the one-hot subtracted in place -----------------------
+def cross_entropy_forward(logits, target, valid, label_smoothing):
+    xp = get_array_module(logits)
+    cast = logits.dtype.type
+    logp = log_softmax_forward(logits)
+    loss = logp[xp.arange(logits.shape[0]), target] * cast(-(1 - label_smoothing))
+    if label_smoothing:
+        loss -= cast(label_smoothing) * logp.mean(axis=-1)
+    loss[~valid] = 0
+    return loss, logp
+
+
+def cross_entropy_backward(logp, target, valid, g, label_smoothing):
+    xp = get_array_module(logp)
+    cast = logp.dtype.type
+    grad = xp.exp(logp)
+    if label_smoothing:
+        grad -= cast(label_smoothing / logp.shape[1])
+    grad[xp.arange(logp.shape[0]), target] -= cast(1 - label_smoothing)
+    grad *= xp.where(valid, g, cast(0))[:, None]
+    return grad
+
+
+# --- embedding: the reference's scatter is already a sort and a segmented sum ---------------
+embedding_backward = reference.embedding_backward
+
+
+# --- Adam(W): blocks of rows, cache-sized pieces, one scratch array -------------------------
+def _adam_block(param, grad, exp_avg, exp_avg_sq, *, decay, beta1, beta2, eps, step_size, bias_correction2):
+    xp = get_array_module(param)
+    if decay is not None:
+        param *= decay                                # p.mul_(1 - lr * weight_decay)
+    work = grad - exp_avg
+    work *= 1 - beta1
+    exp_avg += work                                   # exp_avg.lerp_(grad, 1 - beta1)
+    xp.multiply(grad, 1 - beta2, out=work)
+    work *= grad
+    exp_avg_sq *= beta2
+    exp_avg_sq += work                                # .mul_(beta2).addcmul_(g, g, 1 - beta2)
+    xp.sqrt(exp_avg_sq, out=work)
+    work /= bias_correction2
+    work += eps                                       # denom
+    xp.divide(exp_avg, work, out=work)
+    work *= step_size
+    param -= work                                     # p.addcdiv_(exp_avg, denom, -step_size)
+
+
+def adam_update(param, grad, exp_avg, exp_avg_sq, **hyper):
+    by_rows(lambda *blocks: _adam_block(*blocks, **hyper), param, grad, exp_avg, exp_avg_sq, cache_sized=True)
