@@ -24,7 +24,7 @@ class Minisft:
 
     def __init__(self, model_dir, device="cpu"):
         import minisft  # noqa: F401
-        from minisft.backend import keep_freed_memory
+        from minisft.runtime import keep_freed_memory
 
         keep_freed_memory()  # as minisft's trainer does
         self.model_dir, self.device = model_dir, device

@@ -114,27 +114,3 @@ def index_add(target, index, values):
     starts = numpy.flatnonzero(numpy.r_[True, sorted_index[1:] != sorted_index[:-1]])
     target[sorted_index[starts]] += numpy.add.reduceat(values[order], starts, axis=0)
     return target
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed large blocks for reuse instead of returning them to the OS.
-
-    A training step allocates and frees many activation-sized arrays; by default glibc
-    maps each large one fresh (page faults, zero-filling) and unmaps it on free, which
-    costs about a tenth of a CPU training step. The trainer and the benchmarks call this
-    once; the process's resident size then stays at its peak. A no-op where it does not
-    apply (not Linux/glibc). Returns whether it took effect.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        largest = 2 ** 31 - 1  # mallopt takes a C int: anything larger wraps (to 0: trim always)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, largest))
-    except (OSError, AttributeError):
-        return False

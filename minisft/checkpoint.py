@@ -8,16 +8,14 @@ half-written checkpoint.
 import json
 import os
 import pathlib
+import secrets
 import struct
-import tempfile
 
 import numpy
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 _BUFFERS = ("position_ids",)  # registered buffers some checkpoints carry; never parameters
 
 
@@ -84,11 +82,14 @@ def load_safetensors(path):
 
 def _temporary_beside(path):
     """A new empty file next to `path` (same file system, so a rename is atomic), with the
-    permissions a plain open() would give."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)
-    return tmp
+    permissions a plain open() would give (0o666 less the umask, applied by the OS)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return str(tmp)
+        except FileExistsError:
+            continue
 
 
 def _write_atomic(path, write):

@@ -114,7 +114,7 @@ def build_parser():
                                             "compatible), metrics.jsonl, checkpoints and training_args.json "
                                             "into --output, and prints the final metrics as JSON.")
     _add_training_options(train)
-    train.set_defaults(run=_train)
+    train.set_defaults(run=_train, keep_freed_memory=True)  # a process of its own: allocator setting on
 
     evaluate = commands.add_parser("evaluate", help="metrics of a fine-tuned model on a labeled file",
                                    description="Print the metrics of a model directory written by `minisft train` "

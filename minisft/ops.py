@@ -8,7 +8,7 @@ import itertools
 
 import numpy
 
-from minisft.backend import device_of, get_array_module, index_add
+from minisft.backend import Device, device_of, get_array_module, index_add
 from minisft.tensor import Function, Tensor
 
 
@@ -352,3 +352,80 @@ def cat(tensors, dim=0):
 def where(condition, x, y):
     """x where `condition` is true, else y (all broadcast together)."""
     return Where.apply(condition, x, y)
+
+
+# --- Tensor's operators and methods --------------------------------------------------------
+# tensor.py defines Tensor without them, so that it imports nothing from above it; they are
+# installed here, below the ops they call (as DeZero's setup_variable does).
+def _dims(args):
+    """f(2, 3) and f((2, 3)) alike."""
+    return tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list)) else tuple(args)
+
+
+def _reshape(self, *shape):
+    return Reshape.apply(self, shape=_dims(shape))
+
+
+def _permute(self, *dims):
+    return Permute.apply(self, dims=_dims(dims))
+
+
+def _transpose(self, dim0, dim1):
+    dims = list(range(self.ndim))
+    dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+    return self.permute(dims)
+
+
+def _max(self, dim=None, keepdim=False):
+    """Maximum values (no indices); ties share the gradient equally, as torch.amax."""
+    return Max.apply(self, dim=dim, keepdim=keepdim)
+
+
+def _masked_fill(self, mask, value):
+    """`value` where `mask` is true, self elsewhere (mask broadcasts)."""
+    return Where.apply(mask, value, self)
+
+
+def _to(self, device=None, dtype=None):
+    """A copy on `device` and/or of `dtype`; gradients flow back to the original."""
+    device = self.device if device is None else Device(device)
+    dtype = self.dtype if dtype is None else numpy.dtype(dtype)
+    if device == self.device and dtype == self.dtype:
+        return self
+    return To.apply(self, device=device, dtype=dtype)
+
+
+_TENSOR_METHODS = {
+    "__add__": lambda self, other: Add.apply(self, other),
+    "__radd__": lambda self, other: Add.apply(other, self),
+    "__sub__": lambda self, other: Sub.apply(self, other),
+    "__rsub__": lambda self, other: Sub.apply(other, self),
+    "__mul__": lambda self, other: Mul.apply(self, other),
+    "__rmul__": lambda self, other: Mul.apply(other, self),
+    "__truediv__": lambda self, other: Div.apply(self, other),
+    "__rtruediv__": lambda self, other: Div.apply(other, self),
+    "__neg__": lambda self: Neg.apply(self),
+    "__pow__": lambda self, exponent: Pow.apply(self, exponent=exponent),
+    "__matmul__": lambda self, other: MatMul.apply(self, other),
+    "__rmatmul__": lambda self, other: MatMul.apply(other, self),
+    "__getitem__": lambda self, index: GetItem.apply(self, index=index),
+    "reshape": _reshape,
+    "view": _reshape,
+    "permute": _permute,
+    "transpose": _transpose,
+    "T": property(lambda self: self.permute(tuple(reversed(range(self.ndim))))),
+    "sum": lambda self, dim=None, keepdim=False: Sum.apply(self, dim=dim, keepdim=keepdim),
+    "mean": lambda self, dim=None, keepdim=False: Mean.apply(self, dim=dim, keepdim=keepdim),
+    "max": _max,
+    "amax": _max,
+    "exp": lambda self: Exp.apply(self),
+    "log": lambda self: Log.apply(self),
+    "sqrt": lambda self: Sqrt.apply(self),
+    "tanh": lambda self: Tanh.apply(self),
+    "masked_fill": _masked_fill,
+    "to": _to,
+    "float": lambda self: self.to(dtype=numpy.float32),
+    "double": lambda self: self.to(dtype=numpy.float64),
+}
+for _name, _method in _TENSOR_METHODS.items():
+    setattr(Tensor, _name, _method)

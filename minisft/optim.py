@@ -7,6 +7,7 @@ import math
 
 from minisft import kernels
 from minisft.backend import get_array_module
+from minisft.runtime import one_blas_thread
 
 
 class Optimizer:
@@ -141,17 +142,21 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0):
     if not grads:
         return 0.0
     xp = get_array_module(grads[0])
-    if norm_type == math.inf:
-        total = max(float(xp.abs(g).max()) for g in grads)
-    elif norm_type == 2:  # a dot product per gradient: one pass, no temporary
-        total = math.sqrt(sum(float(xp.dot(g.ravel(), g.ravel())) for g in grads))
-    else:
-        total = float(sum(float(xp.sum(xp.abs(g) ** norm_type)) for g in grads) ** (1.0 / norm_type))
+    with one_blas_thread():  # no BLAS worker threads woken (and left spinning) by the dots
+        total = _total_norm(xp, grads, norm_type)
     coefficient = max_norm / (total + 1e-6)
     if coefficient < 1.0:
         for g in grads:
             g *= g.dtype.type(coefficient)
     return total
+
+
+def _total_norm(xp, grads, norm_type):
+    if norm_type == math.inf:
+        return max(float(xp.abs(g).max()) for g in grads)
+    if norm_type == 2:  # a dot product per gradient: one pass, no temporary
+        return math.sqrt(sum(float(xp.dot(g.ravel(), g.ravel())) for g in grads))
+    return float(sum(float(xp.sum(xp.abs(g) ** norm_type)) for g in grads) ** (1.0 / norm_type))
 
 
 # --- learning-rate schedules -------------------------------------------------------------

@@ -7,7 +7,7 @@ seed is fixed, not drawn from the clock.
 import numpy
 
 from minisft.backend import Device
-from minisft.parallel import for_blocks
+from minisft.runtime import for_blocks
 
 _DEFAULT_SEED = 67280421310721
 _seed = _DEFAULT_SEED

@@ -242,46 +242,8 @@ class Tensor:
             if not retain_graph:
                 fn.release()
 
-    # --- operators (the ops live in minisft.ops) -----------------------------------------
-    def __add__(self, other):
-        return ops.Add.apply(self, other)
-
-    def __radd__(self, other):
-        return ops.Add.apply(other, self)
-
-    def __sub__(self, other):
-        return ops.Sub.apply(self, other)
-
-    def __rsub__(self, other):
-        return ops.Sub.apply(other, self)
-
-    def __mul__(self, other):
-        return ops.Mul.apply(self, other)
-
-    def __rmul__(self, other):
-        return ops.Mul.apply(other, self)
-
-    def __truediv__(self, other):
-        return ops.Div.apply(self, other)
-
-    def __rtruediv__(self, other):
-        return ops.Div.apply(other, self)
-
-    def __neg__(self):
-        return ops.Neg.apply(self)
-
-    def __pow__(self, exponent):
-        return ops.Pow.apply(self, exponent=exponent)
-
-    def __matmul__(self, other):
-        return ops.MatMul.apply(self, other)
-
-    def __rmatmul__(self, other):
-        return ops.MatMul.apply(other, self)
-
-    def __getitem__(self, index):
-        return ops.GetItem.apply(self, index=index)
-
+    # Arithmetic operators and array methods (+, @, [], reshape, sum, exp, to, ...) are
+    # installed by minisft.ops, which defines the ops they call.
     def _compare(self, other, name):
         other = other.data if isinstance(other, Tensor) else other
         return Tensor(getattr(self.data, name)(other))
@@ -305,68 +267,6 @@ class Tensor:
         return self._compare(other, "__ne__")
 
     __hash__ = object.__hash__
-
-    # --- methods ------------------------------------------------------------------
-    def reshape(self, *shape):
-        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        return ops.Reshape.apply(self, shape=tuple(shape))
-
-    view = reshape
-
-    def permute(self, *dims):
-        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
-        return ops.Permute.apply(self, dims=tuple(dims))
-
-    def transpose(self, dim0, dim1):
-        dims = list(range(self.ndim))
-        dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
-        return self.permute(dims)
-
-    @property
-    def T(self):
-        return self.permute(tuple(reversed(range(self.ndim))))
-
-    def sum(self, dim=None, keepdim=False):
-        return ops.Sum.apply(self, dim=dim, keepdim=keepdim)
-
-    def mean(self, dim=None, keepdim=False):
-        return ops.Mean.apply(self, dim=dim, keepdim=keepdim)
-
-    def max(self, dim=None, keepdim=False):
-        """Maximum values (no indices); ties share the gradient equally, as torch.amax."""
-        return ops.Max.apply(self, dim=dim, keepdim=keepdim)
-
-    amax = max
-
-    def exp(self):
-        return ops.Exp.apply(self)
-
-    def log(self):
-        return ops.Log.apply(self)
-
-    def sqrt(self):
-        return ops.Sqrt.apply(self)
-
-    def tanh(self):
-        return ops.Tanh.apply(self)
-
-    def masked_fill(self, mask, value):
-        """`value` where `mask` is true, self elsewhere (mask broadcasts)."""
-        return ops.Where.apply(mask, value, self)
-
-    def to(self, device=None, dtype=None):
-        """A copy on `device` and/or of `dtype`; gradients flow back to the original."""
-        device = self.device if device is None else Device(device)
-        dtype = self.dtype if dtype is None else numpy.dtype(dtype)
-        if device == self.device and dtype == self.dtype:
-            return self
-        return ops.To.apply(self, device=device, dtype=dtype)
-
-    def float(self):
-        return self.to(dtype=numpy.float32)
-
-    def double(self):
-        return self.to(dtype=numpy.float64)
 
 
 def _topological_order(root):
@@ -410,5 +310,3 @@ def tensor(data, requires_grad=False, dtype=None, device="cpu"):
         raise TypeError(f"only floating tensors can require grad, not {array.dtype}")
     return Tensor(array, requires_grad=requires_grad)
 
-
-from minisft import ops  # noqa: E402  (ops subclass Function, defined above)

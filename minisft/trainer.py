@@ -25,7 +25,8 @@ import numpy
 
 from minisft import metrics as M
 from minisft import random
-from minisft.backend import Device, keep_freed_memory
+from minisft.backend import Device
+from minisft.runtime import keep_freed_memory
 from minisft.checkpoint import load_safetensors, save_safetensors, write_json_atomic
 from minisft.data import IGNORE_INDEX, collate, eval_order, steps_per_epoch, train_order
 from minisft.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
@@ -71,6 +72,7 @@ class TrainingArguments:
     text_column: str = None
     text_pair_column: str = None
     label_column: str = None
+    keep_freed_memory: bool = False      # glibc keeps freed memory for reuse (process-wide; the CLI turns it on)
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -140,7 +142,8 @@ class Trainer:
             raise TrainingError("no training examples")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _remove_partial_checkpoints(self.output_dir)
-        keep_freed_memory()
+        if args.keep_freed_memory:
+            keep_freed_memory()
         total = self.total_steps()
         optimizer, schedule = self._build_optimizer(total)
         if resume_from is not None:

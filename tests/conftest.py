@@ -1,5 +1,5 @@
 """Shared fixtures: every test that takes `device` runs on the CPU and, when CuPy and a GPU
-are present, on CUDA too."""
+are present, on CUDA too; every test that takes `kernel_set` runs with both kernel sets."""
 import os
 import pathlib
 
@@ -18,6 +18,15 @@ DEVICES = [
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture(params=["fast", "reference"])
+def kernel_set(request):
+    """Run the test with each kernel set (minisft.set_kernels), then restore the choice."""
+    before = minisft.get_kernels()
+    minisft.set_kernels(request.param)
+    yield request.param
+    minisft.set_kernels(before)
 
 
 def assert_close(actual, expected, atol=1e-5, rtol=1e-4, what=""):

@@ -1,5 +1,5 @@
 """Every op and layer in tests/op_cases.py against torch's stored outputs and gradients,
-and against finite differences in float64."""
+and against finite differences in float64, with each kernel set."""
 import pathlib
 
 import numpy as np
@@ -20,7 +20,7 @@ def _stored_inputs(case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_matches_torch(case, device):
+def test_matches_torch(case, device, kernel_set):
     raw = _stored_inputs(case)
     tensors = [minisft.tensor(a, requires_grad=a.dtype.kind == "f", device=device) for a in raw]
     out = case.fn(MinisftLib, *tensors)
@@ -36,7 +36,7 @@ def test_matches_torch(case, device):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.gradcheck],
                          ids=[c.name for c in CASES if c.gradcheck])
-def test_gradcheck(case, device):
+def test_gradcheck(case, device, kernel_set):
     raw = [minisft.tensor(a, dtype=a.dtype, device=device) for a in case_inputs(case)]
     assert minisft.gradcheck(lambda *xs: case.fn(MinisftLib, *xs), raw)
 

@@ -25,7 +25,7 @@ def _params(device):
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_hundred_steps_equal_torch_optim(name, device):
+def test_hundred_steps_equal_torch_optim(name, device, kernel_set):
     params = _params(device)
     optimizer = OPTIMIZERS[name]([{"params": params[:-1]}, {"params": params[-1:], "weight_decay": 0.0}])
     for t in range(100):

@@ -95,6 +95,11 @@ def log_softmax_backward(y, g):
     return g - get_array_module(y).exp(y) * g.sum(axis=-1, keepdims=True)
 
 
+def _sum_rows(a):
+    """Sum over the rows (axis 0), accumulated in float64, in a's dtype."""
+    return a.sum(axis=0, dtype=numpy.float64).astype(a.dtype)
+
+
 # --- linear -------------------------------------------------------------------------------
 def linear_forward(x, weight, bias):
     """y = x W^T + b. x: (rows, in), weight: (out, in), bias: (out,) or None."""
@@ -106,7 +111,7 @@ def linear_backward(g, x, weight, needs):
     """dx = g W, dW = g^T x, db = sum over rows of g; None where `needs` says no."""
     gx = g @ weight if needs[0] else None
     gw = g.T @ x if needs[1] else None
-    gb = g.sum(axis=0) if needs[2] else None
+    gb = _sum_rows(g) if needs[2] else None
     return gx, gw, gb
 
 
@@ -117,6 +122,7 @@ def attention_forward(q, k, v, bias, keep, scale, dropout_scale, out):
     broadcasting to the (batch..., Lq, Lk) scores, keep: None or the dropout's boolean mask
     of the scores' shape, kept entries scaled by dropout_scale = 1 / (1 - p).
     Returns what attention_backward needs: (q, k, v, probs)."""
+    scale, dropout_scale = q.dtype.type(scale), q.dtype.type(dropout_scale)  # no widening
     scores = (q @ k.swapaxes(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias
@@ -134,6 +140,7 @@ def attention_backward(g, saved, keep, scale, dropout_scale, gq, gk, gv, g_bias)
         d_scores = softmax_backward(probs, d_probs)
         dq = d_scores k scale, dk = d_scores^T q scale, d_bias = d_scores   (term 3: q k^T)"""
     q, k, v, probs = saved
+    scale, dropout_scale = q.dtype.type(scale), q.dtype.type(dropout_scale)
     dropped = probs if keep is None else probs * keep * dropout_scale
     if gv is not None:
         gv[...] = dropped.swapaxes(-1, -2) @ g
@@ -174,7 +181,7 @@ def layer_norm_backward(g, xhat, rstd, weight, need_params):
     dx = rstd * (dxhat - term2 - term3)
     if not need_params:
         return dx, None, None
-    return dx, (g * xhat).sum(axis=0), g.sum(axis=0)
+    return dx, _sum_rows(g * xhat), _sum_rows(g)
 
 
 # --- dropout ------------------------------------------------------------------------------

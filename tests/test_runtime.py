@@ -1,4 +1,4 @@
-"""minisft.parallel: blocks cover the rows, errors surface, and a training step gives
+"""minisft.runtime: blocks cover the rows, errors surface, and a training step gives
 bit-identical results whatever the thread count."""
 import threading
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import minisft
-from minisft import parallel
+from minisft import runtime
 from minisft.models.bert import BertForSequenceClassification
 from minisft.optim import AdamW
 from conftest import FIXTURES
@@ -15,23 +15,23 @@ from conftest import FIXTURES
 @pytest.fixture
 def threads(monkeypatch):
     """Set the thread count and let any block size use the pool; restore afterwards."""
-    monkeypatch.setattr(parallel, "MIN_BLOCK_ELEMENTS", 1)
-    before = parallel.get_num_threads()
-    yield parallel.set_num_threads
-    parallel.set_num_threads(before)
+    monkeypatch.setattr(runtime, "MIN_BLOCK_ELEMENTS", 1)
+    before = runtime.get_num_threads()
+    yield runtime.set_num_threads
+    runtime.set_num_threads(before)
 
 
 def test_blocks_cover_the_rows_in_order_on_several_threads(threads):
     threads(3)
     seen = []
-    results = parallel.for_blocks(lambda start, stop: seen.append(threading.get_ident()) or (start, stop), 10)
+    results = runtime.for_blocks(lambda start, stop: seen.append(threading.get_ident()) or (start, stop), 10)
     assert results == [(0, 3), (3, 6), (6, 10)]
     assert len(set(seen)) >= 2  # the caller and the pool (a worker may take two blocks)
 
 
 def test_nested_calls_run_inline_and_errors_surface_after_every_block(threads):
     threads(2)
-    inner = parallel.for_blocks(lambda start, stop: parallel.for_blocks(lambda a, b: (a, b), 8), 4)
+    inner = runtime.for_blocks(lambda start, stop: runtime.for_blocks(lambda a, b: (a, b), 8), 4)
     assert inner == [[(0, 8)], [(0, 8)]]
     finished = []
 
@@ -40,18 +40,18 @@ def test_nested_calls_run_inline_and_errors_surface_after_every_block(threads):
             raise ValueError("first block failed")
         finished.append(stop)
     with pytest.raises(ValueError, match="first block failed"):
-        parallel.for_blocks(kernel, 4)
+        runtime.for_blocks(kernel, 4)
     assert finished == [4]
 
 
 def test_thread_count_validation(monkeypatch):
     with pytest.raises(ValueError, match="at least 1"):
-        parallel.set_num_threads(0)
+        runtime.set_num_threads(0)
     monkeypatch.setenv("MINISFT_NUM_THREADS", "two")
     with pytest.raises(ValueError, match="MINISFT_NUM_THREADS='two'"):
-        parallel._default_threads()
+        runtime._default_threads()
     monkeypatch.setenv("MINISFT_NUM_THREADS", "3")
-    assert parallel._default_threads() == 3
+    assert runtime._default_threads() == 3
 
 
 def _training_step(seed=0):
@@ -86,10 +86,10 @@ def test_a_forked_child_gets_a_new_pool(threads):
     import os
 
     threads(2)
-    parallel.for_blocks(lambda start, stop: None, 4)  # the parent's pool exists
+    runtime.for_blocks(lambda start, stop: None, 4)  # the parent's pool exists
     pid = os.fork()
     if pid == 0:
-        ok = parallel.for_blocks(lambda start, stop: (start, stop), 4) == [(0, 2), (2, 4)]
+        ok = runtime.for_blocks(lambda start, stop: (start, stop), 4) == [(0, 2), (2, 4)]
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
 
