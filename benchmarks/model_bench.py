@@ -38,6 +38,20 @@ def _gpu_available(env):
     return torch.cuda.is_available()
 
 
+def _reference_kernels_step(env, size, repeats):
+    """minisft's step with the readable reference kernels: what the fast ones buy."""
+    import minisft
+
+    before = minisft.get_kernels()
+    minisft.set_kernels("reference")
+    try:
+        times = _time([Minisft(env.model_dir, "cpu")], lambda lib: lib.train_step(*size), repeats)
+    finally:
+        minisft.set_kernels(before)
+    return Figure(f"training step {size[0]}x{size[1]}, reference kernels (cpu)", "s", times["minisft"],
+                  note="minisft.set_kernels('reference'); compare with the fast kernels' step above")
+
+
 def _run_on(env, quick, device):
     libraries = _libraries(env, device)
     config = json.loads((env.model_dir / "config.json").read_text())
@@ -61,6 +75,8 @@ def _run_on(env, quick, device):
             f"{name} {100 * f:.0f}%" for name, f in fractions.items()) + " of its matmul peak"
         figures.append(Figure(f"training step {batch}x{length} ({device})", "s", times["minisft"],
                               times.get("torch"), note=note))
+    if device == "cpu":
+        figures.append(_reference_kernels_step(env, (4, 32) if quick else (32, 128), max(2, repeats - 3)))
     for length in ([32, 64] if quick else [64, 128, 256, 512]):
         times = _time(libraries, lambda lib, n=length: lib.train_step(8, n), max(2, repeats - 2))
         figures.append(Figure(f"training step 8x{length} ({device})", "s", times["minisft"], times.get("torch"),

@@ -15,8 +15,6 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 # they pin current NumPy to a slower kernel. Benchmarks measure the machine as it is.
 os.environ.pop("OPENBLAS_CORETYPE", None)
 os.environ.pop("OPENBLAS_L2_SIZE", None)
-# minisft before anything that loads NumPy (torch does): it sets OpenBLAS's thread options,
-# which OpenBLAS reads once when NumPy loads it, as minisft's own CLI does.
 import minisft  # noqa: E402, F401
 
 import argparse  # noqa: E402
@@ -24,12 +22,14 @@ import datetime  # noqa: E402
 import importlib  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 
 from benchmarks.common import TABLE_HEADER  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # finetune_bench (the README job, ~8 minutes) runs only when named with --only
-BENCHMARKS = ["model_bench", "memory_bench", "tokenizer_bench", "import_bench", "finetune_bench"]
+BENCHMARKS = ["model_bench", "memory_bench", "tokenizer_bench", "import_bench", "import_order_bench",
+              "finetune_bench"]
 DEFAULT = BENCHMARKS[:-1]
 
 
@@ -57,12 +57,41 @@ def _reference_available():
     return True
 
 
+ISA_FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "avx512_vnni", "avx2", "fma", "avx", "sse4_2", "asimd", "sve")
+
+
+def cpu_info():
+    """(vendor, model name, the ISA flags that pick BLAS kernels) from /proc/cpuinfo."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return (fields.get("vendor_id", platform.machine()), fields.get("model name", platform.processor() or "unknown CPU"),
+            [flag for flag in ISA_FLAGS if flag in flags])
+
+
+def cpu_key():
+    """What names a RESULTS.md section's machine: model name and its widest vector ISA (the
+    same model name can come with or without AVX-512 on virtual machines)."""
+    _, model, flags = cpu_info()
+    widest = {"avx512f": "AVX-512", "avx2": "AVX2", "avx": "AVX", "asimd": "NEON"}
+    return f"{model}, " + next((name for flag, name in widest.items() if flag in flags), "no vector ISA flags")
+
+
 def describe_machine(reference):
     import numpy
 
+    vendor, model, flags = cpu_info()
     lines = [f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-             f"- machine: {platform.machine()}, {os.cpu_count()} logical CPUs, {platform.processor() or platform.platform()}",
-             f"- python {platform.python_version()}, numpy {numpy.__version__}"]
+             f"- CPU: {vendor}, {model}, {os.cpu_count()} logical CPUs; ISA flags: {' '.join(flags) or 'none found'}",
+             f"- {platform.platform()}",
+             f"- python {platform.python_version()}, numpy {numpy.__version__}",
+             f"- minisft kernels: {minisft.get_kernels() or 'fast (default on the CPU)'}"]
     try:
         import threadpoolctl
 
@@ -76,22 +105,23 @@ def describe_machine(reference):
         import transformers
 
         torch.set_num_threads(int(THREADS))
-        lines.append(f"- torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                     f"transformers {transformers.__version__}")
+        blas = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+        blas = blas.group(1) if blas else "unknown"
+        lines.append(f"- torch {torch.__version__} ({torch.get_num_threads()} threads; BLAS {blas}, CPU capability "
+                     f"{torch.backends.cpu.get_cpu_capability()}), transformers {transformers.__version__}")
     else:
         lines.append("- reference not installed (pip install -e '.[reference]'): minisft figures only")
     lines.append(f"- threads: OMP/OPENBLAS/MKL_NUM_THREADS={THREADS}; minisft's pool "
-                 f"{minisft.get_num_threads()}; OPENBLAS_THREAD_TIMEOUT="
-                 f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT')}")
+                 f"{minisft.get_num_threads()}")
     return lines
 
 
 def write_results(path, command, machine, figures):
-    """Replace this run's section of RESULTS.md (one section per set of benchmarks run
-    together), keeping the sections of other runs."""
-    key = command.replace("python -m benchmarks", "").replace("--quick", "").strip() or "all"
+    """Replace this run's section of RESULTS.md (one section per CPU and set of benchmarks
+    run together), keeping the sections of other runs and other machines."""
+    key = f"{cpu_key()} | " + (command.replace("python -m benchmarks", "").replace("--quick", "").strip() or "all")
     begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
-    section = "\n".join([begin, f"## `{command}`", "", *machine, "", TABLE_HEADER,
+    section = "\n".join([begin, f"## {cpu_key()}: `{command}`", "", *machine, "", TABLE_HEADER,
                          *[f.row() for f in figures], end])
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if begin in text and end in text:

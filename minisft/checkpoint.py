@@ -97,8 +97,10 @@ def _write_atomic(path, write):
     write leaves the old file (or none), never half a file."""
     path = pathlib.Path(path)
     tmp = _temporary_beside(path)
+    mode = os.stat(tmp).st_mode & 0o777  # what the OS gave a new file under this umask
     try:
         write(tmp)
+        os.chmod(tmp, mode)  # writers that recreate the file (safetensors) do not keep it
         os.replace(tmp, path)
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)

@@ -31,6 +31,7 @@ import numpy
 from minisft.backend import get_array_module
 
 MIN_BLOCK_ELEMENTS = 1 << 17  # smaller blocks cost more to hand over than they save
+MULTIPLY_ADDS_PER_ELEMENT = 16  # a product's multiply-add costs about 1/16 of an element's elementwise work
 CACHE_ELEMENTS = 1 << 18  # a piece of a few arrays of this many floats stays in the CPU's cache
 
 _lock = threading.Lock()
@@ -51,7 +52,7 @@ def _default_threads():
 
 
 def get_num_threads():
-    """How many threads row-wise kernels use (BLAS keeps its own setting)."""
+    """How many threads the fast kernels use (their row blocks and matrix-product tiles)."""
     global _threads
     if _threads is None:
         _threads = _default_threads()
@@ -59,7 +60,8 @@ def get_num_threads():
 
 
 def set_num_threads(count):
-    """Use `count` threads for row-wise kernels from now on (1: run them inline)."""
+    """Use `count` threads for the fast kernels from now on (1: run them inline, and leave
+    the BLAS its own threads)."""
     global _threads, _pool
     if int(count) < 1:
         raise ValueError(f"set_num_threads: need at least 1 thread, not {count}")
@@ -118,14 +120,15 @@ def for_blocks(kernel, rows, row_elements=1, tile=1):
     return results + [future.result() for future in futures]
 
 
-def by_rows(kernel, *arrays, cache_sized=False, tile=None):
+def by_rows(kernel, *arrays, cache_sized=False, tile=None, row_elements=None):
     """kernel(*blocks) over blocks of rows (the leading axis) of `arrays`, None passed
     through, run side by side by for_blocks; on the GPU once, over the whole arrays.
     With cache_sized, each thread walks its block in pieces of about CACHE_ELEMENTS elements
     (at least a row), so that a kernel of many passes finds its operands in the CPU's cache
     rather than in memory. With `tile`, blocks and pieces are tiles of that many rows, the
 same tiles for any thread count (for BLAS calls, whose rounding depends on the rows they
-get). Returns the kernel's results in block (and piece) order. The kernel must treat rows independently,
+get). `row_elements` (default: the lead array's elements per row) is the work per row that
+decides how many threads are worth starting. Returns the kernel's results in block (and piece) order. The kernel must treat rows independently,
     so that the result does not depend on the blocks: elementwise work, reductions along a
     row by einsum, and batched products one matrix per row are fine; a BLAS call across the
     block's rows (gemv) is not, as BLAS rounds a row differently by its place in a block."""
@@ -133,7 +136,7 @@ get). Returns the kernel's results in block (and piece) order. The kernel must t
     if get_array_module(lead) is not numpy or lead.ndim == 0:
         return [kernel(*arrays)]
 
-    row_elements = lead.size // max(lead.shape[0], 1)
+    row_elements = row_elements or lead.size // max(lead.shape[0], 1)
     step = tile or (max(1, CACHE_ELEMENTS // max(row_elements, 1)) if cache_sized else None)
 
     def run(start, stop):
@@ -190,15 +193,16 @@ def one_blas_thread():
         set_threads(previous)
 
 
-def by_tiles_on_one_blas_thread(kernel, *arrays, tile):
+def by_tiles_on_one_blas_thread(kernel, *arrays, tile, multiply_adds):
     """by_rows(kernel, *arrays, tile=tile) with the BLAS on one thread, for kernels made of
-    matrix products: the products run side by side on minisft's threads. Where the BLAS's
-    thread count cannot be set, kernel runs once over the whole arrays (BLAS threads it)."""
+    matrix products (`multiply_adds` per row of the first array): the products run side by
+    side on minisft's threads. Where the BLAS's thread count cannot be set, kernel runs once
+    over the whole arrays (BLAS threads it)."""
     if get_array_module(arrays[0]) is not numpy:
         return [kernel(*arrays)]
     with one_blas_thread() as pinned:
         if pinned:
-            return by_rows(kernel, *arrays, tile=tile)
+            return by_rows(kernel, *arrays, tile=tile, row_elements=max(1, multiply_adds // MULTIPLY_ADDS_PER_ELEMENT))
     return [kernel(*arrays)]
 
 

@@ -79,3 +79,21 @@ def test_load_into_reports_without_raising_when_not_strict():
     assert missing == ["pooler.dense.weight"] and unexpected == ["extra"]
     with pytest.raises(CheckpointError, match="^s: cannot load into BertModel: missing keys: pooler.dense.weight"):
         load_into(model, state, source="s")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_permissions_of_a_plain_open_and_no_temporary_is_left(tmp_path, umask):
+    import os
+
+    from minisft.checkpoint import write_text_atomic
+
+    before = os.umask(umask)
+    try:
+        save_safetensors({"w": np.ones((2, 2), np.float32)}, tmp_path / "model.safetensors")
+        write_text_atomic("hello\n", tmp_path / "vocab.txt")
+        assert os.umask(umask) == umask  # the write did not change it
+    finally:
+        os.umask(before)
+    for name in ("model.safetensors", "vocab.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "vocab.txt"]

@@ -105,3 +105,36 @@ def test_dropout_masks_drawn_in_blocks_are_one_sequential_draw(threads):
         bits = reference.random_raw((mask.size + 3) // 4).view(np.uint16)[:mask.size]
         assert (mask == (bits >= round(p * 65536)).reshape(mask.shape)).all()
     assert random.generator("cpu").bit_generator.random_raw() == reference.random_raw()
+
+
+def test_matrix_products_in_tiles_are_bit_identical_for_any_thread_count(threads):
+    from minisft.kernels import fast
+
+    rng = np.random.default_rng(5)
+    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in ((1000, 64), (300, 64), (300,)))
+    g = rng.standard_normal((1000, 300)).astype(np.float32)
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        results.append([fast.linear_forward(x, w, b), *fast.linear_backward(g, x, w, (True, True, True))])
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert (a == b_).all()
+
+
+def test_the_blas_runs_on_one_thread_inside_the_fast_kernels_and_is_restored(threads):
+    blas = np.__config__.CONFIG.get("Build Dependencies", {}).get("blas", {}).get("name", "")
+    if "openblas" not in blas and "mkl" not in blas:
+        pytest.skip(f"NumPy's BLAS ({blas or 'unknown'}) is neither OpenBLAS nor MKL")
+    control = runtime.blas_threads_control()
+    assert control is not None, "NumPy's OpenBLAS/MKL was not found among the loaded libraries"
+    threads(2)
+    set_threads, get_threads = control
+    before = get_threads()
+    set_threads(2)
+    try:
+        with runtime.one_blas_thread() as pinned:
+            assert pinned and get_threads() == 1
+        assert get_threads() == 2
+    finally:
+        set_threads(before)

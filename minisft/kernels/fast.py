@@ -203,7 +203,7 @@ def linear_forward(x, weight, bias):
         xp.matmul(x, weight.T, out=out)
         if bias is not None:
             out += bias
-    by_tiles_on_one_blas_thread(tile, x, out, tile=GEMM_TILE)
+    by_tiles_on_one_blas_thread(tile, x, out, tile=GEMM_TILE, multiply_adds=weight.size)
     return out
 
 
@@ -212,7 +212,8 @@ def _column_sum(x):
     tiles of columns (much faster than sum() over the rows)."""
     xp = get_array_module(x)
     ones, out = xp.ones(x.shape[0], dtype=x.dtype), xp.empty(x.shape[1], dtype=x.dtype)
-    by_tiles_on_one_blas_thread(lambda columns, out: xp.matmul(columns, ones, out=out), x.T, out, tile=GEMM_TILE)
+    by_tiles_on_one_blas_thread(lambda columns, out: xp.matmul(columns, ones, out=out), x.T, out, tile=GEMM_TILE,
+                                multiply_adds=x.shape[0])
     return out
 
 
@@ -221,10 +222,12 @@ def linear_backward(g, x, weight, needs):
     gx = gw = None
     if needs[0]:
         gx = xp.empty(x.shape, dtype=g.dtype)
-        by_tiles_on_one_blas_thread(lambda g, gx: xp.matmul(g, weight, out=gx), g, gx, tile=GEMM_TILE)
+        by_tiles_on_one_blas_thread(lambda g, gx: xp.matmul(g, weight, out=gx), g, gx, tile=GEMM_TILE,
+                                    multiply_adds=weight.size)
     if needs[1]:  # dW's rows (output features) in tiles: g^T's rows are g's columns
         gw = xp.empty(weight.shape, dtype=g.dtype)
-        by_tiles_on_one_blas_thread(lambda g_t, gw: xp.matmul(g_t, x, out=gw), g.T, gw, tile=GEMM_TILE)
+        by_tiles_on_one_blas_thread(lambda g_t, gw: xp.matmul(g_t, x, out=gw), g.T, gw, tile=GEMM_TILE,
+                                    multiply_adds=x.size)
     gb = _column_sum(g) if needs[2] else None
     return gx, gw, gb
 
@@ -235,7 +238,8 @@ def _by_batch(block, *arrays):
     first is too short to give every thread a block. The arrays share their batch axes."""
     if arrays[0].ndim >= 4 and arrays[0].shape[0] < get_num_threads():
         arrays = [None if a is None else a.swapaxes(0, 1) for a in arrays]
-    by_tiles_on_one_blas_thread(block, *arrays, tile=1)
+    q, k = arrays[:2]  # two products per query row: q k^T and probs v
+    by_tiles_on_one_blas_thread(block, *arrays, tile=1, multiply_adds=2 * q.size // q.shape[0] * k.shape[-2])
 
 
 def attention_forward(q, k, v, bias, keep, scale, dropout_scale, out):

@@ -1,0 +1,67 @@
+"""The package reads bottom-up: each module imports only from those above it in the
+README's "What is here" list (no import cycles), and importing minisft changes no
+process-wide setting."""
+import ast
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "minisft"
+
+
+def readme_order():
+    """The README's list of rooms, top first: 'backend', 'runtime', ..., 'models', ..."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text[text.index("## What is here"):text.index("## How correctness is checked")]
+    rooms = [line.split()[0] for line in block.splitlines() if line.startswith("    minisft/")]
+    rooms = [room[len("minisft/"):].rstrip("/").removesuffix(".py") for room in rooms]
+    return rooms + ["cli"]  # named on the workflows line: it parses arguments and calls them
+
+
+def room_of(module):
+    """'minisft.kernels.fast' -> 'kernels'; 'minisft.ops' -> 'ops'."""
+    return module.split(".")[1]
+
+
+def minisft_imports(path):
+    """The minisft modules a file imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minisft"):
+            if node.module == "minisft":
+                found.update(f"minisft.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name.startswith("minisft."))
+    return found
+
+
+def test_every_module_imports_only_from_rooms_above_it():
+    order = readme_order()
+    rank = {room: i for i, room in enumerate(order)}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE)
+        if relative.name in ("__init__.py", "__main__.py") and len(relative.parts) == 1:
+            continue
+        own = relative.parts[0].removesuffix(".py")
+        assert own in rank, f"minisft/{relative} is not in the README's list of modules"
+        for module in minisft_imports(path):
+            room = room_of(module)
+            assert room == own or rank[room] < rank[own], \
+                f"minisft/{relative} imports {module}, which is not above it in the README's list"
+
+
+def test_importing_minisft_changes_no_environment_variable():
+    code = ("import json, os; before = dict(os.environ); import minisft, minisft.functional, "
+            "minisft.trainer; print(json.dumps([before == dict(os.environ), os.umask(0o22)]))")
+    unchanged, umask = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                 check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout)
+    assert unchanged
+    parent = os.umask(0)
+    os.umask(parent)
+    assert umask == parent  # the child's umask, inherited, is untouched by the import
