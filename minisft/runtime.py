@@ -60,8 +60,7 @@ def get_num_threads():
 
 
 def set_num_threads(count):
-    """Use `count` threads for the fast kernels from now on (1: run them inline, and leave
-    the BLAS its own threads)."""
+    """Use `count` threads for the fast kernels from now on (1: run them inline)."""
     global _threads, _pool
     if int(count) < 1:
         raise ValueError(f"set_num_threads: need at least 1 thread, not {count}")
@@ -180,7 +179,7 @@ def blas_threads_control():
 def one_blas_thread():
     """Run the block with the BLAS on one thread (restored after), or, where its thread count
     cannot be set, leave it as it is. Yields whether it took effect."""
-    control = blas_threads_control() if get_num_threads() > 1 else None
+    control = blas_threads_control()
     if control is None:
         yield False
         return
