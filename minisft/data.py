@@ -149,14 +149,14 @@ def read_examples(path, task, text_column=None, text_pair_column=None, label_col
         except DataError:
             if require_labels:
                 raise
-    examples = []
-    for number, record in records:
-        value = record.get(text)
-        if not isinstance(value, str) or (pair and not isinstance(record.get(pair), str)):
-            raise DataError(f"{path} line {number}: missing text (column {text!r}"
-                            + (f" or {pair!r})" if pair else ")"))
-        examples.append(Example(value, record.get(pair) if pair else None,
-                                record.get(label) if label else None, number))
+    def blank(value):
+        return not isinstance(value, str) or not value.strip()
+    empty = [number for number, record in records if blank(record.get(text)) or (pair and blank(record.get(pair)))]
+    if empty:
+        raise rows_error(path, empty, "have an empty or missing text (column " + repr(text)
+                         + (f" or {pair!r})" if pair else ")"), "fill them in or remove them")
+    examples = [Example(record[text], record[pair] if pair else None, record.get(label) if label else None, number)
+                for number, record in records]
     if label:
         _check_label_types(path, examples, task)
     return examples
@@ -172,6 +172,33 @@ def _is_number(value):
     except (TypeError, ValueError):
         return False
     return True
+
+
+def rows_error(path, lines, what, fix, shown=5):
+    """A DataError that counts the rows affected and names the first few line numbers."""
+    first = ", ".join(str(line) for line in lines[:shown]) + (", ..." if len(lines) > shown else "")
+    if len(lines) == 1:
+        return DataError(f"{path}: 1 row {what.replace('have ', 'has ', 1)} (line {first}); {fix}")
+    return DataError(f"{path}: {len(lines)} rows {what} (lines {first}); {fix}")
+
+
+def check_training_examples(path, examples, task):
+    """What makes fine-tuning on these examples meaningless or impossible, before any work:
+    fewer than two classes, non-finite regression targets, sentences without tokens."""
+    if task == "regression":
+        bad = [e.line for e in examples if not math.isfinite(e.label)]
+        if bad:
+            raise rows_error(path, bad, "have a regression label that is not finite (nan or inf)",
+                             "fix or remove them")
+    elif task == "token-classification":
+        bad = [e.line for e in examples if not e.text]
+        if bad:
+            raise rows_error(path, bad, "have no tokens", "remove them")
+    else:
+        classes = sorted({e.label for e in examples})
+        if len(classes) < 2:
+            raise DataError(f"{path}: every one of the {len(examples)} rows has the label {classes[0]!r}: "
+                            "a classifier needs at least 2 classes; check --label-column and the file")
 
 
 def _check_label_types(path, examples, task):
@@ -218,6 +245,16 @@ class LabelVocab:
         # numeric class names sort as numbers ("2" before "10")
         return cls(sorted(names, key=lambda n: (0, float(n), n) if _is_number(n) else (1, 0, n)))
 
+    def check(self, examples, source, task):
+        """Every label of `examples` (evaluation or test data) is known from training."""
+        tags = (lambda e: e.label) if task == "token-classification" else (lambda e: [e.label])
+        unknown = [e for e in examples if e.label is not None and any(t not in self.ids for t in tags(e))]
+        if unknown:
+            names = sorted({t for e in unknown for t in tags(e) if t not in self.ids})
+            raise rows_error(source, [e.line for e in unknown],
+                             f"have labels not seen in training ({', '.join(map(repr, names[:5]))})",
+                             f"training knows {', '.join(self.names)}")
+
     def encode(self, label, source, line):
         try:
             return self.ids[label]
@@ -233,6 +270,8 @@ class LabelVocab:
 def encode(examples, tokenizer, task, labels, max_length=128, label_all_tokens=False, source="data"):
     """Tokenise examples into features: dicts of input_ids, token_type_ids and label
     (an int, a float, or per-token ids with -100 where no label is predicted)."""
+    if task != "regression":
+        labels.check(examples, source, task)
     if task == "token-classification":
         return _encode_tokens(examples, tokenizer, labels, max_length, label_all_tokens, source)
     texts = [e.text for e in examples]

@@ -30,10 +30,17 @@ from minisft.runtime import keep_freed_memory
 from minisft.checkpoint import load_safetensors, save_safetensors, write_json_atomic
 from minisft.data import IGNORE_INDEX, collate, eval_order, steps_per_epoch, train_order
 from minisft.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
+from minisft.options import check_training_arguments
 from minisft.tensor import no_grad
 
 DEFAULT_METRIC = {"classification": "accuracy", "pair-classification": "accuracy",
                   "regression": "pearson", "token-classification": "f1"}
+METRICS = {  # what compute_metrics reports per task
+    "classification": ("accuracy", "f1", "precision", "recall", "mcc"),
+    "pair-classification": ("accuracy", "f1", "precision", "recall", "mcc"),
+    "regression": ("pearson", "spearman", "mse"),
+    "token-classification": ("precision", "recall", "f1", "accuracy"),
+}
 
 
 class TrainingError(RuntimeError):
@@ -102,6 +109,7 @@ class Trainer:
 
     def __init__(self, model, args, train_features=None, eval_features=None, label_names=None,
                  tokenizer=None, log=None):
+        check_training_arguments(args)
         self.model = model
         self.args = args
         self.train_features = train_features

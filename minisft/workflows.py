@@ -9,11 +9,12 @@ import sys
 import numpy
 
 from minisft import random
-from minisft.data import DataError, Example, LabelVocab, encode, read_examples
+from minisft.data import DataError, Example, LabelVocab, check_training_examples, encode, read_examples
 from minisft.fetch import resolve_data, resolve_model
 from minisft.models.bert import BertForSequenceClassification, BertForTokenClassification
 from minisft.tokenizer import BertTokenizer
-from minisft.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
+from minisft.options import OptionError
+from minisft.trainer import DEFAULT_METRIC, METRICS, Trainer, TrainingArguments, TrainingError, latest_checkpoint
 
 
 def model_for(task, directory, labels, **overrides):
@@ -35,6 +36,8 @@ def _read(path, args, task, require_labels=True):
 def train(options):
     """Fine-tune as `minisft train` does; returns the final metrics (eval_*, test_*)."""
     output = pathlib.Path(options.output)
+    if output.exists() and not output.is_dir():
+        raise OptionError("--output", options.output, "is a file, not a directory", "give a directory path")
     if output.exists() and any(output.iterdir()) and not options.resume and not options.overwrite_output_dir:
         raise FileExistsError(f"{output} exists and is not empty: choose a new --output, add --resume to "
                               "continue its training, or --overwrite-output-dir to replace it")
@@ -44,10 +47,19 @@ def train(options):
     eval_spec = options.eval or (f"{options.train}:dev" if data_task and ":" not in options.train else None)
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     args = TrainingArguments(output_dir=str(output), task=task,
-                             **{k: v for k, v in vars(options).items() if k in fields and k not in ("output_dir", "task")})
+                             **{k: v for k, v in vars(options).items()
+                                if k in fields and k not in ("output_dir", "task") and v is not None})
+    _check_against_task_and_model(args, model_dir, length_given=getattr(options, "max_length", None) is not None)
+    if options.resume not in (None, "latest") and not pathlib.Path(options.resume).is_dir():
+        raise OptionError("--resume", options.resume, "no such checkpoint directory",
+                          f"give a checkpoint-STEP directory of {output}, or --resume alone for the latest")
     random.manual_seed(args.seed)
     tokenizer = BertTokenizer.from_pretrained(model_dir)
     train_examples = _read(train_path, args, task)
+    check_training_examples(train_path, train_examples, task)
+    if args.batch_size > len(train_examples):
+        raise OptionError("--batch-size", args.batch_size, f"more than the {len(train_examples)} training "
+                          f"examples in {train_path}", f"use --batch-size {len(train_examples)} or less")
     labels = LabelVocab.build(train_examples, task)
 
     def features(path, examples=None):
@@ -74,8 +86,29 @@ def train(options):
     return metrics
 
 
+def _check_against_task_and_model(args, model_dir, length_given):
+    """The options that depend on the task and the checkpoint: the best-model metric, and the
+    input length against the model's position embeddings (a default longer than those is
+    shortened to fit, as transformers' run_glue does; a given one is an error)."""
+    if args.metric_for_best_model and args.metric_for_best_model not in METRICS[args.task]:
+        raise OptionError("--metric", args.metric_for_best_model, f"{args.task} computes "
+                          f"{', '.join(METRICS[args.task])}", f"use one of them, e.g. --metric {DEFAULT_METRIC[args.task]}")
+    config_path = pathlib.Path(model_dir) / "config.json"
+    try:
+        positions = json.loads(config_path.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return  # the model's own loading names what is wrong with it
+    if isinstance(positions, int) and args.max_length > positions and not length_given:
+        args.max_length = positions
+    elif isinstance(positions, int) and args.max_length > positions:
+        raise OptionError("--max-length", args.max_length, f"longer than the {positions} positions of {model_dir} "
+                          "(max_position_embeddings in config.json)", f"use --max-length {positions} or less")
+
+
 def _load_finetuned(model_dir, device):
     model_dir = pathlib.Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: not a directory; give a directory written by `minisft train`")
     try:
         saved = json.loads((model_dir / "training_args.json").read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -83,7 +83,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, sentiment):
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys):
     data = tmp_path / "train.csv"
-    data.write_text("text,label\n" + "the film was good,1.0\n" * 8 + "the film was bad,inf\n" * 8)
+    data.write_text("text,label\n" + "the film was good,1.0\n" * 8 + "the film was bad,1e30\n" * 8)  # (1e30)^2: inf
     output = tmp_path / "out"
     code = cli.main(["train", "--model", str(TINY), "--train", str(data), "--task", "regression",
                      "--output", str(output), "--batch-size", "4", "--no-group-by-length"])
@@ -121,7 +121,7 @@ cli.main(["train", "--model", {str(TINY)!r}, "--train", {str(sentiment[0])!r}, "
 
 def test_early_stopping_after_patience(tmp_path, sentiment, capsys):
     output = tmp_path / "out"
-    assert train("--learning-rate", 0, "--eval-steps", 1, "--early-stopping-patience", 2,
+    assert train("--learning-rate", 1e-12, "--eval-steps", 1, "--early-stopping-patience", 2,
                  output=output, data=sentiment) == 0
     err = capsys.readouterr().err
     assert "early stopping at step 3" in err
