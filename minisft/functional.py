@@ -442,7 +442,8 @@ def mse_loss(input, target, reduction="mean"):
 
 
 class _BCEWithLogits(Function):
-    """Per-element max(x, 0) - x*t + log(1 + exp(-|x|)), stable for any x."""
+    """Per element: loss = max(x, 0) - x t + log(1 + exp(-|x|)) (stable for any x),
+    dloss/dx = sigmoid(x) - t, dloss/dt = -x."""
 
     def forward(self, x, target):
         xp = get_array_module(x)

@@ -20,7 +20,6 @@ process may run on; `set_num_threads` changes it.
 """
 import contextlib
 import ctypes
-import ctypes.util
 import functools
 import os
 import threading
@@ -217,6 +216,8 @@ def keep_freed_memory():
     its peak. A no-op where it does not apply (not Linux/glibc). Returns whether it took
     effect.
     """
+    import ctypes.util  # its own imports (subprocess, ...) cost an import of minisft 15 ms
+
     name = ctypes.util.find_library("c")
     if not name:
         return False
