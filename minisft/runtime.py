@@ -121,15 +121,19 @@ def for_blocks(kernel, rows, row_elements=1, tile=1):
 def by_rows(kernel, *arrays, cache_sized=False, tile=None, row_elements=None):
     """kernel(*blocks) over blocks of rows (the leading axis) of `arrays`, None passed
     through, run side by side by for_blocks; on the GPU once, over the whole arrays.
-    With cache_sized, each thread walks its block in pieces of about CACHE_ELEMENTS elements
-    (at least a row), so that a kernel of many passes finds its operands in the CPU's cache
-    rather than in memory. With `tile`, blocks and pieces are tiles of that many rows, the
-same tiles for any thread count (for BLAS calls, whose rounding depends on the rows they
-get). `row_elements` (default: the lead array's elements per row) is the work per row that
-decides how many threads are worth starting. Returns the kernel's results in block (and piece) order. The kernel must treat rows independently,
-    so that the result does not depend on the blocks: elementwise work, reductions along a
-    row by einsum, and batched products one matrix per row are fine; a BLAS call across the
-    block's rows (gemv) is not, as BLAS rounds a row differently by its place in a block."""
+    Returns the kernel's results in block (and piece) order.
+
+    - cache_sized: each thread walks its block in pieces of about CACHE_ELEMENTS elements (at
+      least a row), so that a kernel of many passes finds its operands in the CPU's cache.
+    - tile: blocks and pieces are tiles of that many rows, the same tiles for any thread
+      count (for BLAS calls, whose rounding depends on the rows they are given).
+    - row_elements: the work per row that decides how many threads are worth starting
+      (default: the first array's elements per row).
+
+    The kernel must treat rows independently, so that the result does not depend on the
+    blocks: elementwise work, reductions along a row by einsum, batched products one matrix
+    per row, and BLAS calls over fixed tiles are fine; a BLAS call across a block's rows is
+    not, as BLAS rounds a row differently by its place in the block."""
     lead = arrays[0]
     if get_array_module(lead) is not numpy or lead.ndim == 0:
         return [kernel(*arrays)]
