@@ -7,7 +7,7 @@ import tempfile
 import traceback
 
 from minisft import fetch as fetching
-from minisft import options
+from minisft import options, tasks
 
 
 def _fetch(args):
@@ -64,8 +64,8 @@ def _add_training_options(parser):
         help="evaluation file or data set name[:split] (default for a data set name: its dev split)")
     add("--test", type=options.Text("test file or data set name"),
         help="file or data set name[:split] evaluated once at the end (default for a data set: none)")
-    add("--task", choices=["classification", "pair-classification", "regression", "token-classification"],
-        help="default: the data set's task, else classification")
+    add("--task", choices=list(tasks.TASKS), help="default: the data set's task, else classification; "
+        + "; ".join(f"{task.name}: {task.description}" for task in tasks.TASKS.values()))
     add("--output", required=True, type=options.Text("output directory"),
         help="output directory (must not exist unless --resume or --overwrite-output-dir)")
     add("--text-column", type=options.Text("column name"),

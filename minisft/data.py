@@ -1,9 +1,7 @@
-"""Labeled data: readers for CSV, TSV, JSON lines and CoNLL files, label vocabularies,
-encoding with the tokenizer (word labels aligned to sub-tokens), and length-grouped,
-dynamically padded, seeded batches.
-
-Tasks: "classification" (text -> class), "pair-classification" (text, text pair -> class),
-"regression" (text [, pair] -> float), "token-classification" (words -> one tag each).
+"""Labeled data: readers for CSV, TSV, JSON lines and CoNLL files, checks that name the rows
+at fault, label vocabularies, word labels aligned to sub-tokens, and length-grouped,
+dynamically padded, seeded batches. What differs between tasks (which columns, which
+checks, how examples are encoded) is in minisft.tasks, which uses these pieces.
 """
 import csv
 import io
@@ -15,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy
 
-TASKS = ("classification", "pair-classification", "regression", "token-classification")
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "premise")
 PAIR_COLUMNS = ("text_pair", "sentence2", "question2", "hypothesis")
 LABEL_COLUMNS = ("label", "labels", "score")
@@ -54,7 +51,7 @@ def _read_text(path):
     return text
 
 
-def _records(path):
+def read_records(path):
     """(line number, {column: value}) from a CSV, TSV or JSON lines file."""
     path = pathlib.Path(path)
     text = _read_text(path)
@@ -83,7 +80,8 @@ def _records(path):
     return records
 
 
-def _pick(path, columns, requested, candidates, what, flag):
+def pick_column(path, columns, requested, candidates, what, flag):
+    """The column `requested` (--text-column etc.), else the first of `candidates` present."""
     if requested:
         if requested not in columns:
             raise DataError(f"{path}: no column {requested!r} for the {what} "
@@ -121,47 +119,6 @@ def read_conll(path):
     return examples
 
 
-def read_examples(path, task, text_column=None, text_pair_column=None, label_column=None,
-                  require_labels=True):
-    """Examples from a labeled file. Columns default to the usual names (text/sentence/
-    sentence1, text_pair/sentence2, label); token classification reads CoNLL, or JSON lines
-    with tokens/tags lists."""
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    path = pathlib.Path(path)
-    if task == "token-classification" and path.suffix.lower() not in (".jsonl", ".json", ".csv", ".tsv"):
-        return read_conll(path)
-    records = _records(path)
-    columns = list(records[0][1])
-    if task == "token-classification":
-        words_column = _pick(path, columns, text_column, TOKEN_COLUMNS, "tokens", "--text-column")
-        tags_column = _pick(path, columns, label_column, TAG_COLUMNS, "tags", "--label-column")
-        return [Example(record[words_column], label=record.get(tags_column), line=number)
-                for number, record in records]
-    text = _pick(path, columns, text_column, TEXT_COLUMNS, "text", "--text-column")
-    pair = None
-    if task == "pair-classification" or text_pair_column:
-        pair = _pick(path, columns, text_pair_column, PAIR_COLUMNS, "text pair", "--text-pair-column")
-    label = None
-    if require_labels or label_column or any(c in columns for c in LABEL_COLUMNS):
-        try:
-            label = _pick(path, columns, label_column, LABEL_COLUMNS, "label", "--label-column")
-        except DataError:
-            if require_labels:
-                raise
-    def blank(value):
-        return not isinstance(value, str) or not value.strip()
-    empty = [number for number, record in records if blank(record.get(text)) or (pair and blank(record.get(pair)))]
-    if empty:
-        raise rows_error(path, empty, "have an empty or missing text (column " + repr(text)
-                         + (f" or {pair!r})" if pair else ")"), "fill them in or remove them")
-    examples = [Example(record[text], record[pair] if pair else None, record.get(label) if label else None, number)
-                for number, record in records]
-    if label:
-        _check_label_types(path, examples, task)
-    return examples
-
-
 def _is_number(value):
     if isinstance(value, bool):
         return False
@@ -182,41 +139,22 @@ def rows_error(path, lines, what, fix, shown=5):
     return DataError(f"{path}: {len(lines)} rows {what} (lines {first}); {fix}")
 
 
-def check_training_examples(path, examples, task):
-    """What makes fine-tuning on these examples meaningless or impossible, before any work:
-    fewer than two classes, non-finite regression targets, sentences without tokens."""
-    if task == "regression":
-        bad = [e.line for e in examples if not math.isfinite(e.label)]
-        if bad:
-            raise rows_error(path, bad, "have a regression label that is not finite (nan or inf)",
-                             "fix or remove them")
-    elif task == "token-classification":
-        bad = [e.line for e in examples if not e.text]
-        if bad:
-            raise rows_error(path, bad, "have no tokens", "remove them")
-    else:
-        classes = sorted({e.label for e in examples})
-        if len(classes) < 2:
-            raise DataError(f"{path}: every one of the {len(examples)} rows has the label {classes[0]!r}: "
-                            "a classifier needs at least 2 classes; check --label-column and the file")
-
-
-def _check_label_types(path, examples, task):
-    """Labels must be all numbers (regression) or all of one kind (classification)."""
+def check_label_types(path, examples, numeric):
+    """Labels must be all numbers (numeric: made floats) or all of one kind (made strings)."""
     missing = next((e for e in examples if e.label is None or e.label == ""), None)
     if missing is not None:
         raise DataError(f"{path} line {missing.line}: missing label")
-    numeric = [_is_number(e.label) for e in examples]
-    if task == "regression":
-        if not all(numeric):
-            bad = examples[numeric.index(False)]
+    is_number = [_is_number(e.label) for e in examples]
+    if numeric:
+        if not all(is_number):
+            bad = examples[is_number.index(False)]
             raise DataError(f"{path} line {bad.line}: regression label {bad.label!r} is not a number")
         for e in examples:
             e.label = float(e.label)
         return
-    if any(numeric) and not all(numeric):
-        number = examples[numeric.index(True)]
-        text = examples[numeric.index(False)]
+    if any(is_number) and not all(is_number):
+        number = examples[is_number.index(True)]
+        text = examples[is_number.index(False)]
         raise DataError(f"{path}: the label column mixes numbers and names (line {number.line}: "
                         f"{number.label!r}, line {text.line}: {text.label!r}); fix the labels")
     kinds = {type(e.label) for e in examples}
@@ -235,19 +173,14 @@ class LabelVocab:
         self.ids = {name: i for i, name in enumerate(self.names)}
 
     @classmethod
-    def build(cls, examples, task):
-        if task == "regression":
-            return cls([])
-        if task == "token-classification":
-            names = {tag for e in examples for tag in e.label}
-        else:
-            names = {e.label for e in examples}
-        # numeric class names sort as numbers ("2" before "10")
+    def of_names(cls, names):
+        """The vocabulary of a set of class names, sorted; numeric names sort as numbers
+        ("2" before "10")."""
         return cls(sorted(names, key=lambda n: (0, float(n), n) if _is_number(n) else (1, 0, n)))
 
-    def check(self, examples, source, task):
-        """Every label of `examples` (evaluation or test data) is known from training."""
-        tags = (lambda e: e.label) if task == "token-classification" else (lambda e: [e.label])
+    def check(self, examples, source, tags):
+        """Every label of `examples` (evaluation or test data; tags(example) lists them) is
+        known from training."""
         unknown = [e for e in examples if e.label is not None and any(t not in self.ids for t in tags(e))]
         if unknown:
             names = sorted({t for e in unknown for t in tags(e) if t not in self.ids})
@@ -266,45 +199,7 @@ class LabelVocab:
         return len(self.names)
 
 
-# --- encoding --------------------------------------------------------------------------------
-def encode(examples, tokenizer, task, labels, max_length=128, label_all_tokens=False, source="data"):
-    """Tokenise examples into features: dicts of input_ids, token_type_ids and label
-    (an int, a float, or per-token ids with -100 where no label is predicted)."""
-    if task != "regression":
-        labels.check(examples, source, task)
-    if task == "token-classification":
-        return _encode_tokens(examples, tokenizer, labels, max_length, label_all_tokens, source)
-    texts = [e.text for e in examples]
-    pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
-    batch = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_tensors=None)
-    features = []
-    for i, example in enumerate(examples):
-        feature = {"input_ids": batch["input_ids"][i], "token_type_ids": batch["token_type_ids"][i]}
-        if example.label is not None:
-            feature["label"] = (example.label if task == "regression"
-                                else labels.encode(example.label, source, example.line))
-        features.append(feature)
-    return features
-
-
-def _encode_tokens(examples, tokenizer, labels, max_length, label_all_tokens, source):
-    batch = tokenizer([e.text for e in examples], is_split_into_words=True, truncation=True,
-                      max_length=max_length, return_tensors=None)
-    features = []
-    for i, example in enumerate(examples):
-        word_ids = batch.word_ids(i)
-        feature = {"input_ids": batch["input_ids"][i], "token_type_ids": batch["token_type_ids"][i],
-                   "word_ids": word_ids}
-        if example.label is not None:
-            if len(example.label) != len(example.text):
-                raise DataError(f"{source} line {example.line}: {len(example.text)} tokens but "
-                                f"{len(example.label)} tags")
-            tag_ids = [labels.encode(tag, source, example.line) for tag in example.label]
-            feature["label"] = align_labels(word_ids, tag_ids, label_all_tokens)
-        features.append(feature)
-    return features
-
-
+# --- encoding ----------------------------------------------------------------------------------
 def align_labels(word_ids, word_labels, label_all_tokens=False):
     """Per-token labels: a word's first sub-token gets its label, the other sub-tokens
     -100 (or the same label with label_all_tokens), special tokens -100."""

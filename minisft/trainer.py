@@ -21,27 +21,14 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy
-
-from minisft import metrics as M
-from minisft import random
+from minisft import random, tasks
 from minisft.backend import Device
 from minisft.runtime import keep_freed_memory
 from minisft.checkpoint import load_safetensors, save_safetensors, write_json_atomic
-from minisft.data import IGNORE_INDEX, collate, eval_order, steps_per_epoch, train_order
+from minisft.data import collate, eval_order, steps_per_epoch, train_order
 from minisft.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
 from minisft.options import check_training_arguments
 from minisft.tensor import no_grad
-
-DEFAULT_METRIC = {"classification": "accuracy", "pair-classification": "accuracy",
-                  "regression": "pearson", "token-classification": "f1"}
-METRICS = {  # what compute_metrics reports per task
-    "classification": ("accuracy", "f1", "precision", "recall", "mcc"),
-    "pair-classification": ("accuracy", "f1", "precision", "recall", "mcc"),
-    "regression": ("pearson", "spearman", "mse"),
-    "token-classification": ("precision", "recall", "f1", "accuracy"),
-}
-
 
 class TrainingError(RuntimeError):
     pass
@@ -51,7 +38,7 @@ class TrainingError(RuntimeError):
 class TrainingArguments:
     """Hyper-parameters, with the defaults of transformers' run_glue."""
     output_dir: str
-    task: str = "classification"
+    task: str = tasks.DEFAULT
     learning_rate: float = 2e-5
     batch_size: int = 32
     eval_batch_size: int = 64
@@ -86,7 +73,7 @@ class TrainingArguments:
 
     @property
     def best_metric(self):
-        return self.metric_for_best_model or DEFAULT_METRIC[self.task]
+        return self.metric_for_best_model or tasks.get(self.task).default_metric
 
     @property
     def greater_is_better(self):
@@ -233,13 +220,13 @@ class Trainer:
                 for row, i in enumerate(indices):
                     outputs[i] = logits[row, :len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row]
         self.model.train()
-        return outputs if self.args.task == "token-classification" else numpy.stack(outputs)
+        return tasks.get(self.args.task).gather(outputs)
 
     def evaluate(self, features, prefix="eval"):
         """Metrics on labeled features, as {f"{prefix}_{name}": value} ({name: value}
         without a prefix)."""
         logits = self.predict(features)
-        scores = compute_metrics(self.args.task, logits, [f["label"] for f in features], self.label_names)
+        scores = tasks.get(self.args.task).compute_metrics(logits, [f["label"] for f in features], self.label_names)
         return {(f"{prefix}_{k}" if prefix else k): v for k, v in scores.items()}
 
     def _evaluate_and_select(self):
@@ -332,30 +319,6 @@ class Trainer:
         schedule.load_state_dict(saved["schedule"])
         random.set_rng_state(saved["rng"])
         self.state = TrainerState(**saved["trainer"])
-
-
-def compute_metrics(task, logits, labels, label_names=None):
-    """The task's metrics from model outputs and encoded labels."""
-    if task == "regression":
-        predictions = [float(x) for x in numpy.asarray(logits).reshape(-1)]
-        labels = [float(x) for x in labels]
-        return {"pearson": M.pearson(labels, predictions), "spearman": M.spearman(labels, predictions),
-                "mse": sum((a - b) ** 2 for a, b in zip(labels, predictions)) / len(labels)}
-    if task == "token-classification":
-        true_tags, pred_tags = [], []
-        for row_logits, row_labels in zip(logits, labels):
-            kept = [i for i, label in enumerate(row_labels) if label != IGNORE_INDEX]
-            predicted = row_logits.argmax(-1)
-            true_tags.append([label_names[row_labels[i]] for i in kept])
-            pred_tags.append([label_names[int(predicted[i])] for i in kept])
-        scores, _ = M.entity_f1(true_tags, pred_tags)
-        flat_true = [t for s in true_tags for t in s]
-        flat_pred = [t for s in pred_tags for t in s]
-        return {**scores, "accuracy": M.accuracy(flat_true, flat_pred)}
-    predictions = [int(i) for i in numpy.asarray(logits).argmax(-1)]
-    _, (precision, recall, f1) = M.precision_recall_f1(list(labels), predictions)
-    return {"accuracy": M.accuracy(list(labels), predictions), "f1": f1, "precision": precision,
-            "recall": recall, "mcc": M.matthews_corrcoef(list(labels), predictions)}
 
 
 class _Progress:

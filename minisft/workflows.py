@@ -6,31 +6,16 @@ import json
 import pathlib
 import sys
 
-import numpy
-
-from minisft import random
-from minisft.data import DataError, Example, LabelVocab, check_training_examples, encode, read_examples
+from minisft import random, tasks
+from minisft.data import DataError, LabelVocab
 from minisft.fetch import resolve_data, resolve_model
-from minisft.models.bert import BertForSequenceClassification, BertForTokenClassification
 from minisft.tokenizer import BertTokenizer
 from minisft.options import OptionError
-from minisft.trainer import DEFAULT_METRIC, METRICS, Trainer, TrainingArguments, TrainingError, latest_checkpoint
-
-
-def model_for(task, directory, labels, **overrides):
-    """The task model, from a pretrained or fine-tuned checkpoint directory."""
-    if task == "token-classification":
-        return BertForTokenClassification.from_pretrained(directory, id2label=dict(enumerate(labels.names)), **overrides)
-    if task == "regression":
-        return BertForSequenceClassification.from_pretrained(directory, num_labels=1, problem_type="regression",
-                                                             **overrides)
-    return BertForSequenceClassification.from_pretrained(directory, id2label=dict(enumerate(labels.names)),
-                                                         problem_type="single_label_classification", **overrides)
+from minisft.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
 
 
 def _read(path, args, task, require_labels=True):
-    return read_examples(path, task, args.text_column, args.text_pair_column, args.label_column,
-                         require_labels=require_labels)
+    return task.read(path, args.text_column, args.text_pair_column, args.label_column, require_labels=require_labels)
 
 
 def train(options):
@@ -43,10 +28,10 @@ def train(options):
                               "continue its training, or --overwrite-output-dir to replace it")
     model_dir = resolve_model(options.model)
     train_path, data_task = resolve_data(options.train, "train")
-    task = options.task or data_task or "classification"
+    task = tasks.get(options.task or data_task or tasks.DEFAULT)
     eval_spec = options.eval or (f"{options.train}:dev" if data_task and ":" not in options.train else None)
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    args = TrainingArguments(output_dir=str(output), task=task,
+    args = TrainingArguments(output_dir=str(output), task=task.name,
                              **{k: v for k, v in vars(options).items()
                                 if k in fields and k not in ("output_dir", "task") and v is not None})
     _check_against_task_and_model(args, model_dir, length_given=getattr(options, "max_length", None) is not None)
@@ -56,26 +41,26 @@ def train(options):
     random.manual_seed(args.seed)
     tokenizer = BertTokenizer.from_pretrained(model_dir)
     train_examples = _read(train_path, args, task)
-    check_training_examples(train_path, train_examples, task)
+    task.check_training_examples(train_path, train_examples)
     if args.batch_size > len(train_examples):
         raise OptionError("--batch-size", args.batch_size, f"more than the {len(train_examples)} training "
                           f"examples in {train_path}", f"use --batch-size {len(train_examples)} or less")
-    labels = LabelVocab.build(train_examples, task)
+    labels = task.label_vocab(train_examples)
 
     def features(path, examples=None):
         examples = examples if examples is not None else _read(path, args, task)
-        return encode(examples, tokenizer, task, labels, args.max_length, args.label_all_tokens, source=path)
+        return task.encode(examples, tokenizer, labels, args.max_length, args.label_all_tokens, source=path)
 
     train_features = features(train_path, train_examples)
     eval_features = features(resolve_data(eval_spec, "dev")[0]) if eval_spec else None
     test_path = resolve_data(options.test, "test")[0] if options.test else None
-    model = model_for(task, model_dir, labels).to(options.device)
+    model = task.model(model_dir, labels).to(options.device)
     resume = None
     if options.resume:
         resume = latest_checkpoint(output) if options.resume == "latest" else pathlib.Path(options.resume)
         if resume is None:
             raise TrainingError(f"--resume: {output} has no checkpoint-STEP directory to resume from")
-    print(f"training {task} on {train_path} ({len(train_features)} examples"
+    print(f"training {task.name} on {train_path} ({len(train_features)} examples"
           + (f", {len(labels)} labels" if len(labels) else "") + f") from {model_dir}", file=sys.stderr)
     trainer = Trainer(model, args, train_features, eval_features, labels.names, tokenizer)
     metrics = trainer.train(resume_from=resume)
@@ -90,9 +75,10 @@ def _check_against_task_and_model(args, model_dir, length_given):
     """The options that depend on the task and the checkpoint: the best-model metric, and the
     input length against the model's position embeddings (a default longer than those is
     shortened to fit, as transformers' run_glue does; a given one is an error)."""
-    if args.metric_for_best_model and args.metric_for_best_model not in METRICS[args.task]:
-        raise OptionError("--metric", args.metric_for_best_model, f"{args.task} computes "
-                          f"{', '.join(METRICS[args.task])}", f"use one of them, e.g. --metric {DEFAULT_METRIC[args.task]}")
+    task = tasks.get(args.task)
+    if args.metric_for_best_model and args.metric_for_best_model not in task.metrics:
+        raise OptionError("--metric", args.metric_for_best_model, f"{task.name} computes {', '.join(task.metrics)}",
+                          f"use one of them, e.g. --metric {task.default_metric}")
     config_path = pathlib.Path(model_dir) / "config.json"
     try:
         positions = json.loads(config_path.read_text(encoding="utf-8")).get("max_position_embeddings")
@@ -117,35 +103,25 @@ def _load_finetuned(model_dir, device):
     args = TrainingArguments(**{k: v for k, v in saved.items()
                                 if k in {f.name for f in dataclasses.fields(TrainingArguments)}})
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    labels = LabelVocab([config["id2label"][str(i)] for i in range(len(config["id2label"]))]
-                        if args.task != "regression" else [])
-    model = model_for(args.task, model_dir, labels).to(device).eval()
-    return args, model, labels, BertTokenizer.from_pretrained(model_dir)
+    task = tasks.get(args.task)
+    labels = LabelVocab([config["id2label"][str(i)] for i in range(len(config["id2label"]))])
+    model = task.model(model_dir, labels).to(device).eval()
+    return args, task, model, labels, BertTokenizer.from_pretrained(model_dir)
 
 
 def evaluate(model_dir, data, batch_size=64, device="cpu"):
     """Metrics of a fine-tuned model directory on a labeled file or data set split."""
-    args, model, labels, tokenizer = _load_finetuned(model_dir, device)
+    args, task, model, labels, tokenizer = _load_finetuned(model_dir, device)
     args.eval_batch_size = batch_size
     path, _ = resolve_data(data, "test")
-    features = encode(_read(path, args, args.task), tokenizer, args.task, labels, args.max_length,
-                      args.label_all_tokens, source=path)
+    features = task.encode(_read(path, args, task), tokenizer, labels, args.max_length, args.label_all_tokens,
+                           source=path)
     return Trainer(model, args, label_names=labels.names, tokenizer=tokenizer).evaluate(features, prefix="")
 
 
 def _stdin_examples(task):
-    examples = []
-    for number, line in enumerate(sys.stdin, 1):
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if task == "token-classification":
-            examples.append(Example(line.split(), line=number))
-        elif task == "pair-classification" or "\t" in line:
-            text, _, pair = line.partition("\t")
-            examples.append(Example(text, pair or None, line=number))
-        else:
-            examples.append(Example(line, line=number))
+    examples = [task.stdin_example(line.rstrip("\n"), number)
+                for number, line in enumerate(sys.stdin, 1) if line.strip()]
     if not examples:
         raise DataError("standard input: no lines to predict")
     return examples
@@ -153,31 +129,15 @@ def _stdin_examples(task):
 
 def predict(model_dir, data, batch_size=64, device="cpu"):
     """One record per input: label and probabilities, a score, or tags per word."""
-    args, model, labels, tokenizer = _load_finetuned(model_dir, device)
+    args, task, model, labels, tokenizer = _load_finetuned(model_dir, device)
     args.eval_batch_size = batch_size
     if data == "-":
-        examples = _stdin_examples(args.task)
+        examples = _stdin_examples(task)
     else:
-        examples = _read(resolve_data(data, "test")[0], args, args.task, require_labels=False)
+        examples = _read(resolve_data(data, "test")[0], args, task, require_labels=False)
     for example in examples:
         example.label = None
-    features = encode(examples, tokenizer, args.task, labels, args.max_length)
+    features = task.encode(examples, tokenizer, labels, args.max_length)
     outputs = Trainer(model, args, label_names=labels.names, tokenizer=tokenizer).predict(features)
     for example, feature, logits in zip(examples, features, outputs):
-        if args.task == "regression":
-            yield {"text": example.text, "score": float(logits[0])}
-        elif args.task == "token-classification":
-            predicted, tags, previous = logits.argmax(-1), [], None
-            for position, word in enumerate(feature["word_ids"]):
-                if word is not None and word != previous:
-                    tags.append(labels.names[int(predicted[position])])
-                previous = word
-            yield {"tokens": example.text, "labels": tags + ["O"] * (len(example.text) - len(tags))}
-        else:
-            shifted = numpy.exp(logits - logits.max())
-            probabilities = shifted / shifted.sum()
-            record = {"text": example.text}
-            if example.text_pair is not None:
-                record["text_pair"] = example.text_pair
-            yield {**record, "label": labels.names[int(probabilities.argmax())],
-                   "probabilities": {name: round(float(p), 6) for name, p in zip(labels.names, probabilities)}}
+        yield task.prediction(example, feature, logits, labels.names)

@@ -1,9 +1,14 @@
-"""Readers, label vocabularies, label alignment and batching; bad input named clearly."""
+"""Readers (through the task registry), label vocabularies, label alignment and batching;
+bad input named clearly."""
 import numpy as np
 import pytest
 
-from minisft.data import (DataError, LabelVocab, align_labels, collate, eval_order, read_conll,
-                          read_examples, train_order)
+from minisft import tasks
+from minisft.data import DataError, LabelVocab, align_labels, collate, eval_order, read_conll, train_order
+
+
+def read_examples(path, task):
+    return tasks.get(task).read(path)
 
 
 def write(tmp_path, name, content, mode="w"):
@@ -30,7 +35,7 @@ def test_conll_and_label_vocab_with_alignment(tmp_path):
     path = write(tmp_path, "a.conll", "John\tB-PER\nworks\tO\n\nParis\tB-LOC\n")
     examples = read_conll(path)
     assert [e.text for e in examples] == [["John", "works"], ["Paris"]]
-    labels = LabelVocab.build(examples, "token-classification")
+    labels = tasks.get("token-classification").label_vocab(examples)
     assert labels.names == ["B-LOC", "B-PER", "O"]
     assert align_labels([None, 0, 0, 1, None], [5, 7]) == [-100, 5, -100, 7, -100]
     assert align_labels([None, 0, 0, 1, None], [5, 7], label_all_tokens=True) == [-100, 5, 5, 7, -100]
@@ -82,5 +87,5 @@ def test_unknown_label_at_eval_time(tmp_path):
 
 def test_numeric_labels_sort_as_numbers():
     from minisft.data import Example
-    labels = LabelVocab.build([Example("a", label=v) for v in ("10", "2", "1")], "classification")
+    labels = tasks.get("classification").label_vocab([Example("a", label=v) for v in ("10", "2", "1")])
     assert labels.names == ["1", "2", "10"]

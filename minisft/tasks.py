@@ -1,0 +1,262 @@
+"""The task registry: one record per fine-tuning task, holding everything that differs
+between tasks: how its examples are read, checked and encoded, which head it builds, its
+metrics and default metric, and how a prediction is printed.
+
+Adding a task is one class here (and its head under models/), registered in TASKS; the
+data readers, the trainer, the workflows and the command line ask the registry.
+"""
+import math
+
+import numpy
+
+from minisft import metrics as M
+from minisft.data import (IGNORE_INDEX, LABEL_COLUMNS, PAIR_COLUMNS, TAG_COLUMNS, TEXT_COLUMNS, TOKEN_COLUMNS,
+                          DataError, Example, LabelVocab, align_labels, check_label_types, pick_column, read_conll,
+                          read_records, rows_error)
+
+
+class Task:
+    """A text task on one (or two) strings per example, with a sequence-level head."""
+    name = description = None
+    metrics = ()           # what compute_metrics reports, the first being the default metric
+    pair = False           # a second text is required
+
+    @property
+    def default_metric(self):
+        return self.metrics[0]
+
+    # --- reading and checking ----------------------------------------------------------
+    def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True):
+        """Examples from a labeled file (CSV, TSV, JSON lines); columns default to the usual
+        names (text/sentence/sentence1, text_pair/sentence2, label)."""
+        records = read_records(path)
+        columns = list(records[0][1])
+        text = pick_column(path, columns, text_column, TEXT_COLUMNS, "text", "--text-column")
+        pair = None
+        if self.pair or text_pair_column:
+            pair = pick_column(path, columns, text_pair_column, PAIR_COLUMNS, "text pair", "--text-pair-column")
+        label = None
+        if require_labels or label_column or any(c in columns for c in LABEL_COLUMNS):
+            try:
+                label = pick_column(path, columns, label_column, LABEL_COLUMNS, "label", "--label-column")
+            except DataError:
+                if require_labels:
+                    raise
+
+        def blank(value):
+            return not isinstance(value, str) or not value.strip()
+        empty = [number for number, record in records if blank(record.get(text)) or (pair and blank(record.get(pair)))]
+        if empty:
+            raise rows_error(path, empty, "have an empty or missing text (column " + repr(text)
+                             + (f" or {pair!r})" if pair else ")"), "fill them in or remove them")
+        examples = [Example(record[text], record[pair] if pair else None, record.get(label) if label else None,
+                            number) for number, record in records]
+        if label:
+            check_label_types(path, examples, numeric=self.numeric_labels)
+        return examples
+
+    numeric_labels = False
+
+    def check_training_examples(self, path, examples):
+        """What makes fine-tuning on these examples meaningless, before any work."""
+
+    def stdin_example(self, line, number):
+        """An example from one line of standard input (predict --data -): a text, or a text
+        and its pair separated by a tab."""
+        text, _, pair = line.partition("\t")
+        return Example(text, pair or None, line=number)
+
+    # --- labels and encoding -----------------------------------------------------------
+    def label_vocab(self, examples):
+        """The label vocabulary built from the training examples."""
+        return LabelVocab.of_names({e.label for e in examples})
+
+    def encode(self, examples, tokenizer, labels, max_length=128, label_all_tokens=False, source="data"):
+        """Features: dicts of input_ids, token_type_ids and label (a class id or a float)."""
+        self.check_labels(examples, labels, source)
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
+        batch = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_tensors=None)
+        features = []
+        for i, example in enumerate(examples):
+            feature = {"input_ids": batch["input_ids"][i], "token_type_ids": batch["token_type_ids"][i]}
+            if example.label is not None:
+                feature["label"] = self.encode_label(example, labels, source)
+            features.append(feature)
+        return features
+
+    def check_labels(self, examples, labels, source):
+        """Every label of evaluation or test examples is one training knows."""
+        labels.check(examples, source, lambda e: [e.label])
+
+    def encode_label(self, example, labels, source):
+        return labels.encode(example.label, source, example.line)
+
+    # --- the model, its outputs and metrics ------------------------------------------------
+    def model(self, directory, labels, **overrides):
+        """The task's model from a pretrained or fine-tuned checkpoint directory."""
+        from minisft.models.bert import BertForSequenceClassification
+
+        return BertForSequenceClassification.from_pretrained(directory, id2label=dict(enumerate(labels.names)),
+                                                             problem_type="single_label_classification",
+                                                             **overrides)
+
+    def gather(self, outputs):
+        """The model's per-example outputs (in order) as the metrics take them."""
+        return numpy.stack(outputs)
+
+    def compute_metrics(self, logits, labels, label_names):
+        predictions = [int(i) for i in numpy.asarray(logits).argmax(-1)]
+        _, (precision, recall, f1) = M.precision_recall_f1(list(labels), predictions)
+        return {"accuracy": M.accuracy(list(labels), predictions), "f1": f1, "precision": precision,
+                "recall": recall, "mcc": M.matthews_corrcoef(list(labels), predictions)}
+
+    def prediction(self, example, feature, logits, label_names):
+        """One JSON record for predict: the text(s), the label and every class's probability."""
+        shifted = numpy.exp(logits - logits.max())
+        probabilities = shifted / shifted.sum()
+        record = {"text": example.text}
+        if example.text_pair is not None:
+            record["text_pair"] = example.text_pair
+        return {**record, "label": label_names[int(probabilities.argmax())],
+                "probabilities": {name: round(float(p), 6) for name, p in zip(label_names, probabilities)}}
+
+
+class Classification(Task):
+    name, description = "classification", "text -> class (sentiment, topic, spam)"
+    metrics = ("accuracy", "f1", "precision", "recall", "mcc")
+
+    def check_training_examples(self, path, examples):
+        classes = sorted({e.label for e in examples})
+        if len(classes) < 2:
+            raise DataError(f"{path}: every one of the {len(examples)} rows has the label {classes[0]!r}: "
+                            "a classifier needs at least 2 classes; check --label-column and the file")
+
+
+class PairClassification(Classification):
+    name, description = "pair-classification", "text, text pair -> class (paraphrase, entailment)"
+    pair = True
+
+
+class Regression(Task):
+    name, description = "regression", "text [, text pair] -> a number (similarity)"
+    metrics = ("pearson", "spearman", "mse")
+    numeric_labels = True
+
+    def check_training_examples(self, path, examples):
+        bad = [e.line for e in examples if not math.isfinite(e.label)]
+        if bad:
+            raise rows_error(path, bad, "have a regression label that is not finite (nan or inf)",
+                             "fix or remove them")
+
+    def label_vocab(self, examples):
+        return LabelVocab([])
+
+    def check_labels(self, examples, labels, source):
+        """Any number is a regression target."""
+
+    def encode_label(self, example, labels, source):
+        return example.label
+
+    def model(self, directory, labels, **overrides):
+        from minisft.models.bert import BertForSequenceClassification
+
+        return BertForSequenceClassification.from_pretrained(directory, num_labels=1, problem_type="regression",
+                                                             **overrides)
+
+    def compute_metrics(self, logits, labels, label_names):
+        predictions = [float(x) for x in numpy.asarray(logits).reshape(-1)]
+        labels = [float(x) for x in labels]
+        return {"pearson": M.pearson(labels, predictions), "spearman": M.spearman(labels, predictions),
+                "mse": sum((a - b) ** 2 for a, b in zip(labels, predictions)) / len(labels)}
+
+    def prediction(self, example, feature, logits, label_names):
+        return {"text": example.text, "score": float(logits[0])}
+
+
+class TokenClassification(Task):
+    name, description = "token-classification", "words -> one tag each (named entities)"
+    metrics = ("f1", "precision", "recall", "accuracy")
+
+    def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True):
+        """Sentences from CoNLL (`token<TAB>tag` lines), or JSON lines/CSV with tokens and tags
+        lists."""
+        if str(path).lower().endswith((".jsonl", ".json", ".csv", ".tsv")):
+            records = read_records(path)
+            columns = list(records[0][1])
+            words = pick_column(path, columns, text_column, TOKEN_COLUMNS, "tokens", "--text-column")
+            tags = pick_column(path, columns, label_column, TAG_COLUMNS, "tags", "--label-column")
+            return [Example(record[words], label=record.get(tags), line=number) for number, record in records]
+        return read_conll(path)
+
+    def check_training_examples(self, path, examples):
+        bad = [e.line for e in examples if not e.text]
+        if bad:
+            raise rows_error(path, bad, "have no tokens", "remove them")
+
+    def stdin_example(self, line, number):
+        return Example(line.split(), line=number)
+
+    def label_vocab(self, examples):
+        return LabelVocab.of_names({tag for e in examples for tag in e.label})
+
+    def encode(self, examples, tokenizer, labels, max_length=128, label_all_tokens=False, source="data"):
+        """Features with per-token labels: a word's tag on its first sub-token, -100 elsewhere
+        (or on every sub-token with label_all_tokens); word_ids kept for predictions."""
+        labels.check(examples, source, lambda e: e.label)
+        batch = tokenizer([e.text for e in examples], is_split_into_words=True, truncation=True,
+                          max_length=max_length, return_tensors=None)
+        features = []
+        for i, example in enumerate(examples):
+            word_ids = batch.word_ids(i)
+            feature = {"input_ids": batch["input_ids"][i], "token_type_ids": batch["token_type_ids"][i],
+                       "word_ids": word_ids}
+            if example.label is not None:
+                if len(example.label) != len(example.text):
+                    raise DataError(f"{source} line {example.line}: {len(example.text)} tokens but "
+                                    f"{len(example.label)} tags")
+                tag_ids = [labels.encode(tag, source, example.line) for tag in example.label]
+                feature["label"] = align_labels(word_ids, tag_ids, label_all_tokens)
+            features.append(feature)
+        return features
+
+    def model(self, directory, labels, **overrides):
+        from minisft.models.bert import BertForTokenClassification
+
+        return BertForTokenClassification.from_pretrained(directory, id2label=dict(enumerate(labels.names)),
+                                                          **overrides)
+
+    def gather(self, outputs):
+        return outputs  # (L_i, num_labels) per sentence: lengths differ
+
+    def compute_metrics(self, logits, labels, label_names):
+        true_tags, pred_tags = [], []
+        for row_logits, row_labels in zip(logits, labels):
+            kept = [i for i, label in enumerate(row_labels) if label != IGNORE_INDEX]
+            predicted = row_logits.argmax(-1)
+            true_tags.append([label_names[row_labels[i]] for i in kept])
+            pred_tags.append([label_names[int(predicted[i])] for i in kept])
+        scores, _ = M.entity_f1(true_tags, pred_tags)
+        flat_true = [t for s in true_tags for t in s]
+        flat_pred = [t for s in pred_tags for t in s]
+        return {**scores, "accuracy": M.accuracy(flat_true, flat_pred)}
+
+    def prediction(self, example, feature, logits, label_names):
+        predicted, tags, previous = logits.argmax(-1), [], None
+        for position, word in enumerate(feature["word_ids"]):
+            if word is not None and word != previous:
+                tags.append(label_names[int(predicted[position])])
+            previous = word
+        return {"tokens": example.text, "labels": tags + ["O"] * (len(example.text) - len(tags))}
+
+
+TASKS = {task.name: task for task in (Classification(), PairClassification(), Regression(), TokenClassification())}
+DEFAULT = "classification"  # for data that name no task
+
+
+def get(name):
+    """The registered task called `name`."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise DataError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}") from None
