@@ -95,11 +95,10 @@ class Task:
     # --- the model, its outputs and metrics ------------------------------------------------
     def model(self, directory, labels, **overrides):
         """The task's model from a pretrained or fine-tuned checkpoint directory."""
-        from minisft.models.bert import BertForSequenceClassification
+        from minisft.models.auto import AutoModelForSequenceClassification
 
-        return BertForSequenceClassification.from_pretrained(directory, id2label=dict(enumerate(labels.names)),
-                                                             problem_type="single_label_classification",
-                                                             **overrides)
+        return AutoModelForSequenceClassification.from_pretrained(
+            directory, id2label=dict(enumerate(labels.names)), problem_type="single_label_classification", **overrides)
 
     def gather(self, outputs):
         """The model's per-example outputs (in order) as the metrics take them."""
@@ -159,10 +158,10 @@ class Regression(Task):
         return example.label
 
     def model(self, directory, labels, **overrides):
-        from minisft.models.bert import BertForSequenceClassification
+        from minisft.models.auto import AutoModelForSequenceClassification
 
-        return BertForSequenceClassification.from_pretrained(directory, num_labels=1, problem_type="regression",
-                                                             **overrides)
+        return AutoModelForSequenceClassification.from_pretrained(directory, num_labels=1, problem_type="regression",
+                                                                  **overrides)
 
     def compute_metrics(self, logits, labels, label_names):
         predictions = [float(x) for x in numpy.asarray(logits).reshape(-1)]
@@ -221,10 +220,10 @@ class TokenClassification(Task):
         return features
 
     def model(self, directory, labels, **overrides):
-        from minisft.models.bert import BertForTokenClassification
+        from minisft.models.auto import AutoModelForTokenClassification
 
-        return BertForTokenClassification.from_pretrained(directory, id2label=dict(enumerate(labels.names)),
-                                                          **overrides)
+        return AutoModelForTokenClassification.from_pretrained(directory, id2label=dict(enumerate(labels.names)),
+                                                               **overrides)
 
     def gather(self, outputs):
         return outputs  # (L_i, num_labels) per sentence: lengths differ

@@ -9,7 +9,7 @@ import sys
 from minisft import random, tasks
 from minisft.data import DataError, LabelVocab
 from minisft.fetch import resolve_data, resolve_model
-from minisft.tokenizer import BertTokenizer
+from minisft.models.auto import AutoTokenizer
 from minisft.options import OptionError
 from minisft.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
 
@@ -39,7 +39,7 @@ def train(options):
         raise OptionError("--resume", options.resume, "no such checkpoint directory",
                           f"give a checkpoint-STEP directory of {output}, or --resume alone for the latest")
     random.manual_seed(args.seed)
-    tokenizer = BertTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     train_examples = _read(train_path, args, task)
     task.check_training_examples(train_path, train_examples)
     if args.batch_size > len(train_examples):
@@ -106,7 +106,7 @@ def _load_finetuned(model_dir, device):
     task = tasks.get(args.task)
     labels = LabelVocab([config["id2label"][str(i)] for i in range(len(config["id2label"]))])
     model = task.model(model_dir, labels).to(device).eval()
-    return args, task, model, labels, BertTokenizer.from_pretrained(model_dir)
+    return args, task, model, labels, AutoTokenizer.from_pretrained(model_dir)
 
 
 def evaluate(model_dir, data, batch_size=64, device="cpu"):

@@ -1,0 +1,100 @@
+"""The model-family registry, as transformers' Auto classes: config.json's `model_type`
+picks the family, and tokenizer_config.json's `tokenizer_class` (else the family) picks the
+tokenizer. Adding a family is one module under models/ and one FAMILIES line here.
+
+    model = AutoModelForSequenceClassification.from_pretrained("weights/all-MiniLM-L6-v2", num_labels=2)
+    tokenizer = AutoTokenizer.from_pretrained("weights/all-MiniLM-L6-v2")
+"""
+import json
+import pathlib
+from dataclasses import dataclass
+
+from minisft.models import bert
+from minisft.models.config import BertConfig
+from minisft.tokenizer import BertTokenizer
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family's classes, by role."""
+    config: type
+    base: type
+    sequence_classification: type
+    token_classification: type
+    tokenizer: type
+
+
+FAMILIES = {
+    "bert": Family(BertConfig, bert.BertModel, bert.BertForSequenceClassification, bert.BertForTokenClassification,
+                   BertTokenizer),
+}
+TOKENIZERS = {  # tokenizer_config.json's tokenizer_class -> ours (transformers' fast and slow names alike)
+    "BertTokenizer": BertTokenizer, "BertTokenizerFast": BertTokenizer,
+}
+
+
+def _read_json(path, what):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: {what}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def model_type(directory):
+    """config.json's model_type; for configs without one, the family named by the first of
+    `architectures` (e.g. "BertForSequenceClassification" -> "bert")."""
+    path = pathlib.Path(directory) / "config.json"
+    config = _read_json(path, "a checkpoint directory needs config.json (run `minisft fetch NAME` or "
+                              "save_pretrained)")
+    name = config.get("model_type")
+    if name is None:
+        architecture = (config.get("architectures") or [""])[0].lower()
+        name = next((family for family in FAMILIES if architecture.startswith(family)), None)
+    if name not in FAMILIES:
+        raise ValueError(f"{path}: field 'model_type' is {name!r}; supported: {', '.join(FAMILIES)}")
+    return name
+
+
+def family(directory):
+    """The Family of the checkpoint in `directory`."""
+    return FAMILIES[model_type(directory)]
+
+
+class _Auto:
+    """from_pretrained(directory, ...) of the family's class in the role `role`."""
+    role = None
+
+    @classmethod
+    def from_pretrained(cls, directory, **kwargs):
+        return getattr(family(directory), cls.role).from_pretrained(directory, **kwargs)
+
+
+class AutoConfig(_Auto):
+    role = "config"
+
+
+class AutoModel(_Auto):
+    role = "base"
+
+
+class AutoModelForSequenceClassification(_Auto):
+    role = "sequence_classification"
+
+
+class AutoModelForTokenClassification(_Auto):
+    role = "token_classification"
+
+
+class AutoTokenizer:
+    @classmethod
+    def from_pretrained(cls, directory):
+        """The tokenizer that tokenizer_config.json's tokenizer_class names, else the family's."""
+        path = pathlib.Path(directory) / "tokenizer_config.json"
+        name = _read_json(path, "").get("tokenizer_class") if path.is_file() else None
+        if name is None:
+            return family(directory).tokenizer.from_pretrained(directory)
+        if name not in TOKENIZERS:
+            raise ValueError(f"{path}: field 'tokenizer_class' is {name!r}; supported: {', '.join(TOKENIZERS)}")
+        return TOKENIZERS[name].from_pretrained(directory)
