@@ -9,7 +9,7 @@ import json
 import pathlib
 from dataclasses import dataclass
 
-from minisft.models import bert
+from minisft.models import bert, distilbert
 from minisft.models.config import BertConfig
 from minisft.tokenizer import BertTokenizer
 
@@ -27,9 +27,13 @@ class Family:
 FAMILIES = {
     "bert": Family(BertConfig, bert.BertModel, bert.BertForSequenceClassification, bert.BertForTokenClassification,
                    BertTokenizer),
+    "distilbert": Family(distilbert.DistilBertConfig, distilbert.DistilBertModel,
+                         distilbert.DistilBertForSequenceClassification, distilbert.DistilBertForTokenClassification,
+                         BertTokenizer),
 }
 TOKENIZERS = {  # tokenizer_config.json's tokenizer_class -> ours (transformers' fast and slow names alike)
     "BertTokenizer": BertTokenizer, "BertTokenizerFast": BertTokenizer,
+    "DistilBertTokenizer": BertTokenizer, "DistilBertTokenizerFast": BertTokenizer,
 }
 
 

@@ -59,6 +59,15 @@ def _check_range(name, ids, size, field):
                          "model's tokenizer (vocab.txt)?")
 
 
+def attention_bias(attention_mask, hidden):
+    """The additive (B, 1, 1, L) bias that masks padding keys, or None when nothing is masked:
+    padding gets the dtype's most negative value, which exp() makes exactly 0."""
+    if attention_mask is None or attention_mask.all():
+        return None
+    mask = hidden.device.put(attention_mask)
+    return ((1 - mask[:, None, None, :]) * numpy.finfo(hidden.dtype).min).astype(hidden.dtype)
+
+
 class BertEmbeddings(nn.Module):
     """word + position + token_type embeddings, then LayerNorm and dropout."""
 
@@ -105,16 +114,20 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, hidden_states, attention_bias, output_attentions=False):
         """hidden_states (B, L, H), attention_bias (B, 1, 1, L) additive -> context (B, L, H),
-        and the probabilities (B, nh, L, L) when output_attentions. The query, key and value
-        projections run as one product over their stacked weights, (B, L, 3H), whose heads
-        the attention reads in place."""
-        weight = cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(hidden_states, weight, bias)
-        dropout = self.dropout.p if self.training else 0.0
-        out = F.multi_head_attention(qkv, self.num_attention_heads, attention_bias, dropout,
-                                     need_weights=output_attentions)
-        return out if output_attentions else (out, None)
+        and the probabilities (B, nh, L, L) when output_attentions."""
+        return packed_self_attention(hidden_states, (self.query, self.key, self.value), self.num_attention_heads,
+                                     attention_bias, self.dropout.p if self.training else 0.0, output_attentions)
+
+
+def packed_self_attention(hidden_states, projections, num_heads, attention_bias, dropout_p, output_attentions):
+    """Self-attention whose query, key and value Linear `projections` run as one product over
+    their stacked weights, (B, L, 3H), whose heads the attention reads in place. Returns the
+    context (B, L, H) and the probabilities (B, nh, L, L) or None."""
+    weight = cat([projection.weight for projection in projections])
+    bias = cat([projection.bias for projection in projections])
+    out = F.multi_head_attention(F.linear(hidden_states, weight, bias), num_heads, attention_bias, dropout_p,
+                                 need_weights=output_attentions)
+    return out if output_attentions else (out, None)
 
 
 class _ResidualLayerNorm(nn.Module):
@@ -213,6 +226,7 @@ class BertPooler(nn.Module):
 class BertPreTrainedModel(nn.Module):
     """Weight initialisation and loading/saving shared by BertModel and its task heads."""
 
+    config_class = BertConfig
     base_model_prefix = ""             # "bert." on task heads
     allowed_missing_keys = ()          # parameters a base checkpoint lacks (new heads)
     ignored_unexpected_keys = ("cls.",)  # heads of other tasks (masked LM, NSP)
@@ -238,7 +252,7 @@ class BertPreTrainedModel(nn.Module):
             raise FileNotFoundError(f"{directory} is not a directory; expected a checkpoint "
                                     "directory with config.json and model.safetensors "
                                     "(`minisft fetch all-MiniLM-L6-v2` makes one)")
-        config = BertConfig.from_pretrained(directory, **config_overrides)
+        config = cls.config_class.from_pretrained(directory, **config_overrides)
         model = cls(config)
         weights = directory / "model.safetensors"
         load_into(model, load_safetensors(weights), source=weights, strict=strict,
@@ -274,11 +288,7 @@ class BertModel(BertPreTrainedModel):
         token_type_ids = _as_ids("token_type_ids", token_type_ids, input_ids.shape)
         attention_mask = _as_ids("attention_mask", attention_mask, input_ids.shape)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids)
-        bias = None
-        if attention_mask is not None and not attention_mask.all():  # all ones: nothing to mask
-            # Padding keys get the dtype's most negative value: exp() makes them exactly 0.
-            xp_mask = hidden.device.put(attention_mask)
-            bias = ((1 - xp_mask[:, None, None, :]) * numpy.finfo(hidden.dtype).min).astype(hidden.dtype)
+        bias = attention_bias(attention_mask, hidden)
         sequence, all_hidden, attentions = self.encoder(hidden, bias, output_hidden_states,
                                                         output_attentions)
         pooled = self.pooler(sequence) if self.pooler is not None else None
@@ -319,25 +329,11 @@ class _BertWithClassifier(BertPreTrainedModel):
         self.init_weights()
 
 
-class BertForSequenceClassification(_BertWithClassifier):
-    """A linear classifier on the pooled [CLS] output.
-
-    The loss follows config.problem_type, or is inferred as transformers does: regression
-    (MSE) when num_labels == 1, single-label classification (cross-entropy) for integer
-    labels, multi-label classification (BCE with logits) for float label vectors.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self._build(config, add_pooling_layer=True)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False):
-        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        logits = self.classifier(self.dropout(out.pooler_output))
-        loss = None if labels is None else self.loss(logits, labels)
-        return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+class SequenceClassificationLoss:
+    """The loss of a sequence classification head, for any family: it follows
+    config.problem_type, or is inferred as transformers does: regression (MSE) when
+    num_labels == 1, single-label classification (cross-entropy) for integer labels,
+    multi-label classification (BCE with logits) for float label vectors."""
 
     def problem_type(self, labels):
         if self.config.problem_type:
@@ -360,6 +356,22 @@ class BertForSequenceClassification(_BertWithClassifier):
                          "single_label_classification or multi_label_classification")
 
 
+class BertForSequenceClassification(SequenceClassificationLoss, _BertWithClassifier):
+    """A linear classifier on the pooled [CLS] output (the loss: SequenceClassificationLoss)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self._build(config, add_pooling_layer=True)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = None if labels is None else self.loss(logits, labels)
+        return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+
+
 class BertForTokenClassification(_BertWithClassifier):
     """A linear classifier on every token's hidden state (NER); labels -100 are ignored."""
 
@@ -374,11 +386,15 @@ class BertForTokenClassification(_BertWithClassifier):
         out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None
-        if labels is not None:
-            labels = labels.data if isinstance(labels, Tensor) else numpy.asarray(labels)
-            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1))
+        loss = None if labels is None else token_classification_loss(logits, labels)
         return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+
+
+def token_classification_loss(logits, labels):
+    """Cross-entropy over every token of (B, L, num_labels) logits and (B, L) labels, for any
+    family; labels -100 are ignored."""
+    labels = labels.data if isinstance(labels, Tensor) else numpy.asarray(labels)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
 def _as_float(labels, like):
