@@ -9,7 +9,7 @@ import json
 import pathlib
 from dataclasses import dataclass
 
-from minisft.models import bert, distilbert
+from minisft.models import bert, distilbert, electra
 from minisft.models.config import BertConfig
 from minisft.tokenizer import BertTokenizer
 
@@ -30,10 +30,13 @@ FAMILIES = {
     "distilbert": Family(distilbert.DistilBertConfig, distilbert.DistilBertModel,
                          distilbert.DistilBertForSequenceClassification, distilbert.DistilBertForTokenClassification,
                          BertTokenizer),
+    "electra": Family(electra.ElectraConfig, electra.ElectraModel, electra.ElectraForSequenceClassification,
+                      electra.ElectraForTokenClassification, BertTokenizer),
 }
 TOKENIZERS = {  # tokenizer_config.json's tokenizer_class -> ours (transformers' fast and slow names alike)
     "BertTokenizer": BertTokenizer, "BertTokenizerFast": BertTokenizer,
     "DistilBertTokenizer": BertTokenizer, "DistilBertTokenizerFast": BertTokenizer,
+    "ElectraTokenizer": BertTokenizer, "ElectraTokenizerFast": BertTokenizer,
 }
 
 

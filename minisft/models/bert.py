@@ -71,13 +71,14 @@ def attention_bias(attention_mask, hidden):
 class BertEmbeddings(nn.Module):
     """word + position + token_type embeddings, then LayerNorm and dropout."""
 
-    def __init__(self, config):
+    def __init__(self, config, size=None):
+        """size: the embeddings' width (default hidden_size; ELECTRA's embedding_size)."""
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size,
-                                            padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        size = size or config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, size)
+        self.LayerNorm = nn.LayerNorm(size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.config = config
 
@@ -287,12 +288,16 @@ class BertModel(BertPreTrainedModel):
         input_ids = _as_ids("input_ids", input_ids)
         token_type_ids = _as_ids("token_type_ids", token_type_ids, input_ids.shape)
         attention_mask = _as_ids("attention_mask", attention_mask, input_ids.shape)
-        hidden = self.embeddings(input_ids, token_type_ids, position_ids)
+        hidden = self.embed(input_ids, token_type_ids, position_ids)
         bias = attention_bias(attention_mask, hidden)
         sequence, all_hidden, attentions = self.encoder(hidden, bias, output_hidden_states,
                                                         output_attentions)
         pooled = self.pooler(sequence) if self.pooler is not None else None
         return BaseModelOutputWithPooling(sequence, pooled, all_hidden, attentions)
+
+    def embed(self, input_ids, token_type_ids, position_ids):
+        """The encoder's input (B, L, H) from the ids."""
+        return self.embeddings(input_ids, token_type_ids, position_ids)
 
 
 # --- task heads -----------------------------------------------------------------------------

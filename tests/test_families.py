@@ -1,0 +1,104 @@
+"""The BERT-family models other than BERT (DistilBERT, ELECTRA) against transformers' stored
+outputs (tests/fixtures/make_family_fixtures.py): logits, loss, hidden states, attentions
+and every gradient; padding; the Auto classes and the command line on each checkpoint."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import minisft
+from minisft import cli
+from minisft.models import distilbert, electra
+from minisft.models.auto import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
+from conftest import FIXTURES, assert_close
+
+FAMILIES = {  # name: (base, sequence classification, token classification)
+    "distilbert": (distilbert.DistilBertModel, distilbert.DistilBertForSequenceClassification,
+                   distilbert.DistilBertForTokenClassification),
+    "electra": (electra.ElectraModel, electra.ElectraForSequenceClassification, electra.ElectraForTokenClassification),
+}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request):
+    """(name, checkpoint directory, stored outputs, the family's classes)."""
+    name = request.param
+    return name, FIXTURES / f"tiny-{name}", np.load(FIXTURES / f"tiny_{name}_outputs.npz"), FAMILIES[name]
+
+
+def inputs(ref):
+    return {key: ref[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in ref.files}
+
+
+def test_outputs_loss_and_every_gradient_match_transformers(family, device):
+    _, directory, ref, classes = family
+    model = AutoModelForSequenceClassification.from_pretrained(directory).eval().to(device)
+    assert type(model) is classes[1]
+    out = model(**inputs(ref), labels=ref["labels"], output_hidden_states=True, output_attentions=True)
+    assert_close(out.logits, ref["logits"], atol=1e-5, rtol=0, what="logits")
+    assert_close(out.loss, ref["loss"], atol=1e-5, rtol=0, what="loss")
+    assert len(out.hidden_states) == 3 and len(out.attentions) == 2
+    for i, hidden in enumerate(out.hidden_states):
+        assert_close(hidden, ref[f"hidden_states/{i}"], atol=1e-5, rtol=0, what=f"hidden_states[{i}]")
+    for i, attention in enumerate(out.attentions):
+        assert_close(attention, ref[f"attentions/{i}"], atol=1e-5, rtol=0, what=f"attentions[{i}]")
+    out.loss.backward()
+    names = {k[len("grad/"):] for k in ref.files if k.startswith("grad/")}
+    assert names == {name for name, _ in model.named_parameters()}
+    for name, param in model.named_parameters():
+        assert_close(param.grad, ref[f"grad/{name}"], atol=1e-5, rtol=0, what=f"grad of {name}")
+
+
+def test_the_base_model_loads_a_task_checkpoint_and_padding_changes_nothing(family):
+    _, directory, ref, classes = family
+    model = AutoModel.from_pretrained(directory).eval()
+    assert type(model) is classes[0]
+    with minisft.no_grad():
+        batch = model(**inputs(ref)).last_hidden_state.numpy()
+        length = int(ref["attention_mask"][2].sum())
+        alone = model(ref["input_ids"][2:3, :length]).last_hidden_state.numpy()
+    assert_close(batch[2:3, :length], alone, atol=1e-5, rtol=0)
+    assert_close(batch, ref["hidden_states/2"], atol=1e-5, rtol=0)
+
+
+def test_token_classification_head_and_save_round_trip(family, tmp_path):
+    name, directory, ref, classes = family
+    model = AutoModelForTokenClassification.from_pretrained(directory, num_labels=3).eval()
+    assert type(model) is classes[2]
+    logits = model(**inputs(ref)).logits
+    assert logits.shape == (3, 9, 3)
+    model.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["model_type"] == name and config["architectures"] == [classes[2].__name__]
+    again = AutoModelForTokenClassification.from_pretrained(tmp_path / "saved").eval()
+    assert (again(ref["input_ids"]).logits.numpy() == model(ref["input_ids"]).logits.numpy()).all()
+
+
+def test_the_command_line_fine_tunes_and_predicts(family, tmp_path, capsys):
+    """The fixtures are 3-label classifiers: the data have 3 classes, so their heads load."""
+    _, directory, _, _ = family
+    classes = {"good": "pos", "great": "pos", "bad": "neg", "dull": "neg", "long": "mid", "quite": "mid"}
+    rows = [f"the film was {word},{label}" for word, label in classes.items()] * 4
+    (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    output = tmp_path / "run"
+    assert cli.main(["train", "--model", str(directory), "--train", str(tmp_path / "train.csv"),
+                     "--output", str(output), "--max-steps", "3", "--batch-size", "4"]) == 0
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", str(output), "--data", str(tmp_path / "train.csv")]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert first["label"] in classes.values() and set(first["probabilities"]) == set(classes.values())
+
+
+def test_electra_projects_its_embeddings_to_the_hidden_size():
+    model = AutoModel.from_pretrained(FIXTURES / "tiny-electra")
+    assert model.embeddings.word_embeddings.weight.shape == (64, 16)
+    assert model.embeddings_project.weight.shape == (32, 16)
+
+
+def test_distilbert_sinusoidal_position_embeddings_are_refused_by_name(tmp_path):
+    shutil.copytree(FIXTURES / "tiny-distilbert", tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "sinusoidal_pos_embds": True}))
+    with pytest.raises(ValueError, match=r"config.json: field 'sinusoidal_pos_embds' is true"):
+        AutoModel.from_pretrained(tmp_path / "ckpt")
