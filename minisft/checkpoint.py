@@ -1,15 +1,21 @@
-"""Checkpoints in Hugging Face's safetensors format: read, write, and map key layouts.
+"""Checkpoints: read safetensors (single or sharded) and torch's pytorch_model.bin without
+torch; write safetensors; map key layouts.
 
-Reading uses the `safetensors` package's numpy API; bfloat16 tensors (which NumPy cannot
-represent) are read from the raw bytes and widened to float32 by bit manipulation. Writing
-goes to a temporary file that is renamed into place, so an interrupted save never leaves a
-half-written checkpoint.
+Reading safetensors uses the `safetensors` package's numpy API; bfloat16 tensors (which
+NumPy cannot represent) are read from the raw bytes and widened to float32 by bit
+manipulation. pytorch_model.bin (torch's zip format) is read by a restricted unpickler that
+rebuilds tensors from the archive's storages and refuses every other global, so a checkpoint
+cannot run code. Writing goes to a temporary file that is renamed into place, so an
+interrupted save never leaves a half-written checkpoint.
 """
+import collections
 import json
 import os
 import pathlib
+import pickle
 import secrets
 import struct
+import zipfile
 
 import numpy
 from safetensors import SafetensorError, safe_open
@@ -78,6 +84,110 @@ def load_safetensors(path):
                 f.seek(data_start + start)
                 tensors[name] = _bfloat16_to_float32(f.read(end - start)).reshape(info["shape"])
     return {name: tensors[name] for name in header}
+
+
+# --- torch's pytorch_model.bin, without torch -------------------------------------------------
+_STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "bf16",
+                   "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
+                   "ByteStorage": "u1", "BoolStorage": "?"}
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    """torch._utils._rebuild_tensor_v2: a (possibly strided) view of a storage, copied."""
+    if not size:
+        return storage[offset:offset + 1].reshape(()).copy()
+    itemsize = storage.itemsize
+    view = numpy.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                              strides=tuple(s * itemsize for s in stride))
+    return numpy.ascontiguousarray(view)
+
+
+class _TorchUnpickler(pickle.Unpickler):
+    """Only what a state dict needs: tensors rebuilt from the archive's storages, ordered
+    dicts, and storage types. Any other global is refused."""
+
+    GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+               ("torch._utils", "_rebuild_parameter"): lambda data, requires_grad, hooks: data,
+               ("collections", "OrderedDict"): collections.OrderedDict}
+
+    def __init__(self, file, archive, prefix, path):
+        super().__init__(file)
+        self.archive, self.prefix, self.path = archive, prefix, path
+
+    def find_class(self, module, name):
+        if (module, name) in self.GLOBALS:
+            return self.GLOBALS[module, name]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return name
+        raise CheckpointError(f"{self.path}: refused to load the global {module}.{name}: a checkpoint holds "
+                              "tensors only; this file may run code when unpickled. Get the weights as "
+                              "safetensors, or from a source you trust")
+
+    def persistent_load(self, pid):
+        """('storage', storage type, key, location, numel) -> a 1-D array over the storage's bytes."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"{self.path}: unknown persistent id {pid!r}; not a torch state dict")
+        _, storage_type, key, _, numel = pid
+        raw = self.archive.read(f"{self.prefix}data/{key}")
+        dtype = _STORAGE_DTYPES[storage_type]
+        array = _bfloat16_to_float32(raw) if dtype == "bf16" else numpy.frombuffer(raw, dtype=dtype)
+        if array.size != numel:
+            raise CheckpointError(f"{self.path}: storage {key} holds {array.size} values, not {numel}; "
+                                  "the file is truncated or corrupted")
+        return array
+
+
+def load_torch_bin(path):
+    """{name: numpy array} from a pytorch_model.bin in torch's zip format (torch >= 1.6), read
+    without torch; bfloat16 -> float32."""
+    path = pathlib.Path(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            legacy = f.read(2) == b"\x80\x02"
+        raise CheckpointError(f"{path}: " + ("torch's legacy (before 1.6) format, which minisft does not read; "
+                                             "re-save it with torch.save in a current torch, or get safetensors"
+                                             if legacy else "not a zip archive: truncated or not a torch "
+                                             "checkpoint; download it again")) from None
+    with archive:
+        pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+        if not pickles:
+            raise CheckpointError(f"{path}: no data.pkl in the archive; not a torch checkpoint")
+        prefix = pickles[0][:-len("data.pkl")]
+        try:
+            with archive.open(pickles[0]) as f:
+                state = _TorchUnpickler(f, archive, prefix, path).load()
+        except (pickle.UnpicklingError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            raise CheckpointError(f"{path}: cannot be read ({exc}); the file is truncated or corrupted: "
+                                  "download it again") from None
+    if not isinstance(state, dict) or not all(isinstance(v, numpy.ndarray) for v in state.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return dict(state)
+
+
+def _sharded(path, load):
+    """A *.index.json's {"weight_map": {name: shard file}}: every shard loaded, merged."""
+    index = json.loads(path.read_text(encoding="utf-8"))
+    state = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        state.update(load(path.parent / shard))
+    return state
+
+
+def load_checkpoint(directory):
+    """(file, {name: numpy array}) of a checkpoint directory's weights, in this order of
+    preference, as transformers: model.safetensors, its sharded index, pytorch_model.bin, its
+    sharded index."""
+    directory = pathlib.Path(directory)
+    for name, load in (("model.safetensors", load_safetensors), ("pytorch_model.bin", load_torch_bin)):
+        if (directory / name).is_file():
+            return directory / name, load(directory / name)
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            return index, _sharded(index, load)
+    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin (nor a sharded index of "
+                            "either): a checkpoint directory needs its weights (run `minisft fetch NAME`)")
 
 
 def _temporary_beside(path):

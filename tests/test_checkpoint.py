@@ -97,3 +97,93 @@ def test_written_files_get_the_permissions_of_a_plain_open_and_no_temporary_is_l
     for name in ("model.safetensors", "vocab.txt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "vocab.txt"]
+
+
+# --- pytorch_model.bin without torch, sharded safetensors, which file wins -----------------
+BIN = FIXTURES / "tiny-bert-bin"  # tiny-bert as torch.save wrote it (make_family_fixtures.py)
+
+
+def test_pytorch_model_bin_reads_without_torch_as_the_safetensors_do():
+    from minisft.checkpoint import load_torch_bin
+
+    from_bin, from_safetensors = load_torch_bin(BIN / "pytorch_model.bin"), load_safetensors(TINY / "model.safetensors")
+    assert from_bin.keys() == from_safetensors.keys()
+    for name, array in from_safetensors.items():
+        assert from_bin[name].dtype == array.dtype and (from_bin[name] == array).all(), name
+    model = BertModel.from_pretrained(BIN)
+    assert all((p.numpy() == from_safetensors[n]).all() for n, p in model.named_parameters())
+
+
+def test_safetensors_win_over_bin_and_shards_load(tmp_path):
+    from minisft.checkpoint import load_checkpoint
+    from safetensors.numpy import save_file
+
+    both = tmp_path / "both"
+    both.mkdir()
+    for name in ("config.json", "pytorch_model.bin"):
+        (both / name).write_bytes((BIN / name).read_bytes())
+    (both / "model.safetensors").write_bytes((TINY / "model.safetensors").read_bytes())
+    assert load_checkpoint(both)[0].name == "model.safetensors"
+    state = load_safetensors(TINY / "model.safetensors")
+    names = sorted(state)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    weight_map = {}
+    for i, part in enumerate((names[:10], names[10:])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: state[n] for n in part}, str(sharded / shard))
+        weight_map.update({n: shard for n in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    path, loaded = load_checkpoint(sharded)
+    assert path.name == "model.safetensors.index.json"
+    assert all((loaded[n] == state[n]).all() for n in names)
+
+
+def test_a_bin_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    import os
+    import pickle
+    import zipfile
+
+    from minisft.checkpoint import load_torch_bin
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    path = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"weight": Payload()}, protocol=2))
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin: refused to load the global (posix|os|nt)\.system"):
+        load_torch_bin(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (lambda raw: raw[:len(raw) // 2], r"not a zip archive: truncated or not a torch checkpoint"),
+    (lambda raw: b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19." + raw[:50], r"torch's legacy \(before 1.6\) format"),
+])
+def test_truncated_and_legacy_bins_are_named(tmp_path, content, message):
+    from minisft.checkpoint import load_torch_bin
+
+    path = tmp_path / "pytorch_model.bin"
+    path.write_bytes(content((BIN / "pytorch_model.bin").read_bytes()))
+    with pytest.raises(CheckpointError, match=message):
+        load_torch_bin(path)
+
+
+def test_a_directory_without_weights_names_both_formats(tmp_path):
+    from minisft.checkpoint import load_checkpoint
+
+    with pytest.raises(FileNotFoundError, match=r"no model.safetensors or pytorch_model.bin"):
+        load_checkpoint(tmp_path)
+
+
+def test_the_command_line_fine_tunes_a_checkpoint_stored_only_as_bin(tmp_path):
+    from minisft import cli
+
+    rows = [f"the film was {word},{label}" for word, label in (("good", "pos"), ("bad", "neg"))] * 4
+    (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    assert cli.main(["train", "--model", str(BIN), "--train", str(tmp_path / "train.csv"), "--output",
+                     str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4"]) == 0
+    assert (tmp_path / "run" / "model.safetensors").is_file()

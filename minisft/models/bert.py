@@ -10,7 +10,7 @@ import numpy
 
 from minisft import functional as F
 from minisft import nn, random
-from minisft.checkpoint import load_into, load_safetensors, save_safetensors
+from minisft.checkpoint import load_checkpoint, load_into, save_safetensors
 from minisft.models.config import BertConfig
 from minisft.ops import cat
 from minisft.tensor import Tensor
@@ -255,8 +255,8 @@ class BertPreTrainedModel(nn.Module):
                                     "(`minisft fetch all-MiniLM-L6-v2` makes one)")
         config = cls.config_class.from_pretrained(directory, **config_overrides)
         model = cls(config)
-        weights = directory / "model.safetensors"
-        load_into(model, load_safetensors(weights), source=weights, strict=strict,
+        weights, state = load_checkpoint(directory)
+        load_into(model, state, source=weights, strict=strict,
                   allowed_missing=cls.allowed_missing_keys,
                   ignored_unexpected=cls.ignored_unexpected_keys, prefix=cls.base_model_prefix)
         return model
