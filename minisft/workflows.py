@@ -60,6 +60,8 @@ def train(options):
         resume = latest_checkpoint(output) if options.resume == "latest" else pathlib.Path(options.resume)
         if resume is None:
             raise TrainingError(f"--resume: {output} has no checkpoint-STEP directory to resume from")
+    if model.loading_report():
+        print(model.loading_report(), file=sys.stderr)
     print(f"training {task.name} on {train_path} ({len(train_features)} examples"
           + (f", {len(labels)} labels" if len(labels) else "") + f") from {model_dir}", file=sys.stderr)
     trainer = Trainer(model, args, train_features, eval_features, labels.names, tokenizer)

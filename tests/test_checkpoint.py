@@ -187,3 +187,20 @@ def test_the_command_line_fine_tunes_a_checkpoint_stored_only_as_bin(tmp_path):
     assert cli.main(["train", "--model", str(BIN), "--train", str(tmp_path / "train.csv"), "--output",
                      str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4"]) == 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_convert_writes_the_safetensors_copy_and_loading_reports_what_it_did_not_copy(tmp_path, capsys):
+    import shutil
+
+    from minisft import cli
+    from minisft.models.bert import BertForSequenceClassification
+
+    shutil.copytree(BIN, tmp_path / "ckpt")
+    assert cli.main(["convert", str(tmp_path / "ckpt"), "--to", "safetensors"]) == 0
+    assert "from pytorch_model.bin" in capsys.readouterr().out
+    converted, original = load_safetensors(tmp_path / "ckpt" / "model.safetensors"), load_safetensors(TINY / "model.safetensors")
+    assert converted.keys() == original.keys() and all((converted[k] == original[k]).all() for k in original)
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "ckpt", num_labels=2)
+    assert model.loading_info["missing_keys"] == ["classifier.weight", "classifier.bias"]
+    assert model.loading_report().endswith("newly initialised (not in the checkpoint): classifier.weight, classifier.bias")
+    assert BertModel.from_pretrained(TINY).loading_report() == ""

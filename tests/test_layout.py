@@ -4,7 +4,6 @@ process-wide setting."""
 import ast
 import json
 import os
-import pathlib
 import subprocess
 import sys
 

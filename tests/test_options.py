@@ -160,6 +160,26 @@ def test_fetch(capsys, tmp_path):
     check()
 
 
+def test_convert(capsys, tmp_path):
+    import shutil
+
+    @SETTINGS
+    @given(data=st.data())
+    def check(data):
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = pathlib.Path(tmp) / "ckpt"
+            shutil.copytree(FIXTURES / "tiny-bert-bin", checkpoint)
+            directory = data.draw(st.sampled_from([str(checkpoint)] * 3 + ["", " ", str(checkpoint / "config.json"),
+                                                                           str(pathlib.Path(tmp) / "none")]))
+            argv = ["convert", directory] + (["--to", data.draw(st.sampled_from(["safetensors", "onnx", ""]))]
+                                             if data.draw(st.booleans()) else [])
+            code, err = run(argv, capsys)
+            assert_one_line_or_success(code, err, argv)
+            assert (checkpoint / "model.safetensors").exists() == (code == 0 and directory == str(checkpoint))
+            assert not list(checkpoint.glob(".*.tmp"))
+    check()
+
+
 def test_the_reported_cases_give_clear_errors(files, capsys, tmp_path):
     base = ["train", "--model", str(TINY), "--train", str(files / "train.csv"), "--output", str(tmp_path / "run")]
     code, err = run(base + ["--batch-size", "0"], capsys)

@@ -256,10 +256,21 @@ class BertPreTrainedModel(nn.Module):
         config = cls.config_class.from_pretrained(directory, **config_overrides)
         model = cls(config)
         weights, state = load_checkpoint(directory)
-        load_into(model, state, source=weights, strict=strict,
-                  allowed_missing=cls.allowed_missing_keys,
-                  ignored_unexpected=cls.ignored_unexpected_keys, prefix=cls.base_model_prefix)
+        missing, unexpected = load_into(model, state, source=weights, strict=strict,
+                                        allowed_missing=cls.allowed_missing_keys,
+                                        ignored_unexpected=cls.ignored_unexpected_keys, prefix=cls.base_model_prefix)
+        model.loading_info = {"source": str(weights), "missing_keys": missing, "unexpected_keys": unexpected}
         return model
+
+    def loading_report(self):
+        """What from_pretrained did not copy, in one line (empty when it copied every key)."""
+        info = getattr(self, "loading_info", None)
+        if not info or not (info["missing_keys"] or info["unexpected_keys"]):
+            return ""
+        parts = [f"newly initialised (not in the checkpoint): {', '.join(info['missing_keys'])}"] if info["missing_keys"] else []
+        if info["unexpected_keys"]:
+            parts.append(f"not used (other heads): {', '.join(info['unexpected_keys'])}")
+        return f"loaded {info['source']}; " + "; ".join(parts)
 
     def save_pretrained(self, directory):
         """Write config.json and model.safetensors, loadable here and by transformers."""
