@@ -20,6 +20,7 @@ class Task:
     name = description = None
     metrics = ()           # what compute_metrics reports, the first being the default metric
     pair = False           # a second text is required
+    numeric_labels = False  # labels are numbers (made floats), not class names
 
     @property
     def default_metric(self):
@@ -54,8 +55,6 @@ class Task:
         if label:
             check_label_types(path, examples, numeric=self.numeric_labels)
         return examples
-
-    numeric_labels = False
 
     def check_training_examples(self, path, examples):
         """What makes fine-tuning on these examples meaningless, before any work."""
