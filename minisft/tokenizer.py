@@ -241,12 +241,15 @@ class BertTokenizer:
     def from_pretrained(cls, directory, **overrides):
         directory = pathlib.Path(directory)
         vocab_file = directory / "vocab.txt"
-        if not vocab_file.is_file():
-            raise FileNotFoundError(f"{vocab_file} does not exist: a tokenizer needs vocab.txt, "
-                                    "one token per line (run `minisft fetch NAME`)")
-        vocab = load_vocab(vocab_file)
+        if vocab_file.is_file():
+            vocab, options = load_vocab(vocab_file), {}
+        elif (directory / "tokenizer.json").is_file():
+            vocab_file = directory / "tokenizer.json"
+            vocab, options = load_wordpiece_json(vocab_file)
+        else:
+            raise FileNotFoundError(f"{vocab_file} does not exist (nor tokenizer.json): a tokenizer needs "
+                                    "vocab.txt, one token per line (run `minisft fetch NAME`)")
         config_file = directory / "tokenizer_config.json"
-        options = {}
         if config_file.is_file():
             try:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -254,7 +257,7 @@ class BertTokenizer:
                 raise ValueError(f"{config_file}: not valid JSON ({exc})") from None
             keys = ("do_lower_case", "tokenize_chinese_chars", "strip_accents", "model_max_length",
                     *SPECIAL_TOKENS)
-            options = {k: _token_content(config[k]) for k in keys if config.get(k) is not None}
+            options.update({k: _token_content(config[k]) for k in keys if config.get(k) is not None})
             if options.get("model_max_length", 0) > 1e12:  # transformers' "no limit" sentinel
                 options.pop("model_max_length")
         return cls(vocab, source=str(vocab_file), **{**options, **overrides})
@@ -505,6 +508,25 @@ def _truncate(first, second, budget, strategy):
 def _token_content(value):
     """tokenizer_config.json may hold a special token as {"content": ...}."""
     return value["content"] if isinstance(value, dict) and "content" in value else value
+
+
+def load_wordpiece_json(path):
+    """({token: id}, tokenizer options) from transformers' fast-tokenizer file, tokenizer.json,
+    when its model is WordPiece (normalised as BERT's: BertNormalizer)."""
+    try:
+        spec = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+        model = spec["model"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a tokenizer.json ({exc}); save the tokenizer again") from None
+    if model.get("type") != "WordPiece" or model.get("continuing_subword_prefix", "##") != "##":
+        raise ValueError(f"{path}: field 'model.type' is {model.get('type')!r}; minisft reads WordPiece "
+                         "tokenizers (with the '##' prefix) here: give vocab.txt, or a WordPiece tokenizer.json")
+    options = {"unk_token": model.get("unk_token", "[UNK]")}
+    normalizer = spec.get("normalizer") or {}
+    if normalizer.get("type") == "BertNormalizer":
+        options.update(do_lower_case=normalizer.get("lowercase", True), strip_accents=normalizer.get("strip_accents"),
+                       tokenize_chinese_chars=normalizer.get("handle_chinese_chars", True))
+    return dict(sorted(model["vocab"].items(), key=lambda item: item[1])), options
 
 
 def load_vocab(path):

@@ -111,3 +111,31 @@ def test_wordpiece_greedy_longest_match_and_unknown():
     assert wordpiece.tokenize("running") == ["runn", "##ing"]
     assert wordpiece.tokenize("unwantedX") == ["[UNK]"]
     assert wordpiece.tokenize("a" * 101) == ["[UNK]"]
+
+
+def test_tokenizer_json_is_read_when_vocab_txt_is_absent(tmp_path):
+    """tiny-distilbert's tokenizer.json was written by transformers (make_family_fixtures.py)."""
+    import shutil
+
+    from minisft.models.auto import AutoTokenizer
+
+    shutil.copytree(FIXTURES / "tiny-distilbert", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "vocab.txt").unlink()
+    texts = ["The film was GOOD, and funny!", "Paris visited John", "unknownword xyz", "mary's story"]
+    from_json = AutoTokenizer.from_pretrained(tmp_path / "ckpt")(texts, return_tensors=None)
+    from_vocab = AutoTokenizer.from_pretrained(FIXTURES / "tiny-distilbert")(texts, return_tensors=None)
+    assert from_json["input_ids"] == from_vocab["input_ids"]
+
+
+def test_a_tokenizer_json_of_another_model_type_is_named(tmp_path):
+    import shutil
+
+    from minisft.tokenizer import BertTokenizer
+
+    shutil.copytree(FIXTURES / "tiny-distilbert", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "vocab.txt").unlink()
+    spec = json.loads((tmp_path / "ckpt" / "tokenizer.json").read_text())
+    spec["model"]["type"] = "Unigram"
+    (tmp_path / "ckpt" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"tokenizer.json: field 'model.type' is 'Unigram'; minisft reads WordPiece"):
+        BertTokenizer.from_pretrained(tmp_path / "ckpt")
