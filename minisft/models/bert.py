@@ -372,38 +372,54 @@ class SequenceClassificationLoss:
                          "single_label_classification or multi_label_classification")
 
 
-class BertForSequenceClassification(SequenceClassificationLoss, _BertWithClassifier):
+class TaskHead:
+    """What every family's task heads share: the base model is the attribute that
+    base_model_prefix names (self.bert, self.distilbert, ...), and forward runs it, then the
+    head (`head(out) -> logits`), then the loss (`loss(logits, labels)`)."""
+    output_class = None
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        base = getattr(self, self.base_model_prefix.rstrip("."))
+        out = base(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                   output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        logits = self.head(out)
+        loss = None if labels is None else self.loss(logits, labels)
+        return self.output_class(loss, logits, out.hidden_states, out.attentions)
+
+
+class SequenceClassifierHead(SequenceClassificationLoss, TaskHead):
+    output_class = SequenceClassifierOutput
+
+
+class TokenClassifierHead(TaskHead):
+    """A linear classifier on every token's hidden state (NER); labels -100 are ignored."""
+    output_class = TokenClassifierOutput
+
+    def head(self, out):
+        return self.classifier(self.dropout(out.last_hidden_state))
+
+    def loss(self, logits, labels):
+        return token_classification_loss(logits, labels)
+
+
+class BertForSequenceClassification(SequenceClassifierHead, _BertWithClassifier):
     """A linear classifier on the pooled [CLS] output (the loss: SequenceClassificationLoss)."""
 
     def __init__(self, config):
         super().__init__()
         self._build(config, add_pooling_layer=True)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False):
-        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        logits = self.classifier(self.dropout(out.pooler_output))
-        loss = None if labels is None else self.loss(logits, labels)
-        return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+    def head(self, out):
+        return self.classifier(self.dropout(out.pooler_output))
 
 
-class BertForTokenClassification(_BertWithClassifier):
-    """A linear classifier on every token's hidden state (NER); labels -100 are ignored."""
-
+class BertForTokenClassification(TokenClassifierHead, _BertWithClassifier):
     ignored_unexpected_keys = ("cls.", "pooler.", "bert.pooler.")
 
     def __init__(self, config):
         super().__init__()
         self._build(config, add_pooling_layer=False)
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False):
-        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None if labels is None else token_classification_loss(logits, labels)
-        return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
 
 
 def token_classification_loss(logits, labels):
@@ -411,6 +427,23 @@ def token_classification_loss(logits, labels):
     family; labels -100 are ignored."""
     labels = labels.data if isinstance(labels, Tensor) else numpy.asarray(labels)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+class FirstTokenClassificationHead(nn.Module):
+    """out_proj(dropout(activation(dense(dropout(hidden state of the first token))))):
+    (B, L, H) -> (B, num_labels); ELECTRA's (gelu) and RoBERTa's (tanh) classification head."""
+
+    def __init__(self, config, activation):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
+        self.activation = activation
+
+    def forward(self, features):
+        x = self.dropout(features[:, 0])
+        return self.out_proj(self.dropout(self.activation(self.dense(x))))
 
 
 def _as_float(labels, like):

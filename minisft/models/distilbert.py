@@ -10,9 +10,8 @@ import numpy
 from minisft import functional as F
 from minisft import nn
 from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertPreTrainedModel,
-                                 SequenceClassificationLoss, SequenceClassifierOutput, TokenClassifierOutput,
-                                 _as_ids, _check_range, attention_bias, packed_self_attention,
-                                 token_classification_loss)
+                                 SequenceClassifierHead, TokenClassifierHead, _as_ids, _check_range,
+                                 attention_bias, packed_self_attention)
 from minisft.models.config import BertConfig
 
 LAYER_NORM_EPS = 1e-12  # fixed in DistilBERT, not a config field
@@ -173,7 +172,7 @@ class _DistilBertWithClassifier(DistilBertPreTrainedModel):
         self.classifier = nn.Linear(config.dim, config.num_labels)
 
 
-class DistilBertForSequenceClassification(SequenceClassificationLoss, _DistilBertWithClassifier):
+class DistilBertForSequenceClassification(SequenceClassifierHead, _DistilBertWithClassifier):
     """classifier(dropout(relu(pre_classifier(hidden state of the first token))))."""
 
     def __init__(self, config):
@@ -182,18 +181,12 @@ class DistilBertForSequenceClassification(SequenceClassificationLoss, _DistilBer
         self.pre_classifier = nn.Linear(config.dim, config.dim)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False):
-        out = self.distilbert(input_ids, attention_mask=attention_mask,
-                              output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        pooled = F.relu(self.pre_classifier(out.last_hidden_state[:, 0]))
-        logits = self.classifier(self.dropout(pooled))
-        loss = None if labels is None else self.loss(logits, labels)
-        return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+    def head(self, out):
+        return self.classifier(self.dropout(F.relu(self.pre_classifier(out.last_hidden_state[:, 0]))))
 
 
-class DistilBertForTokenClassification(_DistilBertWithClassifier):
-    """A linear classifier on every token's hidden state; labels -100 are ignored."""
+class DistilBertForTokenClassification(TokenClassifierHead, _DistilBertWithClassifier):
+    """A linear classifier on every token\'s hidden state; labels -100 are ignored."""
 
     ignored_unexpected_keys = DistilBertPreTrainedModel.ignored_unexpected_keys + ("pre_classifier.",)
 
@@ -202,10 +195,3 @@ class DistilBertForTokenClassification(_DistilBertWithClassifier):
         self._build(config, config.dropout)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False):
-        out = self.distilbert(input_ids, attention_mask=attention_mask,
-                              output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None if labels is None else token_classification_loss(logits, labels)
-        return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)

@@ -8,8 +8,7 @@ Shapes: B batch, L sequence length, E embedding_size, H hidden_size.
 from minisft import functional as F
 from minisft import nn
 from minisft.models.bert import (BertEmbeddings, BertEncoder, BertModel, BertPreTrainedModel,
-                                 SequenceClassificationLoss, SequenceClassifierOutput, TokenClassifierOutput,
-                                 token_classification_loss)
+                                 FirstTokenClassificationHead, SequenceClassifierHead, TokenClassifierHead)
 from minisft.models.config import BertConfig
 
 
@@ -58,21 +57,7 @@ def _classifier_dropout(config):
     return config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
 
 
-class ElectraClassificationHead(nn.Module):
-    """out_proj(dropout(gelu(dense(dropout(hidden state of the first token))))): (B, L, H) -> (B, num_labels)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = nn.Dropout(_classifier_dropout(config))
-        self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
-
-    def forward(self, features):
-        x = self.dropout(features[:, 0])
-        return self.out_proj(self.dropout(F.gelu(self.dense(x))))
-
-
-class ElectraForSequenceClassification(SequenceClassificationLoss, ElectraPreTrainedModel):
+class ElectraForSequenceClassification(SequenceClassifierHead, ElectraPreTrainedModel):
     allowed_missing_keys = ("classifier.",)
 
     def __init__(self, config):
@@ -80,20 +65,15 @@ class ElectraForSequenceClassification(SequenceClassificationLoss, ElectraPreTra
         self.config = config
         self.num_labels = config.num_labels
         self.electra = ElectraModel(config)
-        self.classifier = ElectraClassificationHead(config)
+        self.classifier = FirstTokenClassificationHead(config, F.gelu)  # dense, gelu, out_proj
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False):
-        out = self.electra(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                           output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        logits = self.classifier(out.last_hidden_state)
-        loss = None if labels is None else self.loss(logits, labels)
-        return SequenceClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+    def head(self, out):
+        return self.classifier(out.last_hidden_state)
 
 
-class ElectraForTokenClassification(ElectraPreTrainedModel):
-    """A linear classifier on every token's hidden state; labels -100 are ignored."""
+class ElectraForTokenClassification(TokenClassifierHead, ElectraPreTrainedModel):
+    """A linear classifier on every token\'s hidden state; labels -100 are ignored."""
 
     allowed_missing_keys = ("classifier.",)
     ignored_unexpected_keys = ElectraPreTrainedModel.ignored_unexpected_keys + ("classifier.dense.",
@@ -108,10 +88,3 @@ class ElectraForTokenClassification(ElectraPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False):
-        out = self.electra(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                           output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        logits = self.classifier(self.dropout(out.last_hidden_state))
-        loss = None if labels is None else token_classification_loss(logits, labels)
-        return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
