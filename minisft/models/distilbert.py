@@ -186,8 +186,6 @@ class DistilBertForSequenceClassification(SequenceClassifierHead, _DistilBertWit
 
 
 class DistilBertForTokenClassification(TokenClassifierHead, _DistilBertWithClassifier):
-    """A linear classifier on every token\'s hidden state; labels -100 are ignored."""
-
     ignored_unexpected_keys = DistilBertPreTrainedModel.ignored_unexpected_keys + ("pre_classifier.",)
 
     def __init__(self, config):

@@ -73,8 +73,6 @@ class ElectraForSequenceClassification(SequenceClassifierHead, ElectraPreTrained
 
 
 class ElectraForTokenClassification(TokenClassifierHead, ElectraPreTrainedModel):
-    """A linear classifier on every token\'s hidden state; labels -100 are ignored."""
-
     allowed_missing_keys = ("classifier.",)
     ignored_unexpected_keys = ElectraPreTrainedModel.ignored_unexpected_keys + ("classifier.dense.",
                                                                                 "classifier.out_proj.")

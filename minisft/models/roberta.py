@@ -81,8 +81,6 @@ class RobertaForSequenceClassification(SequenceClassifierHead, RobertaPreTrained
 
 
 class RobertaForTokenClassification(TokenClassifierHead, RobertaPreTrainedModel):
-    """A linear classifier on every token\'s hidden state; labels -100 are ignored."""
-
     allowed_missing_keys = ("classifier.",)
     ignored_unexpected_keys = RobertaPreTrainedModel.ignored_unexpected_keys + (
         "pooler.", "roberta.pooler.", "classifier.dense.", "classifier.out_proj.")
