@@ -204,3 +204,14 @@ def test_convert_writes_the_safetensors_copy_and_loading_reports_what_it_did_not
     assert model.loading_info["missing_keys"] == ["classifier.weight", "classifier.bias"]
     assert model.loading_report().endswith("newly initialised (not in the checkpoint): classifier.weight, classifier.bias")
     assert BertModel.from_pretrained(TINY).loading_report() == ""
+
+
+def test_a_bert_base_model_loads_a_task_checkpoint_and_reports_the_head(tmp_path):
+    from minisft.models.bert import BertForSequenceClassification
+
+    task = BertForSequenceClassification.from_pretrained(TINY, num_labels=2)
+    task.save_pretrained(tmp_path / "task")
+    base = BertModel.from_pretrained(tmp_path / "task")
+    own = dict(task.bert.named_parameters())
+    assert all((p.numpy() == own[n].numpy()).all() for n, p in base.named_parameters())
+    assert sorted(base.loading_info["unexpected_keys"]) == ["classifier.bias", "classifier.weight"]

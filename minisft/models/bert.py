@@ -228,7 +228,7 @@ class BertPreTrainedModel(nn.Module):
     """Weight initialisation and loading/saving shared by BertModel and its task heads."""
 
     config_class = BertConfig
-    base_model_prefix = ""             # "bert." on task heads
+    base_model_prefix = "bert."        # a task model's base: stripped or added when loading
     allowed_missing_keys = ()          # parameters a base checkpoint lacks (new heads)
     ignored_unexpected_keys = ("cls.",)  # heads of other tasks (masked LM, NSP)
 
@@ -285,6 +285,8 @@ class BertPreTrainedModel(nn.Module):
 class BertModel(BertPreTrainedModel):
     """The bare encoder: embeddings, num_hidden_layers BertLayers, optional pooler."""
 
+    ignored_unexpected_keys = BertPreTrainedModel.ignored_unexpected_keys + ("classifier.",)
+
     def __init__(self, config, add_pooling_layer=True):
         super().__init__()
         self.config = config
@@ -332,7 +334,6 @@ class _BertWithClassifier(BertPreTrainedModel):
     """BertModel, dropout (classifier_dropout, else hidden_dropout_prob) and a linear
     classifier: the common body of the task heads."""
 
-    base_model_prefix = "bert."
     allowed_missing_keys = ("classifier.",)
 
     def _build(self, config, add_pooling_layer):
