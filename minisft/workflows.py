@@ -9,7 +9,7 @@ import sys
 from minisft import random, tasks
 from minisft.data import DataError, LabelVocab
 from minisft.fetch import resolve_data, resolve_model
-from minisft.models.auto import AutoTokenizer
+from minisft.models.auto import AutoConfig, AutoTokenizer
 from minisft.options import OptionError
 from minisft.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
 
@@ -60,8 +60,9 @@ def train(options):
         resume = latest_checkpoint(output) if options.resume == "latest" else pathlib.Path(options.resume)
         if resume is None:
             raise TrainingError(f"--resume: {output} has no checkpoint-STEP directory to resume from")
-    if model.loading_report():
-        print(model.loading_report(), file=sys.stderr)
+    report = model.loading_report()
+    if report:
+        print(report, file=sys.stderr)
     print(f"training {task.name} on {train_path} ({len(train_features)} examples"
           + (f", {len(labels)} labels" if len(labels) else "") + f") from {model_dir}", file=sys.stderr)
     trainer = Trainer(model, args, train_features, eval_features, labels.names, tokenizer)
@@ -81,16 +82,12 @@ def _check_against_task_and_model(args, model_dir, length_given):
     if args.metric_for_best_model and args.metric_for_best_model not in task.metrics:
         raise OptionError("--metric", args.metric_for_best_model, f"{task.name} computes {', '.join(task.metrics)}",
                           f"use one of them, e.g. --metric {task.default_metric}")
-    config_path = pathlib.Path(model_dir) / "config.json"
-    try:
-        positions = json.loads(config_path.read_text(encoding="utf-8")).get("max_position_embeddings")
-    except (OSError, ValueError):
-        return  # the model's own loading names what is wrong with it
-    if isinstance(positions, int) and args.max_length > positions and not length_given:
+    positions = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    if args.max_length > positions:
+        if length_given:
+            raise OptionError("--max-length", args.max_length, f"longer than the {positions} positions of {model_dir} "
+                              "(max_position_embeddings in config.json)", f"use --max-length {positions} or less")
         args.max_length = positions
-    elif isinstance(positions, int) and args.max_length > positions:
-        raise OptionError("--max-length", args.max_length, f"longer than the {positions} positions of {model_dir} "
-                          "(max_position_embeddings in config.json)", f"use --max-length {positions} or less")
 
 
 def _load_finetuned(model_dir, device):
@@ -104,9 +101,9 @@ def _load_finetuned(model_dir, device):
                                 "directory written by `minisft train`") from None
     args = TrainingArguments(**{k: v for k, v in saved.items()
                                 if k in {f.name for f in dataclasses.fields(TrainingArguments)}})
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    config = AutoConfig.from_pretrained(model_dir)
     task = tasks.get(args.task)
-    labels = LabelVocab([config["id2label"][str(i)] for i in range(len(config["id2label"]))])
+    labels = LabelVocab([config.id2label[i] for i in range(config.num_labels)])
     model = task.model(model_dir, labels).to(device).eval()
     return args, task, model, labels, AutoTokenizer.from_pretrained(model_dir)
 

@@ -287,10 +287,12 @@ class BertModel(BertPreTrainedModel):
 
     ignored_unexpected_keys = BertPreTrainedModel.ignored_unexpected_keys + ("classifier.",)
 
+    embeddings_class = BertEmbeddings  # RoBERTa's differ only here
+
     def __init__(self, config, add_pooling_layer=True):
         super().__init__()
         self.config = config
-        self.embeddings = BertEmbeddings(config)
+        self.embeddings = self.embeddings_class(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.init_weights()
@@ -330,6 +332,12 @@ class TokenClassifierOutput:
     attentions: tuple = None
 
 
+def classifier_dropout(config):
+    """The task heads' dropout: config.classifier_dropout, else hidden_dropout_prob."""
+    p = config.classifier_dropout
+    return nn.Dropout(config.hidden_dropout_prob if p is None else p)
+
+
 class _BertWithClassifier(BertPreTrainedModel):
     """BertModel, dropout (classifier_dropout, else hidden_dropout_prob) and a linear
     classifier: the common body of the task heads."""
@@ -340,8 +348,7 @@ class _BertWithClassifier(BertPreTrainedModel):
         self.config = config
         self.num_labels = config.num_labels
         self.bert = BertModel(config, add_pooling_layer=add_pooling_layer)
-        dropout = config.classifier_dropout
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.dropout = classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
@@ -437,8 +444,7 @@ class FirstTokenClassificationHead(nn.Module):
     def __init__(self, config, activation):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        dropout = config.classifier_dropout
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.dropout = classifier_dropout(config)
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
         self.activation = activation
 

@@ -9,7 +9,7 @@ import numpy
 
 from minisft import functional as F
 from minisft import nn
-from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertPreTrainedModel,
+from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertEncoder, BertPreTrainedModel,
                                  SequenceClassifierHead, TokenClassifierHead, _as_ids, _check_range,
                                  attention_bias, packed_self_attention)
 from minisft.models.config import BertConfig
@@ -115,9 +115,11 @@ class TransformerBlock(nn.Module):
         return self.output_layer_norm(self.ffn(attended) + attended), probs
 
 
-class Transformer(nn.Module):
+class Transformer(BertEncoder):
+    """BERT's encoder loop over n_layers TransformerBlocks."""
+
     def __init__(self, config):
-        super().__init__()
+        nn.Module.__init__(self)
         self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
 
 
@@ -149,16 +151,8 @@ class DistilBertModel(DistilBertPreTrainedModel):
         attention_mask = _as_ids("attention_mask", attention_mask, input_ids.shape)
         hidden = self.embeddings(input_ids)
         bias = attention_bias(attention_mask, hidden)
-        all_hidden = [hidden] if output_hidden_states else None
-        attentions = [] if output_attentions else None
-        for layer in self.transformer.layer:
-            hidden, probs = layer(hidden, bias, output_attentions)
-            if output_hidden_states:
-                all_hidden.append(hidden)
-            if output_attentions:
-                attentions.append(probs)
-        return BaseModelOutputWithPooling(hidden, None, None if all_hidden is None else tuple(all_hidden),
-                                          None if attentions is None else tuple(attentions))
+        sequence, all_hidden, attentions = self.transformer(hidden, bias, output_hidden_states, output_attentions)
+        return BaseModelOutputWithPooling(sequence, None, all_hidden, attentions)
 
 
 class _DistilBertWithClassifier(DistilBertPreTrainedModel):

@@ -8,7 +8,8 @@ Shapes: B batch, L sequence length, E embedding_size, H hidden_size.
 from minisft import functional as F
 from minisft import nn
 from minisft.models.bert import (BertEmbeddings, BertEncoder, BertModel, BertPreTrainedModel,
-                                 FirstTokenClassificationHead, SequenceClassifierHead, TokenClassifierHead)
+                                 FirstTokenClassificationHead, SequenceClassifierHead, TokenClassifierHead,
+                                 classifier_dropout)
 from minisft.models.config import BertConfig
 
 
@@ -53,10 +54,6 @@ class ElectraModel(ElectraPreTrainedModel, BertModel):
         return self.embeddings_project(hidden) if hasattr(self, "embeddings_project") else hidden
 
 
-def _classifier_dropout(config):
-    return config.hidden_dropout_prob if config.classifier_dropout is None else config.classifier_dropout
-
-
 class ElectraForSequenceClassification(SequenceClassifierHead, ElectraPreTrainedModel):
     allowed_missing_keys = ("classifier.",)
 
@@ -82,7 +79,7 @@ class ElectraForTokenClassification(TokenClassifierHead, ElectraPreTrainedModel)
         self.config = config
         self.num_labels = config.num_labels
         self.electra = ElectraModel(config)
-        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.dropout = classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 

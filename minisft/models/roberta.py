@@ -9,8 +9,8 @@ Shapes: B batch, L sequence length, H hidden_size.
 import numpy
 
 from minisft import nn
-from minisft.models.bert import (BertEmbeddings, BertEncoder, BertModel, BertPooler, BertPreTrainedModel,
-                                 FirstTokenClassificationHead, SequenceClassifierHead, TokenClassifierHead)
+from minisft.models.bert import (BertEmbeddings, BertModel, BertPreTrainedModel, FirstTokenClassificationHead,
+                                 SequenceClassifierHead, TokenClassifierHead, classifier_dropout)
 from minisft.models.config import BertConfig
 
 
@@ -54,14 +54,7 @@ class RobertaModel(RobertaPreTrainedModel, BertModel):
 
     ignored_unexpected_keys = RobertaPreTrainedModel.ignored_unexpected_keys + ("classifier.",)
     allowed_missing_keys = ("pooler.",)  # task checkpoints have none: it starts newly initialised
-
-    def __init__(self, config, add_pooling_layer=True):
-        nn.Module.__init__(self)
-        self.config = config
-        self.embeddings = RobertaEmbeddings(config)
-        self.encoder = BertEncoder(config)
-        self.pooler = BertPooler(config) if add_pooling_layer else None
-        self.init_weights()
+    embeddings_class = RobertaEmbeddings
 
 
 class RobertaForSequenceClassification(SequenceClassifierHead, RobertaPreTrainedModel):
@@ -90,8 +83,7 @@ class RobertaForTokenClassification(TokenClassifierHead, RobertaPreTrainedModel)
         self.config = config
         self.num_labels = config.num_labels
         self.roberta = RobertaModel(config, add_pooling_layer=False)
-        dropout = config.classifier_dropout
-        self.dropout = nn.Dropout(config.hidden_dropout_prob if dropout is None else dropout)
+        self.dropout = classifier_dropout(config)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
