@@ -13,38 +13,16 @@ import itertools
 import json
 import pathlib
 import re
-import unicodedata
 
 import numpy
 
+from minisft import unicode
 from minisft.checkpoint import write_json_atomic, write_text_atomic
 
 SPECIAL_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ASCII_WORDS = re.compile(r"[A-Za-z0-9]+|[!-/:-@\[-`{-~]")
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","))
-
-
-def _is_cjk(code):
-    """Chinese/Japanese kanji/Korean hanja ideographs (not kana or hangul), as BERT defines."""
-    return (0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0x20000 <= code <= 0x2A6DF
-            or 0x2A700 <= code <= 0x2B73F or 0x2B740 <= code <= 0x2B81F
-            or 0x2B820 <= code <= 0x2CEAF or 0xF900 <= code <= 0xFAFF or 0x2F800 <= code <= 0x2FA1F)
-
-
-@functools.lru_cache(maxsize=None)
-def _char_kind(char):
-    """"drop" (control, NUL, U+FFFD), "space", "punct" or "word"."""
-    if char in "\t\n\r ":
-        return "space"
-    category = unicodedata.category(char)
-    if char in "\x00\ufffd" or category.startswith("C"):
-        return "drop"
-    if char.isspace():
-        return "space"
-    if category.startswith("P") or (char.isascii() and not char.isalnum()):
-        return "punct"
-    return "word"
 
 
 class BasicTokenizer:
@@ -57,13 +35,6 @@ class BasicTokenizer:
         self.tokenize_chinese_chars = tokenize_chinese_chars
         # Accents are stripped when lowercasing unless strip_accents says otherwise.
         self.strip_accents = do_lower_case if strip_accents is None else strip_accents
-        self._normalize_char = functools.lru_cache(maxsize=None)(self._normalize_char_uncached)
-
-    def _normalize_char_uncached(self, char):
-        if self.strip_accents:
-            char = "".join(c for c in unicodedata.normalize("NFD", char)
-                           if unicodedata.category(c) != "Mn")
-        return char.lower() if self.do_lower_case else char
 
     def words(self, text, offset=0):
         """[(word, start, end, origins)]: each normalised word with its span in `text`
@@ -75,37 +46,49 @@ class BasicTokenizer:
                     for m in _ASCII_WORDS.finditer(text)]
         return self._words_general(text, offset)
 
-    def _words_general(self, text, offset):
-        words, chars, origins = [], [], []
-
-        def flush():
-            if chars:
-                words.append(("".join(chars), origins[0], origins[-1] + 1, list(origins)))
-                chars.clear()
-                origins.clear()
-
+    def _normalized(self, text, offset):
+        """(characters, origins): `text` as BERT's normalizer leaves it (clean_text, spaces
+        around CJK ideographs, strip_accents, lowercase), each character with the position
+        in `text` (plus `offset`) it came from."""
+        chars, origins = [], []
         for position, char in enumerate(text, offset):
-            kind = _char_kind(char)
+            kind = unicode.bert_clean_kind(char)
             if kind == "drop":
                 continue
             if kind == "space":
-                flush()
+                char = " "
+            elif self.tokenize_chinese_chars and unicode.is_chinese(char):
+                chars.extend((" ", char, " "))
+                origins.extend((position,) * 3)
                 continue
-            if self.tokenize_chinese_chars and _is_cjk(ord(char)):
-                flush()
-                normalized = self._normalize_char(char)
-                words.append((normalized, position, position + 1, [position] * len(normalized)))
+            chars.append(char)
+            origins.append(position)
+        if self.strip_accents:
+            chars, origins = unicode.strip_accents(chars, origins)
+        if self.do_lower_case:
+            lowered = [unicode.lowercase(c) for c in chars]
+            origins = [o for o, c in zip(origins, lowered) for _ in c]
+            chars = [c for piece in lowered for c in piece]
+        return chars, origins
+
+    def _words_general(self, text, offset):
+        words, word, places = [], [], []
+
+        def flush():
+            if word:
+                words.append(("".join(word), places[0], places[-1] + 1, list(places)))
+                word.clear()
+                places.clear()
+
+        for char, origin in zip(*self._normalized(text, offset)):
+            kind = unicode.bert_kind(char)
+            if kind == "word":
+                word.append(char)
+                places.append(origin)
                 continue
-            for c in self._normalize_char(char):
-                kind = _char_kind(c)
-                if kind == "punct":
-                    flush()
-                    words.append((c, position, position + 1, [position]))
-                elif kind == "space":
-                    flush()
-                elif kind == "word":
-                    chars.append(c)
-                    origins.append(position)
+            flush()
+            if kind == "punct":
+                words.append((char, origin, origin + 1, [origin]))
         flush()
         return words
 
@@ -370,7 +353,7 @@ class BertTokenizer:
         """
         single = isinstance(text, str) or (is_split_into_words and text and isinstance(text[0], str))
         texts = [text] if single else list(text)
-        if text_pair is None:
+        if text_pair is None or (single and text_pair == ""):  # as transformers: an empty pair is none
             pairs = [None] * len(texts)
         else:
             pairs = [text_pair] if single else list(text_pair)

@@ -1,12 +1,13 @@
 """BertTokenizer: identical to transformers' on 2,000+ varied lines, plus behaviour checks."""
 import gzip
 import json
+import runpy
 
 import numpy as np
 import pytest
 
 from minisft.tokenizer import BasicTokenizer, BertTokenizer, WordpieceTokenizer
-from conftest import FIXTURES
+from conftest import FIXTURES, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,63 @@ def test_identical_to_transformers_on_every_fixture_line(cases, minilm_dir):
             if value != case[field]:
                 mismatches.append((field, case["text"]))
     assert not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
+
+
+@pytest.mark.pretrained  # made with all-MiniLM-L6-v2's vocab.txt
+def test_identical_to_transformers_on_random_unicode(minilm_dir):
+    """Unassigned code points, marks of every combining class, controls, formats, private use,
+    characters newer than the reference's Unicode tables (make_bert_fixtures.py)."""
+    with gzip.open(FIXTURES / "unicode_cases.jsonl.gz", "rt", encoding="utf-8") as f:
+        cases = [json.loads(line) for line in f]
+    tokenizers, mismatches = {}, []
+    for case in cases:
+        key = json.dumps(case["options"], sort_keys=True)
+        if key not in tokenizers:
+            tokenizers[key] = BertTokenizer.from_pretrained(minilm_dir, **case["options"])
+        tok = tokenizers[key]
+        enc = tok([case["text"]], return_offsets_mapping=True, return_tensors=None)
+        if enc["input_ids"][0] != case["input_ids"] or [list(o) for o in enc["offset_mapping"][0]] != case["offset_mapping"]:
+            mismatches.append([hex(ord(c)) for c in case["text"]])
+    assert len(cases) == 4000 and not mismatches, f"{len(mismatches)} differ, first: {mismatches[:3]}"
+
+
+@pytest.mark.pretrained
+def test_identical_to_transformers_on_generated_unicode(minilm_dir):
+    """Live, where the reference extra is installed: hypothesis draws any code points."""
+    transformers = pytest.importorskip("transformers")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    ours = BertTokenizer.from_pretrained(minilm_dir)
+    theirs = transformers.BertTokenizer.from_pretrained(minilm_dir)
+    text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=16)
+
+    @settings(max_examples=1000, deadline=None, derandomize=True)
+    @given(text, text)
+    def check(first, second):
+        assert ours.encode(first) == theirs.encode(first)
+        assert ours.encode(first, second) == theirs.encode(first, second)
+
+    check()
+
+
+@pytest.mark.pretrained
+def test_an_empty_second_text_is_no_pair(tokenizer):
+    """encode(text, "") is encode(text), as transformers does it; in a batch "" stays a pair."""
+    assert tokenizer.encode("hello", "") == tokenizer.encode("hello")
+    assert tokenizer(["hello"], [""], return_tensors=None)["input_ids"][0][-2:] == [tokenizer.sep_token_id] * 2
+
+
+def test_unicode_tables_are_what_their_script_measures(tmp_path):
+    """tools/measure_unicode.py, run against the installed reference, rewrites the same tables."""
+    pytest.importorskip("tokenizers")
+    module = runpy.run_path(str(ROOT / "tools" / "measure_unicode.py"), run_name="measure")
+    module["write"].__globals__["TARGET"] = tmp_path / "unicode_tables.py"
+    import tokenizers
+
+    module["write"](module["measure"](), tokenizers.__version__)
+    committed = ROOT / "minisft" / "unicode_tables.py"
+    assert (tmp_path / "unicode_tables.py").read_text(encoding="utf-8") == committed.read_text(encoding="utf-8")
 
 
 @pytest.mark.pretrained
