@@ -10,6 +10,8 @@ import re
 
 import numpy
 
+from minisft import unicode
+
 
 class BatchEncoding(dict):
     """input_ids, token_type_ids, attention_mask (and offset_mapping) with per-example
@@ -78,9 +80,10 @@ class Tokenizer:
         strip = strip or {}
         ordered = sorted(self.all_special_tokens, key=len, reverse=True)  # longest first
         self._special_contents = ordered
+        space = f"[{re.escape(unicode.whitespace())}]*"  # Unicode White_Space, as the reference strips
         self._special_pattern = re.compile("|".join(
-            (r"\s*" if strip.get(t, (False, False))[0] else "") + f"({re.escape(t)})"
-            + (r"\s*" if strip.get(t, (False, False))[1] else "") for t in ordered))
+            (space if strip.get(t, (False, False))[0] else "") + f"({re.escape(t)})"
+            + (space if strip.get(t, (False, False))[1] else "") for t in ordered))
         self._special_first_chars = {t[0] for t in ordered}
 
     def __len__(self):

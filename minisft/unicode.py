@@ -27,10 +27,11 @@ class RangeSet:
         i = bisect.bisect_right(self.starts, code) - 1
         return i >= 0 and code <= self.ends[i]
 
-    def regex_class(self):
-        """The body of a regular-expression character class, e.g. "A-Za-z"."""
-        return "".join(f"\\U{a:08x}" if a == b else f"\\U{a:08x}-\\U{b:08x}"
-                       for a, b in zip(self.starts, self.ends))
+    def regex_class(self, below=0x110000):
+        """The body of a regular-expression character class, e.g. "A-Za-z", of the code
+        points below `below`."""
+        return "".join(f"\\U{a:08x}" if a == min(b, below - 1) else f"\\U{a:08x}-\\U{min(b, below - 1):08x}"
+                       for a, b in zip(self.starts, self.ends) if a < below)
 
 
 def _mapping(text):
@@ -122,7 +123,15 @@ def lowercase(char):
 
 
 @functools.cache
-def byte_level_classes():
-    """Regular-expression class bodies of the byte-level pre-tokenizer's \\p{L}, \\p{N}, \\s."""
-    return {name.lower(): RangeSet(getattr(unicode_tables, name)).regex_class()
+def byte_level_classes(below=0x110000):
+    """Regular-expression class bodies of the byte-level pre-tokenizer's \\p{L}, \\p{N}, \\s,
+    of the code points below `below` (0x80: the classes for ASCII text)."""
+    return {name.lower(): RangeSet(getattr(unicode_tables, name)).regex_class(below)
             for name in ("LETTER", "NUMBER", "WHITESPACE")}
+
+
+@functools.cache
+def whitespace():
+    """The characters of the byte-level pre-tokenizer's \\s, as one string."""
+    ranges = RangeSet(unicode_tables.WHITESPACE)
+    return "".join(chr(c) for a, b in zip(ranges.starts, ranges.ends) for c in range(a, b + 1))

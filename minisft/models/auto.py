@@ -9,6 +9,7 @@ import json
 import pathlib
 from dataclasses import dataclass
 
+from minisft.bpe import ByteLevelBPETokenizer
 from minisft.models import bert, distilbert, electra, roberta
 from minisft.models.config import BertConfig
 from minisft.tokenizer import BertTokenizer
@@ -33,12 +34,13 @@ FAMILIES = {
     "electra": Family(electra.ElectraConfig, electra.ElectraModel, electra.ElectraForSequenceClassification,
                       electra.ElectraForTokenClassification, BertTokenizer),
     "roberta": Family(roberta.RobertaConfig, roberta.RobertaModel, roberta.RobertaForSequenceClassification,
-                      roberta.RobertaForTokenClassification, None),  # its byte-level BPE tokenizer: not yet
+                      roberta.RobertaForTokenClassification, ByteLevelBPETokenizer),
 }
 TOKENIZERS = {  # tokenizer_config.json's tokenizer_class -> ours (transformers' fast and slow names alike)
     "BertTokenizer": BertTokenizer, "BertTokenizerFast": BertTokenizer,
     "DistilBertTokenizer": BertTokenizer, "DistilBertTokenizerFast": BertTokenizer,
     "ElectraTokenizer": BertTokenizer, "ElectraTokenizerFast": BertTokenizer,
+    "RobertaTokenizer": ByteLevelBPETokenizer, "RobertaTokenizerFast": ByteLevelBPETokenizer,
 }
 
 
@@ -103,11 +105,7 @@ class AutoTokenizer:
         path = pathlib.Path(directory) / "tokenizer_config.json"
         name = _read_json(path, "").get("tokenizer_class") if path.is_file() else None
         if name is None:
-            tokenizer = family(directory).tokenizer
-            if tokenizer is None:
-                raise ValueError(f"{directory}: minisft has no tokenizer for {model_type(directory)} checkpoints yet; "
-                                 "give the model ids made by its own tokenizer")
-            return tokenizer.from_pretrained(directory)
+            return family(directory).tokenizer.from_pretrained(directory)
         if name not in TOKENIZERS:
             raise ValueError(f"{path}: field 'tokenizer_class' is {name!r}; supported: {', '.join(TOKENIZERS)}")
         return TOKENIZERS[name].from_pretrained(directory)
