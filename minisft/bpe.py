@@ -17,11 +17,10 @@ import re
 
 from minisft import unicode
 from minisft.checkpoint import write_json_atomic, write_text_atomic
-from minisft.encoding import EncodedText, Tokenizer, token_content
+from minisft.encoding import EncodedText, Tokenizer, WordCache, token_content
 
 ROLES = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>", "unk_token": "<unk>",
          "pad_token": "<pad>", "mask_token": "<mask>"}
-CACHE_LIMIT = 1_000_000
 
 
 @functools.cache
@@ -50,20 +49,6 @@ def pre_tokenizer(below=0x110000):
                       rf"|[{space}]+(?![^{space}])|[{space}]+")
 
 
-class _MergeCache(dict):
-    """pre-token -> tuple of token ids, merged on first lookup."""
-
-    def __init__(self, tokenizer):
-        super().__init__()
-        self.tokenizer = tokenizer
-
-    def __missing__(self, piece):
-        ids = self.tokenizer.token_ids(piece)
-        if len(self) < CACHE_LIMIT:
-            self[piece] = ids
-        return ids
-
-
 class ByteLevelBPETokenizer(Tokenizer):
     """Text to model inputs by byte-level BPE, reading tokenizer.json, or vocab.json and
     merges.txt, with tokenizer_config.json."""
@@ -87,7 +72,7 @@ class ByteLevelBPETokenizer(Tokenizer):
         self._init_special_tokens(roles, source, self.strip)
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        self._merged = _MergeCache(self)
+        self._cache = WordCache(self.token_ids)
         self._pattern, self._ascii_pattern = pre_tokenizer(), pre_tokenizer(0x80)
         self._spaces = self.byte_encoder[ord(" ")] + unicode.whitespace()
         self.init_kwargs = {"add_prefix_space": add_prefix_space, "trim_offsets": trim_offsets,
@@ -140,23 +125,16 @@ class ByteLevelBPETokenizer(Tokenizer):
 
     # --- text to tokens ---------------------------------------------------------------------
     def merge(self, symbols):
-        """Apply the merges to a list of symbols: repeatedly join every occurrence of the
-        adjacent pair of lowest rank, until no pair has one."""
-        ranks = self.ranks
+        """Apply the merges to a list of symbols: repeatedly join the adjacent pair of lowest
+        rank (the leftmost of equals), until no pair has a rank."""
+        rank, unranked = self.ranks.get, len(self.ranks)
         while len(symbols) > 1:
-            pairs = list(zip(symbols, symbols[1:]))
-            best = min(pairs, key=lambda pair: ranks.get(pair, len(ranks)))
-            if best not in ranks:
+            ranks = [rank(pair, unranked) for pair in zip(symbols, symbols[1:])]
+            best = min(ranks)
+            if best == unranked:
                 break
-            merged, i = [], 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
+            i = ranks.index(best)
+            symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
         return symbols
 
     def token_ids(self, piece):
@@ -172,14 +150,14 @@ class ByteLevelBPETokenizer(Tokenizer):
         if not self._may_hold_special_tokens(text):
             pattern = self._ascii_pattern if text.isascii() else self._pattern
             pieces = pattern.findall(self._prefixed(text))
-            return list(itertools.chain.from_iterable(map(self._merged.__getitem__, pieces)))
+            return list(itertools.chain.from_iterable(map(self._cache.__getitem__, pieces)))
         ids = []
         for segment, _, special in self._segments(text):
             if special is not None:
                 ids.append(special)
             else:
                 for piece in self._pattern.findall(self._prefixed(segment)):
-                    ids.extend(self._merged[piece])
+                    ids.extend(self._cache[piece])
         return ids
 
     def _sequence(self, text, word_index=None):
@@ -203,7 +181,7 @@ class ByteLevelBPETokenizer(Tokenizer):
                     position = max(position, start)
                     spans.extend([(position, position + 1)] * len(char.encode("utf-8")))
                 byte = 0
-                for token_id in self._merged[match.group()]:
+                for token_id in self._cache[match.group()]:
                     token = self.ids_to_tokens[token_id]
                     first, last = spans[byte], spans[byte + len(token) - 1]
                     byte += len(token)

@@ -60,6 +60,21 @@ class EncodedText:
             self.offsets, self.words = self.offsets[:length], self.words[:length]
 
 
+class WordCache(dict):
+    """word -> tuple of token ids, computed by `tokenize_word` on first lookup (up to
+    `limit` words are kept)."""
+
+    def __init__(self, tokenize_word, limit=1_000_000):
+        super().__init__()
+        self.tokenize_word, self.limit = tokenize_word, limit
+
+    def __missing__(self, word):
+        ids = self.tokenize_word(word)
+        if len(self) < self.limit:
+            self[word] = ids
+        return ids
+
+
 class Tokenizer:
     """Encoding shared by every tokenizer. Subclasses set `vocab` ({token: id}),
     `model_max_length`, call `_init_special_tokens`, and give `_ids`, `_sequence`,

@@ -15,7 +15,7 @@ import re
 
 from minisft import unicode
 from minisft.checkpoint import write_json_atomic, write_text_atomic
-from minisft.encoding import EncodedText, Tokenizer, token_content
+from minisft.encoding import EncodedText, Tokenizer, WordCache, token_content
 
 SPECIAL_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -128,20 +128,6 @@ class WordpieceTokenizer:
         return [piece for piece, _, _ in self.split(word)]
 
 
-class _PieceCache(dict):
-    """word -> tuple of WordPiece ids, filled on first lookup."""
-
-    def __init__(self, tokenizer):
-        super().__init__()
-        self.tokenizer = tokenizer
-
-    def __missing__(self, word):
-        ids = tuple(self.tokenizer.vocab[p] for p, _, _ in self.tokenizer.wordpiece_tokenizer.split(word))
-        if len(self) < 1_000_000:
-            self[word] = ids
-        return ids
-
-
 class BertTokenizer(Tokenizer):
     """Text to BERT inputs, reading vocab.txt and tokenizer_config.json."""
 
@@ -157,7 +143,7 @@ class BertTokenizer(Tokenizer):
         self.basic_tokenizer = BasicTokenizer(do_lower_case, self.all_special_tokens, tokenize_chinese_chars,
                                               strip_accents)
         self.wordpiece_tokenizer = WordpieceTokenizer(vocab, unk_token)
-        self._pieces = _PieceCache(self)
+        self._cache = WordCache(self._word_ids)
         self.init_kwargs = {"do_lower_case": do_lower_case, "tokenize_chinese_chars": tokenize_chinese_chars,
                             "strip_accents": strip_accents, "model_max_length": model_max_length,
                             "unk_token": unk_token, "sep_token": sep_token, "pad_token": pad_token,
@@ -198,6 +184,9 @@ class BertTokenizer(Tokenizer):
         write_json_atomic({**self.init_kwargs, "tokenizer_class": "BertTokenizer"},
                           directory / "tokenizer_config.json")
 
+    def _word_ids(self, word):
+        return tuple(self.vocab[p] for p, _, _ in self.wordpiece_tokenizer.split(word))
+
     def special_layout(self):
         """[CLS] A [SEP] and [CLS] A [SEP] B [SEP]: the ids before and after each text."""
         return [self.cls_token_id], [self.sep_token_id], [], [self.sep_token_id]
@@ -208,14 +197,14 @@ class BertTokenizer(Tokenizer):
         basic = self.basic_tokenizer
         if text.isascii() and not _ASCII_CONTROL.search(text) and not self._may_hold_special_tokens(text):
             words = _ASCII_WORDS.findall(text.lower() if basic.do_lower_case else text)
-            return list(itertools.chain.from_iterable(map(self._pieces.__getitem__, words)))
+            return list(itertools.chain.from_iterable(map(self._cache.__getitem__, words)))
         ids = []
         for segment, _, special in self._segments(text):
             if special is not None:
                 ids.append(special)
             else:
                 for word, *_ in basic.words(segment):
-                    ids.extend(self._pieces[word])
+                    ids.extend(self._cache[word])
         return ids
 
     def _sequence(self, text, word_index=None):
