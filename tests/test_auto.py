@@ -57,3 +57,11 @@ def test_unknown_families_and_tokenizers_name_the_file_and_field(tmp_path, confi
 def test_a_directory_without_config_says_how_to_get_one(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config.json does not exist: a checkpoint directory needs"):
         AutoModel.from_pretrained(tmp_path)
+
+
+def test_num_labels_that_disagrees_with_a_short_id2label_wins_as_in_transformers(tmp_path):
+    """transformers warns and makes num_labels generic labels LABEL_0.. (checked with 5.24)."""
+    directory = _copy_with(tmp_path, {"num_labels": 3, "id2label": {"0": "neg", "1": "pos"}})
+    assert AutoConfig.from_pretrained(directory).id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    directory = _copy_with(tmp_path / "agreeing", {"id2label": {"0": "neg", "1": "pos"}})
+    assert AutoModelForSequenceClassification.from_pretrained(directory).config.id2label == {0: "neg", 1: "pos"}
