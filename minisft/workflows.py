@@ -27,9 +27,9 @@ def train(options):
         raise FileExistsError(f"{output} exists and is not empty: choose a new --output, add --resume to "
                               "continue its training, or --overwrite-output-dir to replace it")
     model_dir = resolve_model(options.model)
-    train_path, data_task = resolve_data(options.train, "train")
-    task = tasks.get(options.task or data_task or tasks.DEFAULT)
-    eval_spec = options.eval or (f"{options.train}:dev" if data_task and ":" not in options.train else None)
+    train_path, fetched = resolve_data(options.train, "train")
+    task = tasks.get(options.task) if options.task else tasks.for_file(train_path)
+    eval_spec = options.eval or (f"{options.train}:dev" if fetched and ":" not in options.train else None)
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     args = TrainingArguments(output_dir=str(output), task=task.name,
                              **{k: v for k, v in vars(options).items()

@@ -64,3 +64,45 @@ def test_importing_minisft_changes_no_environment_variable():
     parent = os.umask(0)
     os.umask(parent)
     assert umask == parent  # the child's umask, inherited, is untouched by the import
+
+
+def _code_names(path):
+    """The identifiers and the string constants (not docstrings) of a file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            yield node.id
+        elif isinstance(node, ast.Attribute):
+            yield node.attr
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.value
+
+
+def test_only_the_registries_and_each_family_s_own_modules_name_a_family_or_a_task():
+    """Adding a task touches tasks.py (and its head); adding a family, its module under models/
+    and a registry line in models/auto.py. Its own modules: models/NAME.py, and BERT's
+    config.py and tokenizer.py (WordPiece, which DistilBERT and ELECTRA share)."""
+    from minisft import tasks
+    from minisft.models import auto
+
+    family_classes = {getattr(f, role).__name__ for f in auto.FAMILIES.values()
+                      for role in ("config", "base", "sequence_classification", "token_classification")}
+    own = {"tasks.py", "models/auto.py", "models/config.py", "tokenizer.py",
+           *(f"models/{name}.py" for name in auto.FAMILIES)}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative in own:
+            continue
+        for name in _code_names(path):
+            assert name not in tasks.TASKS and name not in auto.FAMILIES, f"minisft/{relative} names {name!r}"
+            assert not any(c in name for c in family_classes), f"minisft/{relative} names {name!r}"
+
+
+def test_a_data_file_s_format_implies_its_task():
+    from minisft import tasks
+
+    assert tasks.for_file("data/wnut16/train.conll").name == "token-classification"
+    assert tasks.for_file("reviews.CSV").name == tasks.DEFAULT
