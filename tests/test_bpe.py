@@ -1,6 +1,6 @@
 """Byte-level BPE: identical to transformers' RobertaTokenizer on 2,600 varied lines (ids,
 offsets, word and sequence indices, decoding), plus behaviour and bad-input checks."""
-import gzip
+import functools
 import json
 import shutil
 
@@ -9,6 +9,7 @@ import pytest
 from minisft.bpe import ByteLevelBPETokenizer, bytes_to_unicode
 from minisft.models.auto import AutoTokenizer
 from conftest import FIXTURES
+from helpers import fixture_mismatches
 
 TINY = FIXTURES / "tiny-roberta"  # a 1,000-token BPE trained by make_family_fixtures.py
 
@@ -19,28 +20,16 @@ def tokenizer():
 
 
 def test_identical_to_transformers_on_every_fixture_line():
-    with gzip.open(FIXTURES / "bpe_cases.jsonl.gz", "rt", encoding="utf-8") as f:
-        cases = [json.loads(line) for line in f]
-    assert len(cases) >= 2000
-    tokenizers, mismatches = {}, []
-    for case in cases:
-        key = json.dumps(case["options"], sort_keys=True)
-        if key not in tokenizers:
-            tokenizers[key] = ByteLevelBPETokenizer.from_pretrained(TINY, **case["options"])
-        tok = tokenizers[key]
-        if "error" in case:
-            with pytest.raises(ValueError):
-                tok(case["text"], case["pair"], return_tensors=None, **case["call"])
-            continue
+    def observe(tok, case):
         enc = tok(case["text"], case["pair"], return_offsets_mapping=True, return_tensors=None, **case["call"])
         ids = enc["input_ids"][0]
-        got = {"input_ids": ids, "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
-               "word_ids": enc.word_ids(0), "sequence_ids": enc.sequence_ids(0), "decoded": tok.decode(ids),
-               "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)}
-        for field, value in got.items():
-            if value != case[field]:
-                mismatches.append((field, case["text"]))
-    assert not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
+        return {"input_ids": ids, "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
+                "word_ids": enc.word_ids(0), "sequence_ids": enc.sequence_ids(0), "decoded": tok.decode(ids),
+                "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)}
+
+    make = functools.partial(ByteLevelBPETokenizer.from_pretrained, TINY)
+    cases, mismatches = fixture_mismatches(FIXTURES / "bpe_cases.jsonl.gz", make, observe)
+    assert len(cases) >= 2000 and not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
 
 
 def test_auto_tokenizer_picks_byte_level_bpe_and_pairs_have_one_token_type(tokenizer):

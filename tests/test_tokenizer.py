@@ -1,5 +1,5 @@
 """BertTokenizer: identical to transformers' on 2,000+ varied lines, plus behaviour checks."""
-import gzip
+import functools
 import json
 import runpy
 
@@ -8,12 +8,7 @@ import pytest
 
 from minisft.tokenizer import BasicTokenizer, BertTokenizer, WordpieceTokenizer
 from conftest import FIXTURES, ROOT
-
-
-@pytest.fixture(scope="module")
-def cases():
-    with gzip.open(FIXTURES / "tokenizer_cases.jsonl.gz", "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+from helpers import fixture_mismatches
 
 
 @pytest.fixture(scope="module")
@@ -22,43 +17,28 @@ def tokenizer(minilm_dir):
 
 
 @pytest.mark.pretrained  # made with all-MiniLM-L6-v2's vocab.txt
-def test_identical_to_transformers_on_every_fixture_line(cases, minilm_dir):
-    assert len(cases) >= 2000
-    tokenizers, mismatches = {}, []
-    for case in cases:
-        key = json.dumps(case["options"], sort_keys=True)
-        if key not in tokenizers:
-            tokenizers[key] = BertTokenizer.from_pretrained(minilm_dir, **case["options"])
-        tok = tokenizers[key]
-        if "error" in case:
-            with pytest.raises(ValueError):
-                tok(case["text"], case["pair"], return_tensors=None, **case["call"])
-            continue
+def test_identical_to_transformers_on_every_fixture_line(minilm_dir):
+    def observe(tok, case):
         enc = tok(case["text"], case["pair"], return_offsets_mapping=True, return_tensors=None, **case["call"])
-        got = {"input_ids": enc["input_ids"][0], "token_type_ids": enc["token_type_ids"][0],
-               "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
-               "word_ids": enc.word_ids(0), "decoded": tok.decode(enc["input_ids"][0])}
-        for field, value in got.items():
-            if value != case[field]:
-                mismatches.append((field, case["text"]))
-    assert not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
+        return {"input_ids": enc["input_ids"][0], "token_type_ids": enc["token_type_ids"][0],
+                "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
+                "word_ids": enc.word_ids(0), "decoded": tok.decode(enc["input_ids"][0])}
+
+    make = functools.partial(BertTokenizer.from_pretrained, minilm_dir)
+    cases, mismatches = fixture_mismatches(FIXTURES / "tokenizer_cases.jsonl.gz", make, observe)
+    assert len(cases) >= 2000 and not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
 
 
 @pytest.mark.pretrained  # made with all-MiniLM-L6-v2's vocab.txt
 def test_identical_to_transformers_on_random_unicode(minilm_dir):
     """Unassigned code points, marks of every combining class, controls, formats, private use,
     characters newer than the reference's Unicode tables (make_bert_fixtures.py)."""
-    with gzip.open(FIXTURES / "unicode_cases.jsonl.gz", "rt", encoding="utf-8") as f:
-        cases = [json.loads(line) for line in f]
-    tokenizers, mismatches = {}, []
-    for case in cases:
-        key = json.dumps(case["options"], sort_keys=True)
-        if key not in tokenizers:
-            tokenizers[key] = BertTokenizer.from_pretrained(minilm_dir, **case["options"])
-        tok = tokenizers[key]
+    def observe(tok, case):
         enc = tok([case["text"]], return_offsets_mapping=True, return_tensors=None)
-        if enc["input_ids"][0] != case["input_ids"] or [list(o) for o in enc["offset_mapping"][0]] != case["offset_mapping"]:
-            mismatches.append([hex(ord(c)) for c in case["text"]])
+        return {"input_ids": enc["input_ids"][0], "offset_mapping": [list(o) for o in enc["offset_mapping"][0]]}
+
+    make = functools.partial(BertTokenizer.from_pretrained, minilm_dir)
+    cases, mismatches = fixture_mismatches(FIXTURES / "unicode_cases.jsonl.gz", make, observe)
     assert len(cases) == 4000 and not mismatches, f"{len(mismatches)} differ, first: {mismatches[:3]}"
 
 
