@@ -53,6 +53,37 @@ def _predict(args):
     return 0
 
 
+def _graph(args):
+    from minisft import inside
+
+    path, note = inside.graph(args.model, args.output, args.layers)
+    if note:
+        print(f"minisft graph: {note}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def _attention(args):
+    from minisft import inside
+
+    print(inside.attention(args.model, args.sentence, args.output, args.layer, args.head)[0])
+    return 0
+
+
+def _summary(args):
+    from minisft import inside
+
+    print(inside.model_summary(args.model, args.batch, args.length, args.profile))
+    return 0
+
+
+def _plot(args):
+    from minisft import inside
+
+    print(inside.plot(args.runs, args.output))
+    return 0
+
+
 def _add_training_options(parser):
     from minisft.trainer import TrainingArguments
 
@@ -72,7 +103,8 @@ def _add_training_options(parser):
         help="evaluation file or data set name[:split] (default for a data set name: its dev split)")
     add("--test", type=options.Text("test file or data set name"),
         help="file or data set name[:split] evaluated once at the end (default for a data set: none)")
-    add("--task", choices=list(tasks.TASKS), help="default: the data set's task, else classification; "
+    add("--task", choices=list(tasks.TASKS), help="default: the one the training file's format implies "
+        "(.conll: token-classification), else classification; "
         + "; ".join(f"{task.name}: {task.description}" for task in tasks.TASKS.values()))
     add("--output", required=True, type=options.Text("output directory"),
         help="output directory (must not exist unless --resume or --overwrite-output-dir)")
@@ -112,6 +144,8 @@ def _add_training_options(parser):
         help="resume from the latest checkpoint in --output (or a given one)")
     add("--overwrite-output-dir", action="store_true")
     add("--device", default="cpu", type=options.device, help="cpu or cuda[:N]")
+    add("--plot", action="store_true", help="draw the training curves into OUTPUT/curves.png at each evaluation "
+                                            "(needs the viz extra: pip install -e '.[viz]')")
 
 
 def _add_inference_options(parser, data_help):
@@ -168,7 +202,51 @@ def build_parser():
     _add_inference_options(predict, data_help="file (labels not needed), data set name[:split], or - for "
                                               "standard input (one text per line)")
     predict.set_defaults(run=_predict)
+    _add_inside_commands(commands)
     return parser
+
+
+def _add_inside_commands(commands):
+    """graph, attention, summary and plot: pictures and tables of what happens inside."""
+    model_help = "checkpoint directory (`minisft fetch` or `minisft train` output)"
+    graph = commands.add_parser("graph", help="draw the autograd graph of a training step (SVG)",
+                                description="Run one training step of the checkpoint as a sequence classifier on "
+                                            "a short sentence and draw its autograd graph: ops with output shapes, "
+                                            "parameters by name with their gradient norms. Writes an SVG with "
+                                            "Graphviz (the viz extra and the dot program), else the .dot source.")
+    graph.add_argument("--model", required=True, type=options.Text("model directory"), help=model_help)
+    graph.add_argument("--layers", type=options.Number(int, 1, example="1"), default=1,
+                       help="encoder layers to keep (the lowest ones; default 1, a readable graph)")
+    graph.add_argument("--output", type=options.Text("output file"), default="graph.svg")
+    graph.set_defaults(run=_graph)
+
+    attention = commands.add_parser("attention", help="draw attention weights over a sentence (PNG)",
+                                    description="Heat maps of one layer's attention probabilities over the word "
+                                                "pieces of a sentence: one panel per head, or the chosen head.")
+    attention.add_argument("--model", required=True, type=options.Text("model directory"), help=model_help)
+    attention.add_argument("sentence", type=str, help="the sentence to look at")
+    attention.add_argument("--layer", type=options.Number(int, 0, example="0"), help="layer index (default: the last)")
+    attention.add_argument("--head", type=options.Number(int, 0, example="0"), help="one head (default: all)")
+    attention.add_argument("--output", type=options.Text("output file"), default="attention.png")
+    attention.set_defaults(run=_attention)
+
+    summary = commands.add_parser("summary", help="module tree, parameters, FLOPs and activation memory",
+                                  description="Run one training step on random ids and print, per module: output "
+                                              "shape, parameters, matrix-product FLOPs forward and backward, and the "
+                                              "arrays kept for backward; --profile adds measured times and peaks.")
+    summary.add_argument("--model", required=True, type=options.Text("model directory"), help=model_help)
+    summary.add_argument("--batch", type=options.Number(int, 1, 4096, example="32"), default=32)
+    summary.add_argument("--length", type=options.Number(int, 1, 65536, example="128"), default=128)
+    summary.add_argument("--profile", action="store_true",
+                         help="time each module's forward and backward, and its forward's peak memory")
+    summary.set_defaults(run=_summary)
+
+    plot = commands.add_parser("plot", help="draw training curves from runs' metrics.jsonl (PNG)",
+                               description="Training loss (raw and smoothed), learning rate and each evaluation "
+                                           "metric against step, one colour per run; a resumed run is one curve.")
+    plot.add_argument("runs", nargs="+", type=options.Text("run directory"), help="run directories (--output of train)")
+    plot.add_argument("--output", type=options.Text("output file"), help="default: FIRST_RUN/curves.png")
+    plot.set_defaults(run=_plot)
 
 
 def _traceback_log(args):
@@ -196,11 +274,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from minisft.data import DataError
     from minisft.trainer import TrainingError
+    from minisft.viz import MissingExtra
 
     try:
         return args.run(args)
     except (fetching.FetchError, DataError, TrainingError, FileNotFoundError, FileExistsError,
-            ValueError, KeyError) as exc:
+            ValueError, KeyError, MissingExtra) as exc:
         print(f"minisft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2 if not isinstance(exc, TrainingError) else 1
     except KeyboardInterrupt:

@@ -54,6 +54,7 @@ class Function:
 
     def __init__(self):
         self.saved = None
+        self.output_shape = None
         self.parents = ()
         self.needs_input_grad = ()
         self.recording = False
@@ -76,6 +77,7 @@ class Function:
             return Tensor(out)
         self.parents = tuple(t._ctx if t._ctx is not None else (t if t.requires_grad else None)
                              for t in tensors)
+        self.output_shape = out.shape  # for pictures of the graph (minisft.viz)
         return Tensor(out, requires_grad=True, _ctx=self)
 
     def forward(self, *arrays, **options):

@@ -95,7 +95,9 @@ class Trainer:
     """Fine-tunes `model` on encoded features (see minisft.data.encode)."""
 
     def __init__(self, model, args, train_features=None, eval_features=None, label_names=None,
-                 tokenizer=None, log=None):
+                 tokenizer=None, log=None, on_evaluate=None):
+        """on_evaluate: called with no arguments after each evaluation is written to
+        metrics.jsonl (e.g. to draw the curves)."""
         check_training_arguments(args)
         self.model = model
         self.args = args
@@ -106,6 +108,7 @@ class Trainer:
         self.output_dir = pathlib.Path(args.output_dir)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        self.on_evaluate = on_evaluate
         self.state = TrainerState()
         self._last_eval_step = None
 
@@ -247,6 +250,8 @@ class Trainer:
             self.state.evaluations_without_improvement += 1
         record = {"step": self.state.global_step, "epoch": self.state.epoch, **scores}
         self._append_metrics(record)
+        if self.on_evaluate is not None:
+            self.on_evaluate()
         self.log(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()) + (" (best)" if improved else ""))
         return scores
 

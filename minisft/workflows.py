@@ -26,6 +26,7 @@ def train(options):
     if output.exists() and any(output.iterdir()) and not options.resume and not options.overwrite_output_dir:
         raise FileExistsError(f"{output} exists and is not empty: choose a new --output, add --resume to "
                               "continue its training, or --overwrite-output-dir to replace it")
+    draw = _curves_drawer(output) if getattr(options, "plot", False) else None
     model_dir = resolve_model(options.model)
     train_path, fetched = resolve_data(options.train, "train")
     task = tasks.get(options.task) if options.task else tasks.for_file(train_path)
@@ -65,13 +66,23 @@ def train(options):
         print(report, file=sys.stderr)
     print(f"training {task.name} on {train_path} ({len(train_features)} examples"
           + (f", {len(labels)} labels" if len(labels) else "") + f") from {model_dir}", file=sys.stderr)
-    trainer = Trainer(model, args, train_features, eval_features, labels.names, tokenizer)
+    trainer = Trainer(model, args, train_features, eval_features, labels.names, tokenizer, on_evaluate=draw)
     metrics = trainer.train(resume_from=resume)
     if test_path is not None:
         test = trainer.evaluate(features(test_path), prefix="test")
         trainer._append_metrics({"step": trainer.state.global_step, **test})
         metrics = {**metrics, **test}
+        if draw is not None:
+            draw()
     return metrics
+
+
+def _curves_drawer(output):
+    """--plot: a function that draws OUTPUT/curves.png; checked for the viz extra before training."""
+    from minisft import viz
+
+    viz.require_drawing()
+    return lambda: viz.draw_curves([output], pathlib.Path(output) / "curves.png")
 
 
 def _check_against_task_and_model(args, model_dir, length_given):

@@ -11,6 +11,7 @@ class BertConfig:
     so a saved config round-trips."""
 
     model_type = "bert"
+    layers_field = "num_hidden_layers"  # the field that counts encoder layers (see minisft.inside)
     defaults = {
         "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
         "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",

@@ -21,6 +21,7 @@ class DistilBertConfig(BertConfig):
     """The fields of a DistilBERT config.json, with transformers' defaults."""
 
     model_type = "distilbert"
+    layers_field = "n_layers"
     defaults = {
         "vocab_size": 30522, "max_position_embeddings": 512, "sinusoidal_pos_embds": False,
         "n_layers": 6, "n_heads": 12, "dim": 768, "hidden_dim": 3072, "dropout": 0.1,
