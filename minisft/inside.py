@@ -5,15 +5,17 @@ import pathlib
 import numpy
 
 from minisft import summary, viz
+from minisft.fetch import resolve_model
 from minisft.models.auto import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from minisft.options import OptionError
 
 GRAPH_SENTENCE = "Fine-tuning starts here."
 
 
-def _model(model_dir, layers=None):
-    """The checkpoint as a sequence classifier (a new head where it has none), with its
-    lowest `layers` encoder layers only when given."""
+def _model(model, layers=None):
+    """The checkpoint (a directory, or a fetchable name, fetched) as a sequence classifier
+    (a new head where it has none), with its lowest `layers` encoder layers only when given."""
+    model_dir = resolve_model(model)
     if not (pathlib.Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a checkpoint directory (it has no config.json): give one "
                                 "that `minisft fetch` or `minisft train` wrote")

@@ -72,24 +72,29 @@ def to_dot(tensor, model=None, grad_norms=False):
         label = type(obj).__name__.lstrip("_") + "\n" + _shape(obj.output_shape)
         lines.append(f"  {name} [label={_quote(label)}, shape=box];")
         stack.extend((parent, name) for parent in obj.parents if parent is not None)
-    header = ["digraph minisft {", "  rankdir=BT;", '  node [fontname="Helvetica", fontsize=10];']
+    header = ["digraph minisft {", "  rankdir=BT;", "  graph [nodesep=0.15, ranksep=0.3];",
+              '  node [fontname="Helvetica", fontsize=10];']
     return "\n".join(header + lines + edges + ["}"]) + "\n"
 
 
 def render_dot(dot, path):
-    """Write `dot` as an SVG at `path` with Graphviz; without it (the viz extra and Graphviz's
-    `dot` program), write path.with_suffix(".dot") instead. Returns (written path, note)."""
+    """Draw `dot` into `path` with Graphviz, in the format its suffix names (.svg, .png,
+    .pdf); without Graphviz (the viz extra and its `dot` program), write
+    path.with_suffix(".dot") instead. Returns (written path, note or None)."""
     path = pathlib.Path(path)
     try:
         graphviz = _require("graphviz")
-        svg = graphviz.Source(dot).pipe(format="svg")
+        kind = path.suffix.lstrip(".") or "svg"
+        if kind == "png":  # a screen's resolution: the graph is large
+            dot = dot.replace("{\n", "{\n  graph [dpi=52];\n", 1)
+        drawing = graphviz.Source(dot).pipe(format=kind)
     except (MissingExtra, OSError, RuntimeError) as exc:  # graphviz.ExecutableNotFound is a RuntimeError
         fallback = path.with_suffix(".dot")
         _write_bytes(dot.encode("utf-8"), fallback)
-        return fallback, (f"wrote the DOT source instead of an SVG ({exc}); install the viz extra ({VIZ_EXTRA}) "
+        return fallback, (f"wrote the DOT source instead of {path.name} ({exc}); install the viz extra ({VIZ_EXTRA}) "
                           "and Graphviz's dot program (e.g. apt install graphviz), or render it with "
                           f"`dot -Tsvg {fallback} -o {path}`")
-    _write_bytes(svg, path)
+    _write_bytes(drawing, path)
     return path, None
 
 
