@@ -227,6 +227,7 @@ def draw_curves(run_directories, path):
     for ax, title in zip(axes.flat, panels):
         ax.set_title(title, fontsize=11)
         ax.set_xlim(0, last * 1.04)
+        ax.xaxis.set_major_locator(_require("matplotlib.ticker").MaxNLocator(integer=True))
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
