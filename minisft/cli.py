@@ -144,6 +144,15 @@ def _add_training_options(parser):
         help="resume from the latest checkpoint in --output (or a given one)")
     add("--overwrite-output-dir", action="store_true")
     add("--device", default="cpu", type=options.device, help="cpu or cuda[:N]")
+    add("--freeze-embeddings", action="store_true", help="freeze the embeddings (no gradient, no optimizer state)")
+    number("freeze_layers", "freeze the lowest N encoder layers")
+    number("lora_r", "train LoRA adapters of this rank instead of every weight (0: off); the task head stays trainable")
+    number("lora_alpha", "LoRA scaling numerator: the update is (alpha / r) B A x")
+    number("lora_dropout", "dropout on the adapters' input")
+    add("--lora-target-modules", nargs="+", type=options.Text("module name"),
+        help="Linear layers to adapt, by name (default: the family's, query value for BERT)")
+    add("--merge-adapters", action="store_true",
+        help="write a plain checkpoint with the adapters merged into its weights instead of the adapter")
     add("--plot", action="store_true", help="draw the training curves into OUTPUT/curves.png at each evaluation "
                                             "(needs the viz extra: pip install -e '.[viz]')")
 

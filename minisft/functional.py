@@ -91,7 +91,8 @@ class _Linear(Function):
                              f"{tuple(weight.shape)}: the input's last dim must be {weight.shape[1]}")
         self.kernels = kernels.for_array(x)
         x2 = x.reshape(-1, x.shape[-1])
-        self.save_for_backward(x2, weight)
+        needs_x, needs_weight = self.needs_input_grad[:2]
+        self.save_for_backward(x2 if needs_weight else None, weight if needs_x else None)  # dW = g^T x, dx = g W
         self.shape = x.shape
         return self.kernels.linear_forward(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 

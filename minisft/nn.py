@@ -131,6 +131,17 @@ class Module:
         for param in self.parameters():
             param.grad = None
 
+    def requires_grad_(self, requires_grad=True):
+        """Freeze (False) or unfreeze every parameter of this module and its submodules. A
+        frozen parameter gets no gradient, no optimizer state (parameter_groups leaves it
+        out), and no backward work that only it needs (e.g. a frozen Linear's weight
+        gradient, and the input it would need)."""
+        for param in self.parameters():
+            param.requires_grad_(requires_grad)
+            if not requires_grad:
+                param.grad = None
+        return self
+
     def to(self, device=None, dtype=None):
         """Move (in place) every parameter and its grad to `device` and/or float `dtype`."""
         device = None if device is None else Device(device)

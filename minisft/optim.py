@@ -128,10 +128,12 @@ class AdamW(Adam):
 
 def parameter_groups(model, weight_decay, no_decay=("bias", "LayerNorm.weight")):
     """Two groups as the usual recipe: decay for weight matrices, none for biases and
-    LayerNorm weights (any parameter whose name ends with an entry of `no_decay`)."""
+    LayerNorm weights (any parameter whose name ends with an entry of `no_decay`). Frozen
+    parameters (requires_grad False) are left out."""
     decay, plain = [], []
     for name, param in model.named_parameters():
-        (plain if name.endswith(tuple(no_decay)) else decay).append(param)
+        if param.requires_grad:
+            (plain if name.endswith(tuple(no_decay)) else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 

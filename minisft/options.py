@@ -105,6 +105,10 @@ TRAINING = {
     "logging_steps": Number(int, 1, 10 ** 9, example=50),
     "early_stopping_patience": Number(int, 0, 10 ** 6, example=3),
     "seed": Number(int, 0, 4294967295, example=42),
+    "freeze_layers": Number(int, 0, 1000, example=2),
+    "lora_r": Number(int, 0, 4096, example=8),
+    "lora_alpha": Number(float, 0, 1e6, above=True, example=16),
+    "lora_dropout": Number(float, 0, 0.99, example=0.1),
 }
 
 

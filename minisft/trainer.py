@@ -67,6 +67,13 @@ class TrainingArguments:
     text_pair_column: str = None
     label_column: str = None
     keep_freed_memory: bool = False      # glibc keeps freed memory for reuse (process-wide; the CLI turns it on)
+    freeze_embeddings: bool = False      # lean fine-tuning (minisft.peft): frozen embeddings
+    freeze_layers: int = 0               # the lowest N encoder layers frozen
+    lora_r: int = 0                      # > 0: LoRA adapters of this rank, the rest frozen but the head
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_target_modules: list = None     # default: the family's (query/value)
+    merge_adapters: bool = False         # write a plain merged checkpoint instead of the adapter
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -280,7 +287,7 @@ class Trainer:
         file written to a temporary name and renamed."""
         best = self.output_dir / "best"
         if best.is_dir():
-            self.model.load_state_dict(load_safetensors(best / "model.safetensors"))
+            self.model.load_saved(best)
         self._write_model(self.output_dir)
 
     def _save_checkpoint(self, optimizer, schedule):
@@ -310,7 +317,7 @@ class Trainer:
             saved = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise TrainingError(f"{directory} is not a checkpoint (no trainer_state.json)") from None
-        self.model.load_state_dict(load_safetensors(directory / "model.safetensors"))
+        self.model.load_saved(directory)
         arrays = load_safetensors(directory / "optimizer.safetensors")
         state = {}
         for i, scalars in saved["optimizer"]["state"].items():

@@ -6,9 +6,9 @@ import json
 import pathlib
 import sys
 
-from minisft import random, tasks
+from minisft import peft, random, tasks
 from minisft.data import DataError, LabelVocab
-from minisft.fetch import resolve_data, resolve_model
+from minisft.fetch import FetchError, resolve_data, resolve_model
 from minisft.models.auto import AutoConfig, AutoTokenizer
 from minisft.options import OptionError
 from minisft.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
@@ -55,7 +55,7 @@ def train(options):
     train_features = features(train_path, train_examples)
     eval_features = features(resolve_data(eval_spec, "dev")[0]) if eval_spec else None
     test_path = resolve_data(options.test, "test")[0] if options.test else None
-    model = task.model(model_dir, labels).to(options.device)
+    model = peft.prepare(task.model(model_dir, labels), args, _base_name(options.model, model_dir)).to(options.device)
     resume = None
     if options.resume:
         resume = latest_checkpoint(output) if options.resume == "latest" else pathlib.Path(options.resume)
@@ -74,7 +74,17 @@ def train(options):
         metrics = {**metrics, **test}
         if draw is not None:
             draw()
+    if args.merge_adapters and args.lora_r:
+        trainer.model = model.merge_and_unload()
+        trainer._write_model(output)
+        for name in (peft.ADAPTER_CONFIG, peft.ADAPTER_WEIGHTS):
+            (output / name).unlink(missing_ok=True)
     return metrics
+
+
+def _base_name(given, model_dir):
+    """How an adapter names its base: the fetchable name as given, else the absolute path."""
+    return given if not pathlib.Path(given).exists() else str(pathlib.Path(model_dir).resolve())
 
 
 def _curves_drawer(output):
@@ -115,7 +125,20 @@ def _load_finetuned(model_dir, device):
     config = AutoConfig.from_pretrained(model_dir)
     task = tasks.get(args.task)
     labels = LabelVocab([config.id2label[i] for i in range(config.num_labels)])
-    model = task.model(model_dir, labels).to(device).eval()
+    if peft.is_adapter(model_dir):
+        _, base = peft.read_adapter_config(model_dir)
+        try:  # a relative path: from the adapter's directory first
+            if not base:
+                raise FetchError("no base named")
+            base_dir = model_dir / base if (model_dir / base).is_dir() else resolve_model(base)
+        except FetchError:
+            raise FileNotFoundError(f"{model_dir / peft.ADAPTER_CONFIG}: its base checkpoint "
+                                    f"(base_model_name_or_path) {base!r} cannot be found; put the base there or "
+                                    "edit the field to its directory") from None
+        model = peft.load_adapter(task.model(base_dir, labels), model_dir, base)
+    else:
+        model = task.model(model_dir, labels)
+    model = model.to(device).eval()
     return args, task, model, labels, AutoTokenizer.from_pretrained(model_dir)
 
 

@@ -221,11 +221,11 @@ def linear_backward(g, x, weight, needs):
     xp = get_array_module(g)
     gx = gw = None
     if needs[0]:
-        gx = xp.empty(x.shape, dtype=g.dtype)
+        gx = xp.empty((g.shape[0], weight.shape[1]), dtype=g.dtype)  # x may be None: not kept for a frozen weight
         by_tiles_on_one_blas_thread(lambda g, gx: xp.matmul(g, weight, out=gx), g, gx, tile=GEMM_TILE,
                                     multiply_adds=weight.size)
     if needs[1]:  # dW's rows (output features) in tiles: g^T's rows are g's columns
-        gw = xp.empty(weight.shape, dtype=g.dtype)
+        gw = xp.empty((g.shape[1], x.shape[1]), dtype=g.dtype)
         by_tiles_on_one_blas_thread(lambda g_t, gw: xp.matmul(g_t, x, out=gw), g.T, gw, tile=GEMM_TILE,
                                     multiply_adds=x.size)
     gb = _column_sum(g) if needs[2] else None

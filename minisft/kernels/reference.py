@@ -108,7 +108,8 @@ def linear_forward(x, weight, bias):
 
 
 def linear_backward(g, x, weight, needs):
-    """dx = g W, dW = g^T x, db = sum over rows of g; None where `needs` says no."""
+    """dx = g W, dW = g^T x, db = sum over rows of g; None where `needs` says no (x is None
+    when dW is not needed, weight when dx is not)."""
     gx = g @ weight if needs[0] else None
     gw = g.T @ x if needs[1] else None
     gb = _sum_rows(g) if needs[2] else None

@@ -10,7 +10,8 @@ import numpy
 
 from minisft import functional as F
 from minisft import nn, random
-from minisft.checkpoint import load_checkpoint, load_into, save_safetensors
+from minisft.backend import get_array_module
+from minisft.checkpoint import load_checkpoint, load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
 from minisft.ops import cat
 from minisft.tensor import Tensor
@@ -126,8 +127,12 @@ def packed_self_attention(hidden_states, projections, num_heads, attention_bias,
     context (B, L, H) and the probabilities (B, nh, L, L) or None."""
     weight = cat([projection.weight for projection in projections])
     bias = cat([projection.bias for projection in projections])
-    out = F.multi_head_attention(F.linear(hidden_states, weight, bias), num_heads, attention_bias, dropout_p,
-                                 need_weights=output_attentions)
+    qkv = F.linear(hidden_states, weight, bias)
+    deltas = [projection.delta(hidden_states) if hasattr(projection, "delta") else None for projection in projections]
+    if any(delta is not None for delta in deltas):  # LoRA adapters' low-rank updates (minisft.peft)
+        zeros = Tensor(get_array_module(qkv.data).zeros(qkv.shape[:-1] + (qkv.shape[-1] // 3,), qkv.dtype))
+        qkv = qkv + cat([zeros if delta is None else delta for delta in deltas], dim=-1)
+    out = F.multi_head_attention(qkv, num_heads, attention_bias, dropout_p, need_weights=output_attentions)
     return out if output_attentions else (out, None)
 
 
@@ -229,6 +234,7 @@ class BertPreTrainedModel(nn.Module):
 
     config_class = BertConfig
     base_model_prefix = "bert."        # a task model's base: stripped or added when loading
+    lora_target_modules = ("query", "value")  # peft's default LoRA targets for the family
     allowed_missing_keys = ()          # parameters a base checkpoint lacks (new heads)
     ignored_unexpected_keys = ("cls.",)  # heads of other tasks (masked LM, NSP)
 
@@ -271,6 +277,19 @@ class BertPreTrainedModel(nn.Module):
         if info["unexpected_keys"]:
             parts.append(f"not used (other heads): {', '.join(info['unexpected_keys'])}")
         return f"loaded {info['source']}; " + "; ".join(parts)
+
+    def base_model(self):
+        """The bare encoder model: itself for a base model, its base for a task model."""
+        return getattr(self, self.base_model_prefix.rstrip("."), self)
+
+    def encoder_layers(self):
+        """The encoder's layers, lowest first."""
+        base = self.base_model()
+        return list(self.encoder.layer) if base is self else base.encoder_layers()
+
+    def load_saved(self, directory):
+        """Restore the parameters save_pretrained wrote into `directory` (a checkpoint)."""
+        self.load_state_dict(load_safetensors(pathlib.Path(directory) / "model.safetensors"))
 
     def save_pretrained(self, directory):
         """Write config.json and model.safetensors, loadable here and by transformers."""
@@ -398,11 +417,13 @@ class TaskHead:
 
 class SequenceClassifierHead(SequenceClassificationLoss, TaskHead):
     output_class = SequenceClassifierOutput
+    peft_task_type = "SEQ_CLS"  # peft's name for the task (adapter_config.json)
 
 
 class TokenClassifierHead(TaskHead):
     """A linear classifier on every token's hidden state (NER); labels -100 are ignored."""
     output_class = TokenClassifierOutput
+    peft_task_type = "TOKEN_CLS"
 
     def head(self, out):
         return self.classifier(self.dropout(out.last_hidden_state))

@@ -128,6 +128,7 @@ class DistilBertPreTrainedModel(BertPreTrainedModel):
     """BERT's loading, saving and initialisation with DistilBERT's config and key prefix: a
     base checkpoint loads into a task model and a task checkpoint's base into a base model."""
     config_class = DistilBertConfig
+    lora_target_modules = ("q_lin", "v_lin")
     base_model_prefix = "distilbert."
     ignored_unexpected_keys = ("vocab_transform.", "vocab_layer_norm.", "vocab_projector.")  # the MLM head
 
@@ -143,6 +144,9 @@ class DistilBertModel(DistilBertPreTrainedModel):
         self.embeddings = Embeddings(config)
         self.transformer = Transformer(config)
         self.init_weights()
+
+    def encoder_layers(self):
+        return list(self.transformer.layer)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, output_hidden_states=False,
                 output_attentions=False):
