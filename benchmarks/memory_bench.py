@@ -16,7 +16,7 @@ from benchmarks.workloads import Minisft, Reference
 library = (Minisft if {name!r} == "minisft" else Reference)({model!r})
 if {name!r} == "torch":
     library.torch.set_num_threads({threads})
-step = library.train_step({batch}, {length})
+step = library.train_step({batch}, {length}, {mode!r})
 for _ in range(5):
     step()
 for line in open("/proc/self/status"):
@@ -28,11 +28,12 @@ else:
 """
 
 
-def peak_mb(env, name, batch, length):
+def peak_mb(env, name, batch, length, mode="full"):
+    """The high-water RSS (MB) of a process of its own that runs 5 steps of `mode` fine-tuning."""
     import os
 
     code = WORKER.format(root=str(env.root), name=name, model=str(env.model_dir), batch=batch, length=length,
-                         threads=os.cpu_count())
+                         threads=os.cpu_count(), mode=mode)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -19,6 +19,8 @@ def model_flops(config, batch, length, training):
     return forward * (3 if training else 1)
 
 
+LORA_R, LORA_ALPHA = 8, 16  # the lean benchmark's LoRA (query and value)
+
 class Minisft:
     name = "minisft"
 
@@ -41,11 +43,18 @@ class Minisft:
                 model(ids, attention_mask=mask).last_hidden_state.numpy()
         return run
 
-    def train_step(self, batch, length):
+    def train_step(self, batch, length, mode="full"):
+        """One AdamW step of fine-tuning: every weight ("full"), LoRA r=8 alpha 16 on query and
+        value ("lora"), or all but the embeddings ("frozen-embeddings")."""
+        from minisft import peft
         from minisft.models.bert import BertForSequenceClassification
         from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
 
         model = BertForSequenceClassification.from_pretrained(self.model_dir, num_labels=2).train().to(self.device)
+        if mode == "lora":
+            model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA))
+        elif mode == "frozen-embeddings":
+            peft.freeze(model, embeddings=True)
         optimizer = AdamW(parameter_groups(model, 0.01), lr=2e-5)
         ids, mask, labels = inputs(batch, length)
 
@@ -88,13 +97,22 @@ class Reference:
                 model(input_ids=ids, attention_mask=mask).last_hidden_state.cpu().numpy()
         return run
 
-    def train_step(self, batch, length):
+    def train_step(self, batch, length, mode="full"):
+        """As Minisft.train_step, with transformers (and peft for "lora")."""
         torch = self.torch
         model = self.transformers.BertForSequenceClassification.from_pretrained(
             self.model_dir, num_labels=2).train().to(self.device)
+        if mode == "lora":
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=LORA_R, lora_alpha=LORA_ALPHA,
+                                                               target_modules=["query", "value"]))
+        elif mode == "frozen-embeddings":
+            model.bert.embeddings.requires_grad_(False)
         no_decay = ("bias", "LayerNorm.weight")
-        groups = [{"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": 0.01},
-                  {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0}]
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trainable if not n.endswith(no_decay)], "weight_decay": 0.01},
+                  {"params": [p for n, p in trainable if n.endswith(no_decay)], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=2e-5)
         ids, mask, labels = (torch.from_numpy(a).to(self.device) for a in inputs(batch, length))
 

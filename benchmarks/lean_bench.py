@@ -1,0 +1,37 @@
+"""Lean fine-tuning at 32x128 on all-MiniLM-L6-v2: step time and peak memory of full
+fine-tuning, LoRA r=8 (alpha 16, query and value) and frozen embeddings, for minisft and for
+transformers (+ peft for LoRA), and minisft's lean modes against its own full fine-tuning."""
+from benchmarks.common import Figure, alternate
+from benchmarks.memory_bench import peak_mb
+from benchmarks.workloads import LORA_ALPHA, LORA_R, Minisft, Reference
+
+MODES = ("full", "lora", "frozen-embeddings")
+NAMES = {"full": "full fine-tuning", "lora": f"LoRA r={LORA_R} alpha {LORA_ALPHA}",
+         "frozen-embeddings": "frozen embeddings"}
+
+
+def run(env, quick):
+    batch, length = (4, 32) if quick else (32, 128)
+    ours, theirs = Minisft(env.model_dir), Reference(env.model_dir) if env.reference else None
+    times, memory = {}, {}
+    for mode in MODES:
+        functions = {"ours": ours.train_step(batch, length, mode)}
+        if theirs is not None:
+            functions["reference"] = theirs.train_step(batch, length, mode)
+        times[mode] = alternate(functions, repeats=2 if quick else 5)
+        memory[mode] = {"ours": [peak_mb(env, "minisft", batch, length, mode)],
+                        "reference": [peak_mb(env, "torch", batch, length, mode)] if theirs is not None else None}
+    size = f"{batch}x{length}"
+    figures = []
+    for mode in MODES:
+        figures.append(Figure(f"training step {size}, {NAMES[mode]}", "s", times[mode]["ours"],
+                              times[mode].get("reference"), note="reference: transformers" +
+                              (" + peft" if mode == "lora" else "")))
+        figures.append(Figure(f"peak RSS, 5 steps {size}, {NAMES[mode]}", "MB", memory[mode]["ours"],
+                              memory[mode]["reference"], note="each in its own process"))
+    for mode in MODES[1:]:
+        figures.append(Figure(f"minisft {NAMES[mode]} / full: step {size}", "s", times[mode]["ours"],
+                              times["full"]["ours"], note="reference column: minisft's full fine-tuning"))
+        figures.append(Figure(f"minisft {NAMES[mode]} / full: peak RSS {size}", "MB", memory[mode]["ours"],
+                              memory["full"]["ours"], note="reference column: minisft's full fine-tuning"))
+    return figures
