@@ -151,6 +151,8 @@ def _add_training_options(parser):
     number("lora_dropout", "dropout on the adapters' input")
     add("--lora-target-modules", nargs="+", type=options.Text("module name"),
         help="Linear layers to adapt, by name (default: the family's, query value for BERT)")
+    add("--gradient-checkpointing", action="store_true",
+        help="keep only each encoder layer's input and recompute the layer in backward (less memory, ~1/3 more time)")
     add("--merge-adapters", action="store_true",
         help="write a plain checkpoint with the adapters merged into its weights instead of the adapter")
     add("--plot", action="store_true", help="draw the training curves into OUTPUT/curves.png at each evaluation "

@@ -12,7 +12,7 @@ import numpy
 from minisft import functional as F
 from minisft import random
 from minisft.backend import Device
-from minisft.tensor import Tensor
+from minisft.tensor import Function, Tensor, no_grad
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -261,3 +261,39 @@ class Dropout(Module):
 
     def extra_repr(self):
         return f"p={self.p}"
+
+
+class _Checkpoint(Function):
+    """Runs `block` on x without keeping what it computes inside; backward runs it again
+    from x, with the random state it first ran with (so the same dropout masks), and
+    backpropagates through that recomputed graph: parameter gradients go to the block's
+    parameters, x's gradient is returned. The block's parameters are inputs too, so that the
+    op records even when x needs no gradient."""
+
+    def forward(self, x, *parameters, block):
+        self.block, self.rng = block, random.get_rng_state()
+        self.save_for_backward(x)
+        with no_grad():
+            return block(Tensor(x)).data
+
+    def backward(self, g):
+        (x,) = self.saved
+        resumed = random.get_rng_state()
+        random.set_rng_state(self.rng)
+        try:
+            x = Tensor(x, requires_grad=self.needs_input_grad[0])
+            with no_grad(enabled=True):
+                out = self.block(x)
+            out.backward(g)
+        finally:
+            random.set_rng_state(resumed)
+        return (x.grad if self.needs_input_grad[0] else None,) + (None,) * (len(self.needs_input_grad) - 1)
+
+
+def checkpoint(block, x, parameters):
+    """block(x) -> Tensor, keeping only x for backward (gradient checkpointing: the
+    activations inside the block are recomputed in backward). `parameters`: the block's."""
+    trainable = [p for p in parameters if p.requires_grad]
+    if not (x.requires_grad or trainable):
+        return block(x)
+    return _Checkpoint.apply(x, *trainable, block=block)

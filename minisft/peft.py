@@ -275,7 +275,10 @@ def load_adapter(model, directory, base_model_name_or_path=None):
 
 
 def prepare(model, args, base_model_name_or_path):
-    """The model as TrainingArguments ask: frozen parts, then LoRA adapters (lora_r > 0)."""
+    """The model as TrainingArguments ask: gradient checkpointing, frozen parts, then LoRA
+    adapters (lora_r > 0)."""
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     freeze(model, args.freeze_embeddings, args.freeze_layers)
     if not args.lora_r:
         return model

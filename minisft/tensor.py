@@ -20,10 +20,11 @@ def is_grad_enabled():
 
 
 @contextlib.contextmanager
-def no_grad():
-    """Inside this block no graph is recorded: outputs never require grad."""
+def no_grad(enabled=False):
+    """Inside this block no graph is recorded: outputs never require grad (enabled=True:
+    recorded again, e.g. when backward recomputes a checkpointed block)."""
     previous = is_grad_enabled()
-    _state.grad_enabled = False
+    _state.grad_enabled = enabled
     try:
         yield
     finally:

@@ -74,6 +74,7 @@ class TrainingArguments:
     lora_dropout: float = 0.1
     lora_target_modules: list = None     # default: the family's (query/value)
     merge_adapters: bool = False         # write a plain merged checkpoint instead of the adapter
+    gradient_checkpointing: bool = False  # recompute each encoder layer in backward: less memory
 
     def to_json(self):
         return dataclasses.asdict(self)

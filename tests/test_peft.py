@@ -175,3 +175,25 @@ def test_an_adapter_whose_base_is_gone_is_named(tmp_path, capsys):
     assert cli.main(["evaluate", "--model", str(tmp_path / "lora"), "--data", data]) == 2
     assert "its base checkpoint (base_model_name_or_path)" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "lora")
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert"])
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_and_keeps_less(name):
+    from minisft import summary
+
+    ids, mask = _batch()
+    results = []
+    for checkpointing in (False, True):
+        model = _classifier(name).train()  # dropout on: the recomputation must draw the same masks
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        peft.freeze(model, embeddings=True)  # layer 0's input then needs no gradient
+        manual_seed(5)
+        inputs = {"input_ids": ids, "attention_mask": mask, "labels": np.array([0, 1, 2])}
+        rows = summary.summarize(model, inputs)
+        results.append((rows[0].activation_bytes, {n: p.grad for n, p in model.named_parameters()}))
+    (kept, plain), (kept_checkpointed, checkpointed) = results
+    assert set(plain) == set(checkpointed)
+    for n, grad in plain.items():
+        assert (grad is None and checkpointed[n] is None) or np.array_equal(grad, checkpointed[n]), n
+    assert kept_checkpointed < 0.5 * kept

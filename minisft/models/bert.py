@@ -14,7 +14,7 @@ from minisft.backend import get_array_module
 from minisft.checkpoint import load_checkpoint, load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
 from minisft.ops import cat
-from minisft.tensor import Tensor
+from minisft.tensor import Tensor, is_grad_enabled
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
            "BaseModelOutputWithPooling", "SequenceClassifierOutput", "TokenClassifierOutput"]
@@ -202,13 +202,18 @@ class BertEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False  # recompute each layer in backward (see nn.checkpoint)
 
     def forward(self, hidden_states, attention_bias, output_hidden_states=False,
                 output_attentions=False):
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         for layer in self.layer:
-            hidden_states, probs = layer(hidden_states, attention_bias, output_attentions)
+            if self.gradient_checkpointing and self.training and is_grad_enabled() and not output_attentions:
+                hidden_states, probs = nn.checkpoint(
+                    lambda x, layer=layer: layer(x, attention_bias)[0], hidden_states, layer.parameters()), None
+            else:
+                hidden_states, probs = layer(hidden_states, attention_bias, output_attentions)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             if output_attentions:
@@ -286,6 +291,13 @@ class BertPreTrainedModel(nn.Module):
         """The encoder's layers, lowest first."""
         base = self.base_model()
         return list(self.encoder.layer) if base is self else base.encoder_layers()
+
+    def gradient_checkpointing_enable(self):
+        """Recompute each encoder layer in backward instead of keeping its activations."""
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = True
+        return self
 
     def load_saved(self, directory):
         """Restore the parameters save_pretrained wrote into `directory` (a checkpoint)."""

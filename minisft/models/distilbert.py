@@ -122,6 +122,7 @@ class Transformer(BertEncoder):
     def __init__(self, config):
         nn.Module.__init__(self)
         self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.gradient_checkpointing = False
 
 
 class DistilBertPreTrainedModel(BertPreTrainedModel):
