@@ -1,20 +1,25 @@
-"""Lean fine-tuning at 32x128 on all-MiniLM-L6-v2: step time and peak memory of full
-fine-tuning, LoRA r=8 (alpha 16, query and value) and frozen embeddings, for minisft and for
-transformers (+ peft for LoRA), and minisft's lean modes against its own full fine-tuning."""
+"""Lean fine-tuning on all-MiniLM-L6-v2: step time and peak memory of full fine-tuning, LoRA
+r=8 (alpha 16, query and value) and frozen embeddings at 32x128, and of gradient checkpointing
+at 8x512, for minisft and for transformers (+ peft for LoRA), and minisft's lean modes against
+its own full fine-tuning."""
 from benchmarks.common import Figure, alternate
 from benchmarks.memory_bench import peak_mb
 from benchmarks.workloads import LORA_ALPHA, LORA_R, Minisft, Reference
 
-MODES = ("full", "lora", "frozen-embeddings")
 NAMES = {"full": "full fine-tuning", "lora": f"LoRA r={LORA_R} alpha {LORA_ALPHA}",
-         "frozen-embeddings": "frozen embeddings"}
+         "frozen-embeddings": "frozen embeddings", "checkpointing": "gradient checkpointing"}
 
 
 def run(env, quick):
-    batch, length = (4, 32) if quick else (32, 128)
     ours, theirs = Minisft(env.model_dir), Reference(env.model_dir) if env.reference else None
+    figures = _compare(env, ours, theirs, ("full", "lora", "frozen-embeddings"), *((4, 32) if quick else (32, 128)),
+                       quick)
+    return figures + _compare(env, ours, theirs, ("full", "checkpointing"), *((2, 64) if quick else (8, 512)), quick)
+
+
+def _compare(env, ours, theirs, modes, batch, length, quick):
     times, memory = {}, {}
-    for mode in MODES:
+    for mode in modes:
         functions = {"ours": ours.train_step(batch, length, mode)}
         if theirs is not None:
             functions["reference"] = theirs.train_step(batch, length, mode)
@@ -23,13 +28,13 @@ def run(env, quick):
                         "reference": [peak_mb(env, "torch", batch, length, mode)] if theirs is not None else None}
     size = f"{batch}x{length}"
     figures = []
-    for mode in MODES:
+    for mode in modes:
         figures.append(Figure(f"training step {size}, {NAMES[mode]}", "s", times[mode]["ours"],
                               times[mode].get("reference"), note="reference: transformers" +
                               (" + peft" if mode == "lora" else "")))
         figures.append(Figure(f"peak RSS, 5 steps {size}, {NAMES[mode]}", "MB", memory[mode]["ours"],
                               memory[mode]["reference"], note="each in its own process"))
-    for mode in MODES[1:]:
+    for mode in modes[1:]:
         figures.append(Figure(f"minisft {NAMES[mode]} / full: step {size}", "s", times[mode]["ours"],
                               times["full"]["ours"], note="reference column: minisft's full fine-tuning"))
         figures.append(Figure(f"minisft {NAMES[mode]} / full: peak RSS {size}", "MB", memory[mode]["ours"],

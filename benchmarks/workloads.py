@@ -45,7 +45,8 @@ class Minisft:
 
     def train_step(self, batch, length, mode="full"):
         """One AdamW step of fine-tuning: every weight ("full"), LoRA r=8 alpha 16 on query and
-        value ("lora"), or all but the embeddings ("frozen-embeddings")."""
+        value ("lora"), all but the embeddings ("frozen-embeddings"), or every weight with
+        gradient checkpointing ("checkpointing")."""
         from minisft import peft
         from minisft.models.bert import BertForSequenceClassification
         from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
@@ -55,6 +56,8 @@ class Minisft:
             model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA))
         elif mode == "frozen-embeddings":
             peft.freeze(model, embeddings=True)
+        elif mode == "checkpointing":
+            model.gradient_checkpointing_enable()
         optimizer = AdamW(parameter_groups(model, 0.01), lr=2e-5)
         ids, mask, labels = inputs(batch, length)
 
@@ -109,6 +112,8 @@ class Reference:
                                                                target_modules=["query", "value"]))
         elif mode == "frozen-embeddings":
             model.bert.embeddings.requires_grad_(False)
+        elif mode == "checkpointing":
+            model.gradient_checkpointing_enable()
         no_decay = ("bias", "LayerNorm.weight")
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in trainable if not n.endswith(no_decay)], "weight_decay": 0.01},

@@ -10,7 +10,6 @@ ends with, and one word index per pre-token.
 Speed comes from caching: each distinct pre-token is merged once, then looked up.
 """
 import functools
-import itertools
 import json
 import pathlib
 import re
@@ -145,20 +144,14 @@ class ByteLevelBPETokenizer(Tokenizer):
     def _prefixed(self, text):
         return " " + text if self.add_prefix_space and not text.startswith(" ") else text
 
-    def _ids(self, text):
-        """Token ids of one text, the fast path: pre-tokens looked up in the merge cache."""
-        if not self._may_hold_special_tokens(text):
-            pattern = self._ascii_pattern if text.isascii() else self._pattern
-            pieces = pattern.findall(self._prefixed(text))
-            return list(itertools.chain.from_iterable(map(self._cache.__getitem__, pieces)))
-        ids = []
-        for segment, _, special in self._segments(text):
-            if special is not None:
-                ids.append(special)
-            else:
-                for piece in self._pattern.findall(self._prefixed(segment)):
-                    ids.extend(self._cache[piece])
-        return ids
+    def _fast_words(self, text):
+        """Text without special tokens: its pre-tokens (by the ASCII pattern when it can)."""
+        if self._may_hold_special_tokens(text):
+            return None
+        return (self._ascii_pattern if text.isascii() else self._pattern).findall(self._prefixed(text))
+
+    def _words(self, segment):
+        return self._pattern.findall(self._prefixed(segment))
 
     def _sequence(self, text, word_index=None):
         """Ids, offsets and word indices of one text (or of one pre-split word, whose tokens

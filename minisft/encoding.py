@@ -6,6 +6,7 @@ A tokenizer subclasses Tokenizer and gives `_ids(text)` (the fast path: ids only
 `_sequence(text, word_index)` (ids with offsets and word indices), `special_layout()` and
 `decode`.
 """
+import itertools
 import re
 
 import numpy
@@ -103,6 +104,22 @@ class Tokenizer:
 
     def __len__(self):
         return len(self.vocab)
+
+    def _ids(self, text):
+        """Token ids of one text, the fast path: each word's ids looked up in the word cache.
+        Subclasses give `_fast_words(text)` (the words when no special token can be in the
+        text, else None) and `_words(segment)`."""
+        words = self._fast_words(text)
+        if words is not None:
+            return list(itertools.chain.from_iterable(map(self._cache.__getitem__, words)))
+        ids = []
+        for segment, _, special in self._segments(text):
+            if special is not None:
+                ids.append(special)
+            else:
+                for word in self._words(segment):
+                    ids.extend(self._cache[word])
+        return ids
 
     def _may_hold_special_tokens(self, text):
         return any(c in text for c in self._special_first_chars)

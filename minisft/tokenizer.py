@@ -8,7 +8,6 @@ characters, strip accents and lowercase as configured, split on whitespace and p
 Speed comes from caching: each distinct word is normalised and split into pieces once,
 and plain-ASCII text is split by one regular expression instead of character by character.
 """
-import itertools
 import json
 import pathlib
 import re
@@ -192,20 +191,14 @@ class BertTokenizer(Tokenizer):
         return [self.cls_token_id], [self.sep_token_id], [], [self.sep_token_id]
 
     # --- text to pieces -------------------------------------------------------------------
-    def _ids(self, text):
-        """Token ids of one text, the fast path: words looked up in the piece cache."""
-        basic = self.basic_tokenizer
+    def _fast_words(self, text):
+        """Plain ASCII without controls or special tokens: its words by one regular expression."""
         if text.isascii() and not _ASCII_CONTROL.search(text) and not self._may_hold_special_tokens(text):
-            words = _ASCII_WORDS.findall(text.lower() if basic.do_lower_case else text)
-            return list(itertools.chain.from_iterable(map(self._cache.__getitem__, words)))
-        ids = []
-        for segment, _, special in self._segments(text):
-            if special is not None:
-                ids.append(special)
-            else:
-                for word, *_ in basic.words(segment):
-                    ids.extend(self._cache[word])
-        return ids
+            return _ASCII_WORDS.findall(text.lower() if self.basic_tokenizer.do_lower_case else text)
+        return None
+
+    def _words(self, segment):
+        return [word for word, *_ in self.basic_tokenizer.words(segment)]
 
     def _sequence(self, text, word_index=None):
         """Ids, offsets and word indices of one text (or of one pre-split word, whose
