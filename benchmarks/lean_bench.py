@@ -1,20 +1,23 @@
 """Lean fine-tuning on all-MiniLM-L6-v2: step time and peak memory of full fine-tuning, LoRA
 r=8 (alpha 16, query and value) and frozen embeddings at 32x128, and of gradient checkpointing
-at 8x512, for minisft and for transformers (+ peft for LoRA), and minisft's lean modes against
-its own full fine-tuning."""
+and of block attention against whole (L, L) attention at 8x512, for minisft and for
+transformers (+ peft for LoRA), and minisft's lean modes against its own full fine-tuning
+(which uses block attention from 512 tokens on)."""
 from benchmarks.common import Figure, alternate
 from benchmarks.memory_bench import peak_mb
 from benchmarks.workloads import LORA_ALPHA, LORA_R, Minisft, Reference
 
 NAMES = {"full": "full fine-tuning", "lora": f"LoRA r={LORA_R} alpha {LORA_ALPHA}",
-         "frozen-embeddings": "frozen embeddings", "checkpointing": "gradient checkpointing"}
+         "frozen-embeddings": "frozen embeddings", "checkpointing": "gradient checkpointing",
+         "whole-attention": "whole (L, L) attention"}
 
 
 def run(env, quick):
     ours, theirs = Minisft(env.model_dir), Reference(env.model_dir) if env.reference else None
     figures = _compare(env, ours, theirs, ("full", "lora", "frozen-embeddings"), *((4, 32) if quick else (32, 128)),
                        quick)
-    return figures + _compare(env, ours, theirs, ("full", "checkpointing"), *((2, 64) if quick else (8, 512)), quick)
+    long = (2, 512) if quick else (8, 512)  # block attention starts at 512
+    return figures + _compare(env, ours, theirs, ("full", "checkpointing", "whole-attention"), *long, quick)
 
 
 def _compare(env, ours, theirs, modes, batch, length, quick):

@@ -45,8 +45,11 @@ class Minisft:
 
     def train_step(self, batch, length, mode="full"):
         """One AdamW step of fine-tuning: every weight ("full"), LoRA r=8 alpha 16 on query and
-        value ("lora"), all but the embeddings ("frozen-embeddings"), or every weight with
-        gradient checkpointing ("checkpointing")."""
+        value ("lora"), all but the embeddings ("frozen-embeddings"), every weight with
+        gradient checkpointing ("checkpointing"), or every weight with attention over whole
+        (L, L) score matrices however long the input ("whole-attention", as before block
+        attention)."""
+        import minisft.functional as F
         from minisft import peft
         from minisft.models.bert import BertForSequenceClassification
         from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
@@ -58,6 +61,7 @@ class Minisft:
             peft.freeze(model, embeddings=True)
         elif mode == "checkpointing":
             model.gradient_checkpointing_enable()
+        F.BLOCKED_FROM = 10 ** 9 if mode == "whole-attention" else F.BLOCKED_FROM_DEFAULT
         optimizer = AdamW(parameter_groups(model, 0.01), lr=2e-5)
         ids, mask, labels = inputs(batch, length)
 

@@ -171,21 +171,71 @@ class _AttentionBase(Function):
 
     def attend(self, q, k, v, bias, out, *, scale, dropout_p, keep_probs):
         """Fill `out` (batch..., Lq, dv) with the context of q, k, v (batch..., L, d) and
-        bias (broadcasting to the scores), keeping what backward needs."""
+        bias (broadcasting to the scores), keeping what backward needs. From BLOCKED_FROM
+        keys on (and when the probabilities are not asked for and bias needs no gradient),
+        query rows go in blocks of QUERY_BLOCK and nothing of size (..., Lq, Lk) is kept:
+        backward recomputes each block's probabilities (and its dropout mask, from the random
+        state it was drawn with), as flash attention does."""
         xp = get_array_module(q)
         scores_shape = q.shape[:-1] + (k.shape[-2],)
         bias = None if bias is None else xp.broadcast_to(bias, scores_shape)
         self.kernels = kernels.for_array(q)
-        self.scale, self.dropout_scale = scale, 1 / (1 - dropout_p)
+        self.scale, self.dropout_scale, self.dropout_p = scale, 1 / (1 - dropout_p), dropout_p
+        self.blocks = None
+        bias_grad = len(self.needs_input_grad) > 1 and self.needs_input_grad[-1] and bias is not None
+        if k.shape[-2] >= BLOCKED_FROM and not keep_probs and not bias_grad:
+            self.probs, self.blocks = None, []
+            for rows in _query_blocks(q.shape[-2]):
+                self.blocks.append((rows, random.get_rng_state() if dropout_p else None))
+                self._attend_block(q, k, v, bias, rows, out)
+            self.save_for_backward((q, k, v, bias), None)
+            return
         keep = random.keep_mask(scores_shape, dropout_p, device_of(q)) if dropout_p else None
         saved = self.kernels.attention_forward(q, k, v, bias, keep, scale, self.dropout_scale, out)
         self.probs = saved[-1] if keep_probs else None
         self.save_for_backward(saved, keep)
 
+    def _attend_block(self, q, k, v, bias, rows, out):
+        """One block of query rows into out[..., rows, :]; returns (saved, keep)."""
+        shape = q.shape[:-2] + (rows.stop - rows.start, k.shape[-2])
+        keep = random.keep_mask(shape, self.dropout_p, device_of(q)) if self.dropout_p else None
+        saved = self.kernels.attention_forward(q[..., rows, :], k, v, None if bias is None else bias[..., rows, :],
+                                               keep, self.scale, self.dropout_scale, out[..., rows, :])
+        return saved, keep
+
     def attend_backward(self, g, gq, gk, gv, g_scores):
         """Fill the gradients given (None: not needed) from g, the context's gradient."""
-        saved, keep = self.saved
-        self.kernels.attention_backward(g, saved, keep, self.scale, self.dropout_scale, gq, gk, gv, g_scores)
+        if self.blocks is None:
+            saved, keep = self.saved
+            self.kernels.attention_backward(g, saved, keep, self.scale, self.dropout_scale, gq, gk, gv, g_scores)
+            return
+        (q, k, v, bias), _ = self.saved
+        xp = get_array_module(q)
+        resumed = random.get_rng_state()
+        part_k, part_v = (None if a is None else xp.empty_like(a) for a in (gk, gv))
+        scratch = xp.empty(g.shape, dtype=g.dtype)
+        try:
+            for index, (rows, state) in enumerate(self.blocks):
+                if state is not None:
+                    random.set_rng_state(state)
+                saved, keep = self._attend_block(q, k, v, bias, rows, scratch)
+                first = index == 0
+                self.kernels.attention_backward(g[..., rows, :], saved, keep, self.scale, self.dropout_scale,
+                                                None if gq is None else gq[..., rows, :],
+                                                gk if first else part_k, gv if first else part_v, None)
+                for total, part in ((gk, part_k), (gv, part_v)):
+                    if total is not None and not first:
+                        total += part
+        finally:
+            random.set_rng_state(resumed)
+
+
+BLOCKED_FROM, QUERY_BLOCK = 512, 128  # block attention from 512 keys on, 128 query rows at a time
+BLOCKED_FROM_DEFAULT = BLOCKED_FROM
+
+
+def _query_blocks(length):
+    return [slice(start, min(start + QUERY_BLOCK, length)) for start in range(0, length, QUERY_BLOCK)]
 
 
 class _Attention(_AttentionBase):
@@ -209,7 +259,7 @@ class _Attention(_AttentionBase):
         return out[0] if self.unbatched else out
 
     def backward(self, g):
-        (q, k, v, probs), _ = self.saved
+        (q, k, v, probs), _ = self.saved  # blocked: (q, k, v, bias), and no bias gradient
         xp = get_array_module(g)
         needs = list(self.needs_input_grad) + [False] * (4 - len(self.needs_input_grad))
         gq, gk, gv = (_empty_in_order(xp, a.shape, order, a.dtype) if need else None
