@@ -149,8 +149,9 @@ def _add_training_options(parser):
     number("lora_r", "train LoRA adapters of this rank instead of every weight (0: off); the task head stays trainable")
     number("lora_alpha", "LoRA scaling numerator: the update is (alpha / r) B A x")
     number("lora_dropout", "dropout on the adapters' input")
-    add("--lora-target-modules", nargs="+", type=options.Text("module name"),
-        help="Linear layers to adapt, by name (default: the family's, query value for BERT)")
+    add("--lora-target-modules", nargs="+", action=options.Names,
+        help="Linear layers to adapt, by name, spaced or comma-separated (default: the family's: query,value "
+             "for BERT)")
     add("--gradient-checkpointing", action="store_true",
         help="keep only each encoder layer's input and recompute the layer in backward (less memory, ~1/3 more time)")
     add("--merge-adapters", action="store_true",

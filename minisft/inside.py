@@ -12,10 +12,10 @@ from minisft.options import OptionError
 GRAPH_SENTENCE = "Fine-tuning starts here."
 
 
-def _model(model, layers=None):
+def _model(spec, layers=None):
     """The checkpoint (a directory, or a fetchable name, fetched) as a sequence classifier
     (a new head where it has none), with its lowest `layers` encoder layers only when given."""
-    model_dir = resolve_model(model)
+    model_dir = resolve_model(spec)
     if not (pathlib.Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a checkpoint directory (it has no config.json): give one "
                                 "that `minisft fetch` or `minisft train` wrote")

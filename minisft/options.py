@@ -69,6 +69,17 @@ class Text:
         return text
 
 
+class Names(argparse.Action):
+    """nargs="+" names, spaced or comma-separated ("query value", "query,value") -> one list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            names = [Text("name")(part.strip()) for value in values for part in value.split(",")]
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        setattr(namespace, self.dest, names)
+
+
 def device(text):
     """'cpu', 'cuda' or 'cuda:N'."""
     from minisft.backend import Device

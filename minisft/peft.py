@@ -116,10 +116,10 @@ class LoraLinear(nn.Module):
         return (self.lora_B.weight.data @ self.lora_A.weight.data * self.scaling).astype(self.weight.data.dtype)
 
 
-def _replace(model, path, module):
+def _replace(modules, path, module):
+    """Put `module` at `path`; modules: {path: module} of the model, as named_modules gives."""
     parent_path, _, name = path.rpartition(".")
-    parent = dict(model.named_modules())[parent_path]
-    setattr(parent, name, module)
+    setattr(modules[parent_path], name, module)
 
 
 class LoraModel(nn.Module):
@@ -139,12 +139,13 @@ class LoraModel(nn.Module):
             raise ValueError(f"LoRA target modules {config.target_modules} match no Linear layer of "
                              f"{type(model).__name__}; its Linear layers are: {', '.join(_short_names(linears))}")
         model.requires_grad_(False)
+        modules = dict(model.named_modules())
         for path in targets:
-            _replace(model, path, LoraLinear(linears[path], config))
-        self.saved_modules = [path for path, m in model.named_modules()
+            _replace(modules, path, LoraLinear(linears[path], config))
+        self.saved_modules = [(path, m) for path, m in modules.items()
                               if path.rsplit(".", 1)[-1] in config.modules_to_save]
-        for path in self.saved_modules:
-            dict(model.named_modules())[path].requires_grad_(True)
+        for _, module in self.saved_modules:
+            module.requires_grad_(True)
 
     @property
     def config(self):
@@ -175,23 +176,28 @@ class LoraModel(nn.Module):
 
     def merge_and_unload(self):
         """The task model with every update merged into its weights and the adapters gone."""
+        modules = dict(self.model.named_modules())
         for path, adapter in self.adapters():
             adapter.merge()
-            _replace(self.model, path, adapter.base_layer)
+            _replace(modules, path, adapter.base_layer)
         self.model.requires_grad_(True)
         return self.model
 
     # --- peft's files -----------------------------------------------------------------------
-    def adapter_state(self):
-        """{peft key: array}: the adapters' A and B, and the saved modules' parameters."""
-        state = {}
+    def adapter_parameters(self):
+        """{peft's name without its base_model.model. prefix: parameter} of the adapters'
+        A and B and of the saved modules (the task head)."""
+        params = {}
         for path, adapter in self.adapters():
-            state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = adapter.lora_A.weight.numpy()
-            state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = adapter.lora_B.weight.numpy()
-        for path in self.saved_modules:
-            for name, param in dict(self.model.named_modules())[path].named_parameters(path):
-                state[PEFT_PREFIX + name] = param.numpy()
-        return state
+            params[f"{path}.lora_A.weight"] = adapter.lora_A.weight
+            params[f"{path}.lora_B.weight"] = adapter.lora_B.weight
+        for path, module in self.saved_modules:
+            params.update(module.named_parameters(path))
+        return params
+
+    def adapter_state(self):
+        """{peft key: array}: what adapter_model.safetensors holds."""
+        return {PEFT_PREFIX + name: param.numpy() for name, param in self.adapter_parameters().items()}
 
     def save_pretrained(self, directory):
         """adapter_config.json and adapter_model.safetensors as peft writes them (peft's
@@ -216,25 +222,18 @@ class LoraModel(nn.Module):
 
     def load_adapter_state(self, state, source):
         """Copy peft-named arrays into the adapters and saved modules (shapes checked)."""
-        own = {key[len(PEFT_PREFIX):]: value for key, value in self.adapter_state().items()}
-        params = {}
-        for path, adapter in self.adapters():
-            params[f"{path}.lora_A.weight"] = adapter.lora_A.weight
-            params[f"{path}.lora_B.weight"] = adapter.lora_B.weight
-        for path in self.saved_modules:
-            params.update(dict(self.model.named_modules())[path].named_parameters(path))
-        missing = sorted(set(own) - {key.removeprefix(PEFT_PREFIX) for key in state})
+        params = self.adapter_parameters()
+        given = {key.removeprefix(PEFT_PREFIX): value for key, value in state.items()}
+        missing = sorted(set(params) - set(given))
         if missing:
             raise ValueError(f"{source}: adapter weights {', '.join(missing[:4])} are missing; the adapter does not "
                              "fit this model (another rank, target modules or base)")
-        for key, value in state.items():
-            name = key.removeprefix(PEFT_PREFIX)
-            if name not in params:
-                continue
-            if tuple(value.shape) != tuple(params[name].shape):
-                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the model's is "
-                                 f"{tuple(params[name].shape)}")
-            params[name].data = numpy.asarray(value, dtype=numpy.float32)
+        for name, param in params.items():
+            value = given[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{source}: {PEFT_PREFIX}{name} has shape {tuple(value.shape)}, the model's is "
+                                 f"{tuple(param.shape)}")
+            param.data = param.device.put(value).astype(param.dtype, copy=True)
 
 
 def _short_names(paths):

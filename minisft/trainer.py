@@ -285,10 +285,13 @@ class Trainer:
 
     def _save_final(self):
         """The best model (or the last, without evaluation) into output_dir itself, each
-        file written to a temporary name and renamed."""
+        file written to a temporary name and renamed; with merge_adapters, LoRA adapters are
+        merged first, so that a plain checkpoint is written instead of the adapter."""
         best = self.output_dir / "best"
         if best.is_dir():
             self.model.load_saved(best)
+        if self.args.merge_adapters and hasattr(self.model, "merge_and_unload"):
+            self.model = self.model.merge_and_unload()
         self._write_model(self.output_dir)
 
     def _save_checkpoint(self, optimizer, schedule):

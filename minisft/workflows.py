@@ -74,11 +74,6 @@ def train(options):
         metrics = {**metrics, **test}
         if draw is not None:
             draw()
-    if args.merge_adapters and args.lora_r:
-        trainer.model = model.merge_and_unload()
-        trainer._write_model(output)
-        for name in (peft.ADAPTER_CONFIG, peft.ADAPTER_WEIGHTS):
-            (output / name).unlink(missing_ok=True)
     return metrics
 
 

@@ -42,3 +42,20 @@ def fixture_mismatches(path, make_tokenizer, observe):
             continue
         mismatches += [(field, case["text"]) for field, value in observe(tok, case).items() if value != case[field]]
     return cases, mismatches
+
+
+def assert_layers_and_gradients_match(model, out, loss, ref, layers=2):
+    """Every hidden state and attention of `out`, then, after loss.backward(), every
+    parameter's gradient equal to the reference fixture's (1e-5 absolute)."""
+    from conftest import assert_close
+
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    for i, hidden in enumerate(out.hidden_states):
+        assert_close(hidden, ref[f"hidden_states/{i}"], atol=1e-5, rtol=0, what=f"hidden_states[{i}]")
+    for i, attention in enumerate(out.attentions):
+        assert_close(attention, ref[f"attentions/{i}"], atol=1e-5, rtol=0, what=f"attentions[{i}]")
+    loss.backward()
+    names = {k[len("grad/"):] for k in ref.files if k.startswith("grad/")}
+    assert names == {name for name, _ in model.named_parameters()}
+    for name, param in model.named_parameters():
+        assert_close(param.grad, ref[f"grad/{name}"], atol=1e-5, rtol=0, what=f"grad of {name}")

@@ -10,6 +10,7 @@ import minisft
 from minisft.checkpoint import CheckpointError, load_safetensors, save_safetensors
 from minisft.models.bert import BertConfig, BertModel
 from conftest import FIXTURES, assert_close
+from helpers import assert_layers_and_gradients_match
 
 TINY = FIXTURES / "tiny-bert"
 
@@ -32,16 +33,7 @@ def test_tiny_bert_outputs_and_every_gradient_match_transformers(tiny_reference,
                 output_attentions=True)
     assert_close(out.last_hidden_state, ref["last_hidden_state"], atol=1e-5, rtol=0, what="last_hidden_state")
     assert_close(out.pooler_output, ref["pooler_output"], atol=1e-5, rtol=0, what="pooler_output")
-    assert len(out.hidden_states) == 3 and len(out.attentions) == 2
-    for i, hidden in enumerate(out.hidden_states):
-        assert_close(hidden, ref[f"hidden_states/{i}"], atol=1e-5, rtol=0, what=f"hidden_states[{i}]")
-    for i, attention in enumerate(out.attentions):
-        assert_close(attention, ref[f"attentions/{i}"], atol=1e-5, rtol=0, what=f"attentions[{i}]")
-    loss_of(out).backward()
-    grads = {k[len("grad/"):] for k in ref.files if k.startswith("grad/")}
-    assert grads == {name for name, _ in model.named_parameters()}
-    for name, param in model.named_parameters():
-        assert_close(param.grad, ref[f"grad/{name}"], atol=1e-5, rtol=0, what=f"grad of {name}")
+    assert_layers_and_gradients_match(model, out, loss_of(out), ref)
 
 
 def test_padded_positions_do_not_change_real_ones(tiny_reference):

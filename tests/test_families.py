@@ -13,6 +13,7 @@ from minisft.models import distilbert, electra, roberta
 from minisft.models.auto import (AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification,
                                  AutoTokenizer)
 from conftest import FIXTURES, assert_close
+from helpers import assert_layers_and_gradients_match
 
 FAMILIES = {  # name: (base, sequence classification, token classification)
     "distilbert": (distilbert.DistilBertModel, distilbert.DistilBertForSequenceClassification,
@@ -41,16 +42,7 @@ def test_outputs_loss_and_every_gradient_match_transformers(family, device):
     out = model(**inputs(ref), labels=ref["labels"], output_hidden_states=True, output_attentions=True)
     assert_close(out.logits, ref["logits"], atol=1e-5, rtol=0, what="logits")
     assert_close(out.loss, ref["loss"], atol=1e-5, rtol=0, what="loss")
-    assert len(out.hidden_states) == 3 and len(out.attentions) == 2
-    for i, hidden in enumerate(out.hidden_states):
-        assert_close(hidden, ref[f"hidden_states/{i}"], atol=1e-5, rtol=0, what=f"hidden_states[{i}]")
-    for i, attention in enumerate(out.attentions):
-        assert_close(attention, ref[f"attentions/{i}"], atol=1e-5, rtol=0, what=f"attentions[{i}]")
-    out.loss.backward()
-    names = {k[len("grad/"):] for k in ref.files if k.startswith("grad/")}
-    assert names == {name for name, _ in model.named_parameters()}
-    for name, param in model.named_parameters():
-        assert_close(param.grad, ref[f"grad/{name}"], atol=1e-5, rtol=0, what=f"grad of {name}")
+    assert_layers_and_gradients_match(model, out, out.loss, ref)
 
 
 def test_the_base_model_loads_a_task_checkpoint_and_padding_changes_nothing(family):

@@ -134,7 +134,7 @@ def _train_csv(tmp_path):
 def test_the_command_line_trains_saves_evaluates_and_merges_adapters(tmp_path, capsys):
     data = _train_csv(tmp_path)
     common = ["--model", str(TINY), "--train", data, "--max-steps", "4", "--batch-size", "4", "--lora-r", "4",
-              "--learning-rate", "1e-2"]
+              "--learning-rate", "1e-2", "--lora-target-modules", "query,value"]
     assert cli.main(["train", *common, "--output", str(tmp_path / "lora")]) == 0
     saved = {p.name for p in (tmp_path / "lora").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "config.json"} <= saved
