@@ -235,6 +235,11 @@ def save_safetensors(tensors, path, metadata=None):
     _write_atomic(path, lambda tmp: save_file(arrays, tmp, metadata=metadata or {"format": "pt"}))
 
 
+def write_bytes_atomic(data, path):
+    """Write `data` to `path` through a temporary file and a rename."""
+    _write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
+
+
 def write_text_atomic(text, path):
     """Write `text` to `path` through a temporary file and a rename."""
     _write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))

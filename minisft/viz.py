@@ -10,6 +10,7 @@ import json
 import math
 import pathlib
 
+from minisft.checkpoint import write_bytes_atomic
 from minisft.tensor import Tensor
 
 VIZ_EXTRA = "pip install -e '.[viz]'"
@@ -99,12 +100,10 @@ def render_dot(dot, path):
 
 
 def _write_bytes(data, path):
-    """Write through a temporary file and a rename, so that no half-written picture is left."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    temporary.replace(path)
+    """Write into `path` (its directory made if needed) through a temporary file and a
+    rename, so that no half-written picture is left."""
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(data, path)
 
 
 def _save_figure(figure, path):
