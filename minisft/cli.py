@@ -6,8 +6,8 @@ import sys
 import tempfile
 import traceback
 
+from minisft import distributed, options, tasks
 from minisft import fetch as fetching
-from minisft import options, tasks
 
 
 def _fetch(args):
@@ -34,7 +34,8 @@ def _train(args):
     from minisft import workflows
 
     metrics = workflows.train(args)
-    print(json.dumps(metrics, indent=2))
+    if distributed.world().rank == 0:
+        print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -282,27 +283,40 @@ def _one_line(exc):
 def main(argv=None):
     """Run a command. Errors in what the user gave (options, files, data) print one line and
     exit 2 (1 for a failed training run); anything else is a bug: one line that says so and
-    where its traceback is (MINISFT_DEBUG=1 raises it instead), exit 3."""
+    where its traceback is (MINISFT_DEBUG=1 raises it instead), exit 3. Under mpiexec, a rank
+    that fails ends every rank, naming itself."""
     args = build_parser().parse_args(argv)
     from minisft.data import DataError
     from minisft.trainer import TrainingError
     from minisft.viz import MissingExtra
 
     try:
+        if distributed.launched_size() > 1 and args.command != "train":
+            raise distributed.DistributedError(f"only train runs data-parallel; run {args.command} without mpiexec")
         return args.run(args)
+    except distributed.DistributedError as exc:  # the same on every rank: each stops, rank 0 says why
+        if distributed.world().rank == 0:
+            print(f"minisft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     except (fetching.FetchError, DataError, TrainingError, FileNotFoundError, FileExistsError,
-            ValueError, KeyError, MissingExtra) as exc:
-        print(f"minisft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2 if not isinstance(exc, TrainingError) else 1
+            ValueError, KeyError, MissingExtra, distributed.MissingMPI) as exc:
+        return _stop(args, f"error: {_one_line(exc)}", 2 if not isinstance(exc, TrainingError) else 1)
     except KeyboardInterrupt:
-        print(f"minisft {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _stop(args, "interrupted", 130)
     except Exception as exc:
         if os.environ.get("MINISFT_DEBUG", "").strip() not in ("", "0"):
             raise
-        print(f"minisft {args.command}: internal error, a bug in minisft ({type(exc).__name__}: {_one_line(exc)}); "
-              f"the full traceback is in {_traceback_log(args)}, or rerun with MINISFT_DEBUG=1", file=sys.stderr)
-        return 3
+        return _stop(args, f"internal error, a bug in minisft ({type(exc).__name__}: {_one_line(exc)}); the full "
+                           f"traceback is in {_traceback_log(args)}, or rerun with MINISFT_DEBUG=1", 3)
+
+
+def _stop(args, message, code):
+    """Print "minisft COMMAND: message"; returns the exit code (under mpiexec, stops every rank)."""
+    line = f"minisft {args.command}: {message}"
+    if distributed.launched_size() > 1:
+        distributed.fail(line, code)
+    print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -34,23 +34,23 @@ def normal_cdf(x):
 
 # --- activations -----------------------------------------------------------------------
 class _GELU(Function):
-    """Exact: y = x Phi(x), dy/dx = Phi(x) + x phi(x) (Phi kept from the forward pass).
+    """Exact: y = x Phi(x), dy/dx = Phi(x) + x phi(x).
     tanh: y = x (1 + tanh u) / 2, u = sqrt(2/pi) (x + 0.044715 x^3),
-          dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) u' / 2."""
+          dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) u' / 2.
+    Forward keeps dy/dx itself, made from the same Phi or tanh: one (..., I) array per layer
+    for backward instead of x and Phi(x)."""
 
     def forward(self, x, approximate):
-        self.kernels, self.approximate = kernels.for_array(x), approximate
-        if approximate == "tanh":
-            self.save_for_backward(x)
-            return self.kernels.gelu_tanh_forward(x)
-        y, cdf = self.kernels.gelu_forward(x)
-        self.save_for_backward(x, cdf)
+        kernel = getattr(kernels.for_array(x), "gelu_tanh_forward" if approximate == "tanh" else "gelu_forward")
+        if not self.recording:
+            return kernel(x)
+        y, slope = kernel(x, slope=True)
+        self.save_for_backward(slope)
         return y
 
     def backward(self, g):
-        if self.approximate == "tanh":
-            return (self.kernels.gelu_tanh_backward(*self.saved, g),)
-        return (self.kernels.gelu_backward(*self.saved, g),)
+        (slope,) = self.saved
+        return (g * slope,)
 
 
 def gelu(x, approximate="none"):

@@ -63,7 +63,8 @@ class Sub(_Binary):
 
 class Mul(_Binary):
     def compute(self, a, b):
-        self.save_for_backward(a, b)
+        need_a, need_b = self.needs_input_grad
+        self.save_for_backward(a if need_b else None, b if need_a else None)  # da = g b, db = g a
         return a * b
 
     def backward(self, g):

@@ -93,6 +93,11 @@ class Task:
     def encode_label(self, example, labels, source):
         return labels.encode(example.label, source, example.line)
 
+    def loss_terms(self, feature):
+        """How many terms of the loss's mean a training feature brings: data-parallel training
+        weighs each rank's mean loss by its share of a batch's terms."""
+        return 1
+
     # --- the model, its outputs and metrics ------------------------------------------------
     def model(self, directory, labels, **overrides):
         """The task's model from a pretrained or fine-tuned checkpoint directory."""
@@ -220,6 +225,9 @@ class TokenClassification(Task):
                 feature["label"] = align_labels(word_ids, tag_ids, label_all_tokens)
             features.append(feature)
         return features
+
+    def loss_terms(self, feature):
+        return sum(label != IGNORE_INDEX for label in feature["label"])  # the loss averages over labeled tokens
 
     def model(self, directory, labels, **overrides):
         from minisft.models.auto import AutoModelForTokenClassification

@@ -141,6 +141,7 @@ class Tensor:
         self.grad = None
         self.requires_grad = requires_grad
         self._ctx = _ctx
+        self._grad_hooks = ()
 
     # --- properties -----------------------------------------------------------------
     @property
@@ -196,6 +197,12 @@ class Tensor:
         return self
 
     # --- autograd -------------------------------------------------------------------
+    def register_post_accumulate_grad_hook(self, hook):
+        """hook(tensor) runs once per backward pass, when this leaf's `.grad` holds every
+        contribution of the pass (as torch's hook of the same name); data-parallel training
+        starts a gradient's all-reduce from it."""
+        self._grad_hooks = self._grad_hooks + (hook,)
+
     def backward(self, grad=None, retain_graph=False):
         """Accumulate d(self)/d(leaf) into every leaf's `.grad` that requires grad."""
         if not self.requires_grad:
@@ -213,17 +220,22 @@ class Tensor:
                                  f"tensor has shape {tuple(self.shape)}")
         if self._ctx is None:  # a leaf: its own gradient is `grad`
             _accumulate_leaf(self, grad, owned=False)
+            _run_grad_hooks(self)
             return
         grads = {id(self._ctx): grad}
         owned = set()  # ids whose array we created here, safe to add into in place
         given = set()  # arrays that became a leaf's .grad in this pass
-        for fn in reversed(_topological_order(self._ctx)):
+        order = _topological_order(self._ctx)
+        hooked = _hooked_leaf_uses(order)
+        for fn in reversed(order):
             g = grads.pop(id(fn), None)
-            if g is None:
-                continue
-            input_grads = fn.backward(g)
+            input_grads = fn.backward(g) if g is not None else (None,) * len(fn.parents)
             for parent, input_grad in zip(fn.parents, input_grads):
+                if id(parent) in hooked:
+                    hooked[id(parent)] -= 1
                 if input_grad is None or parent is None:
+                    if hooked.get(id(parent)) == 0:
+                        _run_grad_hooks(parent)
                     continue
                 if isinstance(parent, Tensor):
                     # an array the op just made for this input alone (not g, not a view, not
@@ -233,6 +245,8 @@ class Tensor:
                              and sum(other is input_grad for other in input_grads) == 1)
                     given.add(id(input_grad))
                     _accumulate_leaf(parent, input_grad, owned=fresh)
+                    if hooked.get(id(parent)) == 0:
+                        _run_grad_hooks(parent)
                     continue
                 key = id(parent)
                 if key not in grads:
@@ -290,6 +304,22 @@ def _topological_order(root):
         stack.append((fn, True))
         stack.extend((p, False) for p in fn.parents if isinstance(p, Function) and id(p) not in visited)
     return order
+
+
+def _hooked_leaf_uses(order):
+    """{id(leaf): how many inputs of the graph's Functions it is} for the leaves with
+    post-accumulate hooks: a leaf's gradient is complete when its count reaches 0."""
+    uses = {}
+    for fn in order:
+        for parent in fn.parents:
+            if isinstance(parent, Tensor) and parent._grad_hooks:
+                uses[id(parent)] = uses.get(id(parent), 0) + 1
+    return uses
+
+
+def _run_grad_hooks(leaf):
+    for hook in leaf._grad_hooks:
+        hook(leaf)
 
 
 def _accumulate_leaf(tensor, grad, owned):

@@ -9,6 +9,10 @@ Output directory layout:
     metrics.jsonl           one JSON object per log line and per evaluation
     checkpoint-STEP/        model + optimizer.safetensors + trainer_state.json, for --resume
     best/                   the best model so far, when evaluating
+
+Started by mpiexec with several ranks, the trainer is data-parallel (minisft.distributed):
+each rank takes its share of every global batch, gradients are summed across ranks during
+backward, evaluation is shared out and gathered, and only rank 0 writes files and logs.
 """
 import dataclasses
 import json
@@ -21,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from minisft import random, tasks
+from minisft import __version__, distributed, random, tasks
 from minisft.backend import Device
 from minisft.runtime import keep_freed_memory
 from minisft.checkpoint import load_safetensors, save_safetensors, write_json_atomic
@@ -103,10 +107,13 @@ class Trainer:
     """Fine-tunes `model` on encoded features (see minisft.data.encode)."""
 
     def __init__(self, model, args, train_features=None, eval_features=None, label_names=None,
-                 tokenizer=None, log=None, on_evaluate=None):
+                 tokenizer=None, log=None, on_evaluate=None, communicator=None):
         """on_evaluate: called with no arguments after each evaluation is written to
-        metrics.jsonl (e.g. to draw the curves)."""
+        metrics.jsonl (e.g. to draw the curves). communicator: the ranks to train with
+        (default distributed.world(): those mpiexec started, or this process alone)."""
         check_training_arguments(args)
+        self.comm = communicator or distributed.world()
+        self.is_main = self.comm.rank == 0
         self.model = model
         self.args = args
         self.train_features = train_features
@@ -116,6 +123,8 @@ class Trainer:
         self.output_dir = pathlib.Path(args.output_dir)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        if not self.is_main:
+            self.log = lambda message: None
         self.on_evaluate = on_evaluate
         self.state = TrainerState()
         self._last_eval_step = None
@@ -146,8 +155,10 @@ class Trainer:
         args = self.args
         if not self.train_features:
             raise TrainingError("no training examples")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        _remove_partial_checkpoints(self.output_dir)
+        reducer = self._join_ranks() if self.comm.size > 1 else None
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            _remove_partial_checkpoints(self.output_dir)
         if args.keep_freed_memory:
             keep_freed_memory()
         total = self.total_steps()
@@ -155,7 +166,7 @@ class Trainer:
         if resume_from is not None:
             self._load_checkpoint(resume_from, optimizer, schedule)
             self.log(f"resumed from {resume_from} at step {self.state.global_step}")
-        else:
+        elif self.is_main:
             _remove_previous_run(self.output_dir)
         self.model.train()
         accumulation = args.gradient_accumulation_steps
@@ -164,11 +175,21 @@ class Trainer:
         while self.state.global_step < total and not stop:
             batches = train_order(self.train_features, args.batch_size, args.seed, self.state.epoch,
                                   args.group_by_length)
+            starts_step = True
             for index in range(self.state.batch_in_epoch, len(batches)):
+                completes_step = not ((index + 1) % accumulation and index + 1 < len(batches))
+                if reducer is not None:
+                    if starts_step:  # each rank's dropout draws follow from (seed, rank, step)
+                        random.manual_seed(distributed.rank_seed(args.seed, self.comm.rank, self.state.global_step))
+                    if completes_step:
+                        reducer.start()
+                starts_step = completes_step
                 loss = self._forward_backward(batches[index], accumulation)
                 self.state.batch_in_epoch = index + 1
-                if self.state.batch_in_epoch % accumulation and index + 1 < len(batches):
+                if not completes_step:
                     continue
+                if reducer is not None:
+                    reducer.wait()
                 if args.max_grad_norm:
                     clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -203,34 +224,64 @@ class Trainer:
         self._save_final()
         return last_metrics
 
+    def _join_ranks(self):
+        """Before data-parallel training: check that every rank can share the batch and runs
+        the same minisft on the same data, start every rank from rank 0's weights, and hook
+        the gradient buckets into backward."""
+        distributed.per_rank_batch(self.args.batch_size, self.comm.size)
+        fix = "every rank must read the same files: give each host identical copies (or a shared directory)"
+        distributed.check_same_everywhere(self.comm, {
+            "minisft version": (__version__, "install the same minisft on every host"),
+            "training data": (distributed.fingerprint(self.train_features), fix),
+            "evaluation data": (distributed.fingerprint(self.eval_features), fix)})
+        self.comm.broadcast_arrays([p.data for p in self.model.parameters()])
+        return distributed.GradientReducer(self.comm, self.model.parameters())
+
     def _forward_backward(self, indices, accumulation):
-        batch = collate([self.train_features[i] for i in indices], self.pad_token_id)
-        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                         token_type_ids=batch["token_type_ids"], labels=batch["labels"])
-        value = float(out.loss.item())
+        """Forward and backward of this rank's share of a global batch; returns the batch's
+        mean loss (over every rank's share)."""
+        weight = 1.0
+        if self.comm.size > 1:
+            terms = tasks.get(self.args.task).loss_terms
+            total = sum(terms(self.train_features[i]) for i in indices)
+            indices = distributed.shard(indices, self.comm.rank, self.comm.size)
+            weight = sum(terms(self.train_features[i]) for i in indices) / max(total, 1)
+        value = self._local_loss(indices, weight / accumulation) if weight else 0.0
+        value = self.comm.allreduce_sum(value * weight)
         if not math.isfinite(value):
             last = latest_checkpoint(self.output_dir)
             raise TrainingError(
                 f"the loss became {value} at step {self.state.global_step + 1} (epoch {self.state.epoch}); "
                 f"training stopped. The last good checkpoint is {last or 'none (none saved yet)'}; "
                 f"try a lower --learning-rate or --max-grad-norm, then --resume")
-        (out.loss * (1.0 / accumulation) if accumulation > 1 else out.loss).backward()
         return value
+
+    def _local_loss(self, indices, scale):
+        """The mean loss of these features; backward of scale x it."""
+        batch = collate([self.train_features[i] for i in indices], self.pad_token_id)
+        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                         token_type_ids=batch["token_type_ids"], labels=batch["labels"])
+        (out.loss * scale if scale != 1 else out.loss).backward()
+        return float(out.loss.item())
 
     # --- evaluation --------------------------------------------------------------------------
     def predict(self, features):
         """Logits for every feature, in order: (N, num_labels), or a list of (L_i, num_labels)
         arrays for token classification."""
         self.model.eval()
-        outputs = [None] * len(features)
+        mine = []  # (feature index, output): this rank's batches, every size-th
         with no_grad():
-            for indices in eval_order(features, self.args.eval_batch_size):
+            for indices in eval_order(features, self.args.eval_batch_size)[self.comm.rank::self.comm.size]:
                 batch = collate([features[i] for i in indices], self.pad_token_id)
                 logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
                                     token_type_ids=batch["token_type_ids"]).logits.numpy()
-                for row, i in enumerate(indices):
-                    outputs[i] = logits[row, :len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row]
+                mine += [(i, logits[row, :len(features[i]["input_ids"])] if logits.ndim == 3 else logits[row])
+                         for row, i in enumerate(indices)]
         self.model.train()
+        outputs = [None] * len(features)
+        for part in self.comm.allgather(mine):
+            for i, output in part:
+                outputs[i] = output
         return tasks.get(self.args.task).gather(outputs)
 
     def evaluate(self, features, prefix="eval"):
@@ -253,12 +304,13 @@ class Trainer:
         if improved:
             self.state.best_metric, self.state.best_step = value, self.state.global_step
             self.state.evaluations_without_improvement = 0
-            self._save_model(self.output_dir / "best")
+            if self.is_main:
+                self._save_model(self.output_dir / "best")
         else:
             self.state.evaluations_without_improvement += 1
         record = {"step": self.state.global_step, "epoch": self.state.epoch, **scores}
         self._append_metrics(record)
-        if self.on_evaluate is not None:
+        if self.on_evaluate is not None and self.is_main:
             self.on_evaluate()
         self.log(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()) + (" (best)" if improved else ""))
         return scores
@@ -269,6 +321,8 @@ class Trainer:
 
     # --- saving ------------------------------------------------------------------------------
     def _append_metrics(self, record):
+        if not self.is_main:
+            return
         with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -287,16 +341,21 @@ class Trainer:
         """The best model (or the last, without evaluation) into output_dir itself, each
         file written to a temporary name and renamed; with merge_adapters, LoRA adapters are
         merged first, so that a plain checkpoint is written instead of the adapter."""
+        self.comm.barrier()  # rank 0 has written best/
         best = self.output_dir / "best"
         if best.is_dir():
             self.model.load_saved(best)
         if self.args.merge_adapters and hasattr(self.model, "merge_and_unload"):
             self.model = self.model.merge_and_unload()
-        self._write_model(self.output_dir)
+        if self.is_main:
+            self._write_model(self.output_dir)
 
     def _save_checkpoint(self, optimizer, schedule):
         """checkpoint-STEP/: written to a temporary directory, then renamed: an interrupted
-        write never touches the previous checkpoint."""
+        write never touches the previous checkpoint. Rank 0 writes; every rank's state is the same."""
+        if not self.is_main:
+            return
+
         def write(staging):
             self.model.save_pretrained(staging)
             optimizer_state = optimizer.state_dict()

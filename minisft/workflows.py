@@ -6,7 +6,7 @@ import json
 import pathlib
 import sys
 
-from minisft import peft, random, tasks
+from minisft import distributed, peft, random, runtime, tasks
 from minisft.data import DataError, LabelVocab
 from minisft.fetch import FetchError, resolve_data, resolve_model
 from minisft.models.auto import AutoConfig, AutoTokenizer
@@ -19,7 +19,16 @@ def _read(path, args, task, require_labels=True):
 
 
 def train(options):
-    """Fine-tune as `minisft train` does; returns the final metrics (eval_*, test_*)."""
+    """Fine-tune as `minisft train` does; returns the final metrics (eval_*, test_*).
+    Started by mpiexec with several ranks: data-parallel (see minisft.distributed)."""
+    comm = distributed.world()
+    say = (lambda message: print(message, file=sys.stderr)) if comm.rank == 0 else (lambda message: None)
+    if comm.size > 1:
+        threads = distributed.threads_per_rank(comm)
+        if threads:
+            runtime.set_num_threads(threads)
+        threads = runtime.get_num_threads()
+        say(f"data-parallel on {comm.size} ranks, {threads} thread{'s' * (threads > 1)} each")
     output = pathlib.Path(options.output)
     if output.exists() and not output.is_dir():
         raise OptionError("--output", options.output, "is a file, not a directory", "give a directory path")
@@ -55,7 +64,8 @@ def train(options):
     train_features = features(train_path, train_examples)
     eval_features = features(resolve_data(eval_spec, "dev")[0]) if eval_spec else None
     test_path = resolve_data(options.test, "test")[0] if options.test else None
-    model = peft.prepare(task.model(model_dir, labels), args, _base_name(options.model, model_dir)).to(options.device)
+    device = distributed.rank_device(comm, options.device)
+    model = peft.prepare(task.model(model_dir, labels), args, _base_name(options.model, model_dir)).to(device)
     resume = None
     if options.resume:
         resume = latest_checkpoint(output) if options.resume == "latest" else pathlib.Path(options.resume)
@@ -63,16 +73,16 @@ def train(options):
             raise TrainingError(f"--resume: {output} has no checkpoint-STEP directory to resume from")
     report = model.loading_report()
     if report:
-        print(report, file=sys.stderr)
-    print(f"training {task.name} on {train_path} ({len(train_features)} examples"
-          + (f", {len(labels)} labels" if len(labels) else "") + f") from {model_dir}", file=sys.stderr)
+        say(report)
+    say(f"training {task.name} on {train_path} ({len(train_features)} examples"
+        + (f", {len(labels)} labels" if len(labels) else "") + f") from {model_dir}")
     trainer = Trainer(model, args, train_features, eval_features, labels.names, tokenizer, on_evaluate=draw)
     metrics = trainer.train(resume_from=resume)
     if test_path is not None:
         test = trainer.evaluate(features(test_path), prefix="test")
         trainer._append_metrics({"step": trainer.state.global_step, **test})
         metrics = {**metrics, **test}
-        if draw is not None:
+        if draw is not None and trainer.is_main:
             draw()
     return metrics
 

@@ -2,6 +2,7 @@
 import gzip
 import json
 
+import numpy as np
 import pytest
 
 import minisft
@@ -59,3 +60,18 @@ def assert_layers_and_gradients_match(model, out, loss, ref, layers=2):
     assert names == {name for name, _ in model.named_parameters()}
     for name, param in model.named_parameters():
         assert_close(param.grad, ref[f"grad/{name}"], atol=1e-5, rtol=0, what=f"grad of {name}")
+
+
+POSITIVE = ["good", "great", "fun", "wonderful", "brilliant", "moving", "funny", "warm"]
+NEGATIVE = ["bad", "awful", "dull", "boring", "tedious", "weak", "mess", "long"]
+
+
+def write_reviews(path, count, rng):
+    """A csv of `count` made-up reviews (text,label) that the tiny vocabulary covers."""
+    lines = ["text,label"]
+    for _ in range(count):
+        positive = rng.random() < 0.5
+        words = rng.choice(POSITIVE if positive else NEGATIVE, 3)
+        lines.append(f"the film was {' and '.join(words)},{'positive' if positive else 'negative'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path

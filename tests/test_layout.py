@@ -31,8 +31,9 @@ def minisft_imports(path):
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("minisft"):
-            if node.module == "minisft":
-                found.update(f"minisft.{alias.name}" for alias in node.names)
+            if node.module == "minisft":  # modules, not names such as __version__
+                found.update(f"minisft.{alias.name}" for alias in node.names
+                             if (PACKAGE / alias.name).is_dir() or (PACKAGE / f"{alias.name}.py").is_file())
             else:
                 found.add(node.module)
         elif isinstance(node, ast.Import):

@@ -12,28 +12,16 @@ from minisft import cli
 from minisft.checkpoint import load_safetensors
 from minisft.trainer import latest_checkpoint
 from conftest import FIXTURES, ROOT
+from helpers import write_reviews
 
 TINY = FIXTURES / "tiny-bert"
-POSITIVE = ["good", "great", "fun", "wonderful", "brilliant", "moving", "funny", "warm"]
-NEGATIVE = ["bad", "awful", "dull", "boring", "tedious", "weak", "mess", "long"]
 
 
 @pytest.fixture
 def sentiment(tmp_path):
     """Small csv files of made-up reviews the tiny vocabulary covers."""
     rng = np.random.default_rng(0)
-
-    def write(name, count):
-        lines = ["text,label"]
-        for _ in range(count):
-            positive = rng.random() < 0.5
-            words = rng.choice(POSITIVE if positive else NEGATIVE, 3)
-            lines.append(f"the film was {' and '.join(words)},{'positive' if positive else 'negative'}")
-        path = tmp_path / name
-        path.write_text("\n".join(lines) + "\n")
-        return path
-
-    return write("train.csv", 48), write("dev.csv", 16)
+    return write_reviews(tmp_path / "train.csv", 48, rng), write_reviews(tmp_path / "dev.csv", 16, rng)
 
 
 def train(*extra, output, data):

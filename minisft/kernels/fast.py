@@ -105,48 +105,52 @@ def normal_cdf(x):
 
 
 # --- GELU ---------------------------------------------------------------------------------
-def gelu_forward(x):
+def gelu_forward(x, slope=False):
     if x.dtype != numpy.float32:
-        return reference.gelu_forward(x)
+        return reference.gelu_forward(x, slope)
     cdf, y = _float32_by_chunks(_normal_cdf_rational, x, with_product=True)
+    if not slope:
+        return y
+    by_rows(_add_x_pdf, x, cdf, cache_sized=True)
     return y, cdf
 
 
-def _gelu_grad(x, cdf, g, out):
-    """out = g * (Phi(x) + x * phi(x)), in place through `out`."""
+def _add_x_pdf(x, out):
+    """out += x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi): Phi(x) becomes GELU's slope."""
     xp = get_array_module(x)
     cast = x.dtype.type
-    xp.multiply(x, x, out=out)
-    out *= cast(-0.5)
-    xp.exp(out, out=out)
-    out *= x
-    out *= cast(1 / math.sqrt(2 * math.pi))  # x * phi(x)
-    out += cdf
-    out *= g
+    term = xp.multiply(x, x)
+    term *= cast(-0.5)
+    xp.exp(term, out=term)
+    term *= x
+    term *= cast(1 / math.sqrt(2 * math.pi))
+    out += term
 
 
-def gelu_backward(x, cdf, g):
-    grad = get_array_module(x).empty_like(x)
-    by_rows(_gelu_grad, x, cdf, g, grad, cache_sized=True)
-    return grad
-
-
-def gelu_tanh_forward(x):
+def gelu_tanh_forward(x, slope=False):
     cast = x.dtype.type
     xp = get_array_module(x)
-    out = x * x
-    out *= cast(0.044715)
-    out += cast(1)
-    out *= x
-    out *= cast(math.sqrt(2 / math.pi))
-    xp.tanh(out, out=out)
-    out += cast(1)
-    out *= x
-    out *= cast(0.5)
-    return out
-
-
-gelu_tanh_backward = reference.gelu_tanh_backward
+    th = x * x
+    th *= cast(0.044715)
+    th += cast(1)
+    th *= x
+    th *= cast(math.sqrt(2 / math.pi))
+    xp.tanh(th, out=th)  # tanh u
+    y = th + cast(1)
+    y *= x
+    y *= cast(0.5)
+    if not slope:
+        return y
+    grad = x * x  # dy/dx = (1 + tanh u + x (1 - tanh^2 u) du/dx) / 2
+    grad *= cast(3 * 0.044715)
+    grad += cast(1)
+    grad *= cast(math.sqrt(2 / math.pi))
+    grad *= x  # x du/dx
+    grad *= cast(1) - th * th
+    grad += th
+    grad += cast(1)
+    grad *= cast(0.5)
+    return y, grad
 
 
 # --- softmax family (last axis, in place) ---------------------------------------------------

@@ -42,33 +42,29 @@ def normal_cdf(x):
 
 
 # --- GELU ---------------------------------------------------------------------------------
-def gelu_forward(x):
-    """y = x Phi(x). Returns (y, Phi(x)); backward reuses Phi(x)."""
+def gelu_forward(x, slope=False):
+    """y = x Phi(x); with slope, (y, dy/dx) where dy/dx = Phi(x) + x phi(x),
+    phi(x) = exp(-x^2 / 2) / sqrt(2 pi): backward then needs only dy/dx (one array, not two)."""
     cdf = normal_cdf(x)
-    return x * cdf, cdf
-
-
-def gelu_backward(x, cdf, g):
-    """dy/dx = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    if not slope:
+        return x * cdf
     pdf = get_array_module(x).exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-    return g * (cdf + x * pdf)
+    return x * cdf, cdf + x * pdf
 
 
 _TANH_K = math.sqrt(2 / math.pi)
 _TANH_C = 0.044715
 
 
-def gelu_tanh_forward(x):
-    """y = x (1 + tanh(u)) / 2, u = sqrt(2/pi) (x + 0.044715 x^3)."""
-    u = _TANH_K * (x + _TANH_C * x ** 3)
-    return 0.5 * x * (1 + get_array_module(x).tanh(u))
-
-
-def gelu_tanh_backward(x, g):
-    """dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) du/dx / 2, du/dx = sqrt(2/pi) (1 + 3 0.044715 x^2)."""
+def gelu_tanh_forward(x, slope=False):
+    """y = x (1 + tanh u) / 2, u = sqrt(2/pi) (x + 0.044715 x^3); with slope, (y, dy/dx) where
+    dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) du/dx / 2, du/dx = sqrt(2/pi) (1 + 3 0.044715 x^2)."""
     th = get_array_module(x).tanh(_TANH_K * (x + _TANH_C * x ** 3))
+    y = 0.5 * x * (1 + th)
+    if not slope:
+        return y
     du = _TANH_K * (1 + 3 * _TANH_C * x * x)
-    return g * (0.5 * (1 + th) + 0.5 * x * (1 - th * th) * du)
+    return y, 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * du
 
 
 # --- softmax family (last axis) -----------------------------------------------------------

@@ -1,0 +1,343 @@
+"""Data-parallel training on MPI (mpi4py): every rank holds the whole model, reads the same
+files and takes its own disjoint share of each global batch; after backward the ranks'
+gradients are summed, so that every rank takes the same optimizer step.
+
+    mpiexec -n 2 minisft train ...                  # --batch-size is the global batch
+    mpiexec -f hostfile -n 8 minisft train ...      # across hosts
+
+- Each rank's mean loss is scaled by its share of the global batch's loss terms (examples, or
+  labeled tokens), so that the summed gradient is the mean over the global batch, exactly
+  what one process computes from the same batch.
+- Gradients are summed in buckets of about BUCKET_MB, each started (MPI Iallreduce, or NCCL on
+  GPUs) as soon as backward has made every gradient in it (the post-accumulate hooks of
+  minisft.tensor), so communication runs while backward works on the layers below; the
+  optimizer step waits for them. Buckets start in one fixed order on every rank, as MPI
+  requires of collectives.
+- A process that no MPI launcher started runs alone (SingleProcess) and never imports
+  mpi4py.
+"""
+import hashlib
+import os
+import socket
+import sys
+import time
+
+import numpy
+
+from minisft.backend import get_array_module
+
+LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # MPICH/Intel, Open MPI, MVAPICH
+BUCKET_MB = 8
+
+
+class DistributedError(RuntimeError):
+    """Ranks that cannot train together: raised alike on every rank, before training, so
+    that every rank can stop without MPI Abort (the command line has rank 0 say it)."""
+
+
+class MissingMPI(RuntimeError):
+    """Started by an MPI launcher, but mpi4py is not installed."""
+
+
+def launched_size():
+    """How many processes the MPI launcher started (1 without one), from its environment."""
+    for name in LAUNCHER_SIZE_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+class SingleProcess:
+    """The communicator of a process that runs alone: every collective is the identity."""
+    rank, size, local_rank, local_size = 0, 1, 0, 1
+
+    def __init__(self):
+        self.host = socket.gethostname()
+
+    def allreduce_sum(self, value):
+        return value
+
+    def allgather(self, value):
+        return [value]
+
+    def broadcast_arrays(self, arrays):
+        pass
+
+    def barrier(self):
+        pass
+
+    def abort(self, code):
+        sys.exit(code)
+
+
+class MPICommunicator(SingleProcess):
+    """COMM_WORLD through mpi4py: rank, size, ranks on this host, and the collectives training uses."""
+
+    def __init__(self):
+        super().__init__()
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise MissingMPI(f"started by an MPI launcher as {launched_size()} processes, but mpi4py is "
+                                   "not installed: pip install -e '.[mpi]' (or run without mpiexec)") from None
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        host = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_rank, self.local_size = host.Get_rank(), host.Get_size()
+        host.Free()
+
+    def allreduce_sum(self, value):
+        """The sum over ranks of a number, or of an array (returned as a new array)."""
+        if hasattr(value, "shape"):
+            out = numpy.empty_like(value)
+            self.comm.Allreduce(value, out, op=self.MPI.SUM)
+            return out
+        return self.comm.allreduce(value, op=self.MPI.SUM)
+
+    def iallreduce_sum(self, buffer):
+        """Start summing a contiguous CPU array over ranks in place; returns the request."""
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
+
+    def allgather(self, value):
+        return self.comm.allgather(value)
+
+    def broadcast(self, value):
+        return self.comm.bcast(value, root=0)
+
+    def broadcast_arrays(self, arrays):
+        """Rank 0's arrays into every rank's, in place (through the host for GPU arrays)."""
+        for array in arrays:
+            if get_array_module(array) is numpy:
+                self.comm.Bcast(array, root=0)
+            else:
+                host = array.get()
+                self.comm.Bcast(host, root=0)
+                array.set(host)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+_world = None
+
+
+def world():
+    """This process's communicator: MPI's when an MPI launcher started several processes."""
+    global _world
+    if _world is None:
+        _world = MPICommunicator() if launched_size() > 1 else SingleProcess()
+    return _world
+
+
+def fail(message, code):
+    """End the whole job from one rank: the message names the rank and its host, then MPI
+    Abort stops every rank (none waits forever in a collective). Alone: exit with `code`."""
+    try:
+        comm = world()
+    except MissingMPI:  # the launcher ends the job when this rank exits
+        comm = SingleProcess()
+    if comm.size > 1:
+        print(f"rank {comm.rank} of {comm.size} (host {comm.host}): {message}", file=sys.stderr, flush=True)
+        comm.abort(code)
+        os._exit(code)  # Abort may return before the launcher has stopped this process
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def threads_per_rank(comm):
+    """The cores this process may use shared among the ranks on its host, unless the user
+    chose a thread count (MINISFT_NUM_THREADS, OMP_NUM_THREADS); None then."""
+    if any(os.environ.get(name, "").strip() for name in ("MINISFT_NUM_THREADS", "OMP_NUM_THREADS")):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // comm.local_size)
+
+
+def rank_device(comm, device):
+    """The device of this rank: with "cuda" and several ranks on a host, one GPU each."""
+    if comm.size == 1 or not str(device).startswith("cuda") or ":" in str(device):
+        return device
+    import cupy
+
+    return f"cuda:{comm.local_rank % cupy.cuda.runtime.getDeviceCount()}"
+
+
+# --- what every rank must agree on -----------------------------------------------------------
+def per_rank_batch(batch_size, size):
+    """The per-rank share of a global batch; an error when the ranks cannot share it evenly."""
+    if batch_size % size:
+        raise DistributedError(f"--batch-size {batch_size}: the global batch is shared by {size} ranks, and "
+                               f"{batch_size} is not a multiple of {size}; use --batch-size "
+                               f"{max(size, batch_size // size * size)} or another multiple of {size}")
+    return batch_size // size
+
+
+def fingerprint(features):
+    """A hash of encoded features (ids, segments, labels), to compare what ranks read."""
+    digest = hashlib.sha256()
+    for feature in features or ():
+        for key in sorted(feature):
+            digest.update(key.encode())
+            digest.update(numpy.asarray(feature[key] if feature[key] is not None else -1).tobytes())
+    return digest.hexdigest()
+
+
+def check_same_everywhere(comm, values):
+    """values: {what: (value, fix)}. Raises DistributedError on every rank when ranks differ
+    on any, naming the ranks (and hosts) of each value."""
+    seen = comm.allgather((comm.host, {what: str(value) for what, (value, _) in values.items()}))
+    for what, (_, fix) in values.items():
+        groups = {}
+        for rank, (host, mine) in enumerate(seen):
+            groups.setdefault(mine[what], []).append(f"{rank} ({host})")
+        if len(groups) > 1:
+            found = "; ".join(f"rank{'s' * (len(ranks) > 1)} {', '.join(ranks)}: {value[:16]}"
+                              for value, ranks in groups.items())
+            raise DistributedError(f"the ranks differ in {what} ({found}); {fix}")
+
+
+def shard(indices, rank, size):
+    """This rank's contiguous part of a global batch; parts differ by at most one (a short
+    last batch), and a rank may get none."""
+    base, extra = divmod(len(indices), size)
+    start = rank * base + min(rank, extra)
+    return indices[start:start + base + (rank < extra)]
+
+
+def rank_seed(seed, rank, step):
+    """The seed of a rank's random draws (dropout) at a step: resuming at any step, with any
+    number of ranks, draws what an uninterrupted run with that number draws."""
+    return int(numpy.random.SeedSequence([seed, rank, step]).generate_state(1, numpy.uint64)[0])
+
+
+# --- gradients -----------------------------------------------------------------------------
+class GradientReducer:
+    """Sums the ranks' gradients of the trainable `parameters` in buckets started during
+    backward. Per step: start() before the backward that completes the gradients (the last
+    micro-batch's), then wait() before clipping and the optimizer step."""
+
+    def __init__(self, comm, parameters, bucket_mb=BUCKET_MB):
+        params = [p for p in parameters if p.requires_grad]
+        self.comm = comm
+        self.buckets, current, size = [], [], 0
+        for param in reversed(params):  # backward makes the top layers' gradients first
+            current.append(param)
+            size += param.data.nbytes
+            if size >= bucket_mb * 2 ** 20:
+                self.buckets.append(current)
+                current, size = [], 0
+        if current:
+            self.buckets.append(current)
+        self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self.params = [p for bucket in self.buckets for p in bucket]
+        self.first = numpy.cumsum([0] + [len(bucket) for bucket in self.buckets])  # bucket i's place in params
+        self.transport = _nccl_or_mpi(comm, params[0].data) if params else None
+        self.active = False
+        self.wait_seconds = 0.0  # communication not hidden behind backward, summed over steps
+        for param in params:
+            param.register_post_accumulate_grad_hook(self._ready)
+
+    def start(self):
+        self.active = True
+        self.missing = [len(bucket) for bucket in self.buckets]
+        self.had_grad = numpy.zeros(len(self.params), dtype=numpy.int32)
+        self.pending = []  # (flat buffer, request) in bucket order
+        self.next = 0  # the next bucket to start: buckets start in order on every rank
+
+    def _ready(self, param):
+        if not self.active:
+            return
+        self.missing[self.bucket_of[id(param)]] -= 1
+        while self.next < len(self.buckets) and self.missing[self.next] == 0:
+            self._launch(self.next)
+        self.transport.progress(self.pending)
+
+    def _launch(self, index):
+        """Copy the bucket's gradients (zeros where none) into one flat buffer, make each
+        gradient a view of it, and start the sum."""
+        bucket = self.buckets[index]
+        xp = get_array_module(bucket[0].data)
+        flat = xp.empty(sum(p.data.size for p in bucket), dtype=bucket[0].data.dtype)
+        offset, start = self.first[index], 0
+        for i, param in enumerate(bucket):
+            view = flat[start:start + param.data.size].reshape(param.data.shape)
+            if param.grad is None:
+                view[...] = 0
+            else:
+                view[...] = param.grad
+                self.had_grad[offset + i] = 1
+            param.grad = view
+            start += param.data.size
+        self.pending.append((flat, self.transport.start(flat)))
+        self.next = index + 1
+
+    def wait(self):
+        """Start what backward did not (every bucket, on a rank without examples), wait for
+        all, and leave no gradient on parameters that had none on any rank."""
+        began = time.perf_counter()
+        while self.next < len(self.buckets):
+            self._launch(self.next)
+        self.transport.wait(self.pending)
+        used = self.comm.allreduce_sum(self.had_grad)
+        for param, count in zip(self.params, used):
+            if not count:
+                param.grad = None
+        self.active = False
+        self.pending = []
+        self.wait_seconds += time.perf_counter() - began
+
+
+class _MPITransport:
+    """Bucket sums through MPI's non-blocking all-reduce (CPU arrays)."""
+
+    def __init__(self, comm):
+        self.comm = comm
+
+    def start(self, flat):
+        return self.comm.iallreduce_sum(flat)
+
+    def progress(self, pending):
+        """Let MPI move the started sums on (MPI progresses inside its own calls)."""
+        self.comm.MPI.Request.Testall([request for _, request in pending])
+
+    def wait(self, pending):
+        self.comm.MPI.Request.Waitall([request for _, request in pending])
+
+
+class _NCCLTransport:
+    """Bucket sums through NCCL on the GPU, on a stream of their own that waits for the
+    gradients' stream; the NCCL id goes to every rank over MPI. Not yet verified on a GPU."""
+
+    def __init__(self, comm):
+        import cupy
+        from cupy.cuda import nccl
+
+        self.cupy, self.nccl = cupy, nccl
+        unique_id = comm.broadcast(nccl.get_unique_id() if comm.rank == 0 else None)
+        self.communicator = nccl.NcclCommunicator(comm.size, unique_id, comm.rank)
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    def start(self, flat):
+        self.stream.wait_event(self.cupy.cuda.get_current_stream().record())
+        self.communicator.allReduce(flat.data.ptr, flat.data.ptr, flat.size, self.nccl.NCCL_FLOAT32,
+                                    self.nccl.NCCL_SUM, self.stream.ptr)
+        return self.stream.record()
+
+    def progress(self, pending):
+        pass
+
+    def wait(self, pending):
+        for _, done in pending:
+            self.cupy.cuda.get_current_stream().wait_event(done)
+
+
+def _nccl_or_mpi(comm, array):
+    if comm.size == 1:
+        return None
+    return _MPITransport(comm) if get_array_module(array) is numpy else _NCCLTransport(comm)
