@@ -5,7 +5,8 @@ decay without warmup, no weight decay, clipping at 1.0, seed 42, dynamic padding
 
 minisft runs exactly the README's command (length-grouped batches, as `minisft train`
 does by default); the reference is the usual transformers loop (shuffled batches padded
-by DataCollatorWithPadding).
+by DataCollatorWithPadding). With the mpi extra, minisft also runs the command under
+`mpiexec -n 2` (data-parallel, the same global batch), beside its one-process run.
 """
 import csv
 import json
@@ -15,6 +16,7 @@ import tempfile
 import time
 
 from benchmarks.common import Figure
+from benchmarks.distributed_bench import mpiexec
 
 RECIPE = {"learning_rate": 5e-5, "epochs": 1, "batch_size": 32, "max_length": 128, "seed": 42}
 
@@ -24,9 +26,10 @@ def _rows(path):
         return [(row["text"], row["label"]) for row in csv.DictReader(f)]
 
 
-def run_minisft(env, quick):
+def run_minisft(env, quick, processes=1):
     with tempfile.TemporaryDirectory() as tmp:
-        command = [sys.executable, "-m", "minisft", "train", "--model", str(env.model_dir),
+        launcher = [mpiexec(), "-n", str(processes)] if processes > 1 else []
+        command = [*launcher, sys.executable, "-m", "minisft", "train", "--model", str(env.model_dir),
                    "--train", str(env.data("rotten-tomatoes") / "train.csv"),
                    "--eval", str(env.data("rotten-tomatoes") / "dev.csv"),
                    "--test", str(env.data("rotten-tomatoes") / "test.csv"),
@@ -94,7 +97,14 @@ def run(env, quick):
     accuracy, seconds = run_minisft(env, quick)
     reference = run_reference(env, quick) if env.reference else None
     note = "1 run each; " + ("--quick: 5 steps only" if quick else "lr 5e-5, 1 epoch, batch 32, seed 42")
-    return [Figure("README job: rotten-tomatoes test accuracy", "accuracy", [accuracy],
-                   [reference[0]] if reference else None, lower_is_better=False, note=note),
-            Figure("README job: wall-clock time (load, train, evaluate dev and test)", "s", [seconds],
-                   [reference[1]] if reference else None, note="reference: train + test only")]
+    figures = [Figure("README job: rotten-tomatoes test accuracy", "accuracy", [accuracy],
+                      [reference[0]] if reference else None, lower_is_better=False, note=note),
+               Figure("README job: wall-clock time (load, train, evaluate dev and test)", "s", [seconds],
+                      [reference[1]] if reference else None, note="reference: train + test only")]
+    if mpiexec():
+        accuracy_2, seconds_2 = run_minisft(env, quick, processes=2)
+        note = "mpiexec -n 2, 1 thread each; reference column: minisft's one process"
+        figures += [Figure("README job on 2 processes: test accuracy", "accuracy", [accuracy_2], [accuracy],
+                           lower_is_better=False, note=note),
+                    Figure("README job on 2 processes: wall-clock time", "s", [seconds_2], [seconds], note=note)]
+    return figures

@@ -1,5 +1,6 @@
 """Lean fine-tuning on all-MiniLM-L6-v2: step time and peak memory of full fine-tuning, LoRA
-r=8 (alpha 16, query and value) and frozen embeddings at 32x128, and of gradient checkpointing
+r=8 (alpha 16, query and value), frozen embeddings and LoRA with gradient checkpointing at
+32x128, and of gradient checkpointing
 and of block attention against whole (L, L) attention at 8x512, for minisft and for
 transformers (+ peft for LoRA), and minisft's lean modes against its own full fine-tuning
 (which uses block attention from 512 tokens on)."""
@@ -9,12 +10,14 @@ from benchmarks.workloads import LORA_ALPHA, LORA_R, Minisft, Reference
 
 NAMES = {"full": "full fine-tuning", "lora": f"LoRA r={LORA_R} alpha {LORA_ALPHA}",
          "frozen-embeddings": "frozen embeddings", "checkpointing": "gradient checkpointing",
+         "lora-checkpointing": f"LoRA r={LORA_R} + gradient checkpointing",
          "whole-attention": "whole (L, L) attention"}
 
 
 def run(env, quick):
     ours, theirs = Minisft(env.model_dir), Reference(env.model_dir) if env.reference else None
-    figures = _compare(env, ours, theirs, ("full", "lora", "frozen-embeddings"), *((4, 32) if quick else (32, 128)),
+    figures = _compare(env, ours, theirs, ("full", "lora", "frozen-embeddings", "lora-checkpointing"),
+                       *((4, 32) if quick else (32, 128)),
                        quick)
     long = (2, 512) if quick else (8, 512)  # block attention starts at 512
     return figures + _compare(env, ours, theirs, ("full", "checkpointing", "whole-attention"), *long, quick)
@@ -34,7 +37,7 @@ def _compare(env, ours, theirs, modes, batch, length, quick):
     for mode in modes:
         figures.append(Figure(f"training step {size}, {NAMES[mode]}", "s", times[mode]["ours"],
                               times[mode].get("reference"), note="reference: transformers" +
-                              (" + peft" if mode == "lora" else "")))
+                              (" + peft" if mode.startswith("lora") else "")))
         figures.append(Figure(f"peak RSS, 5 steps {size}, {NAMES[mode]}", "MB", memory[mode]["ours"],
                               memory[mode]["reference"], note="each in its own process"))
     for mode in modes[1:]:

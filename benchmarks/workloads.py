@@ -46,21 +46,21 @@ class Minisft:
     def train_step(self, batch, length, mode="full"):
         """One AdamW step of fine-tuning: every weight ("full"), LoRA r=8 alpha 16 on query and
         value ("lora"), all but the embeddings ("frozen-embeddings"), every weight with
-        gradient checkpointing ("checkpointing"), or every weight with attention over whole
-        (L, L) score matrices however long the input ("whole-attention", as before block
-        attention)."""
+        gradient checkpointing ("checkpointing"), LoRA with it ("lora-checkpointing"), or
+        every weight with attention over whole (L, L) score matrices however long the input
+        ("whole-attention", as before block attention)."""
         import minisft.functional as F
         from minisft import peft
         from minisft.models.bert import BertForSequenceClassification
         from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
 
         model = BertForSequenceClassification.from_pretrained(self.model_dir, num_labels=2).train().to(self.device)
-        if mode == "lora":
+        if mode.endswith("checkpointing"):
+            model.gradient_checkpointing_enable()
+        if mode.startswith("lora"):
             model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA))
         elif mode == "frozen-embeddings":
             peft.freeze(model, embeddings=True)
-        elif mode == "checkpointing":
-            model.gradient_checkpointing_enable()
         F.BLOCKED_FROM = 10 ** 9 if mode == "whole-attention" else F.BLOCKED_FROM_DEFAULT
         optimizer = AdamW(parameter_groups(model, 0.01), lr=2e-5)
         ids, mask, labels = inputs(batch, length)
@@ -109,15 +109,15 @@ class Reference:
         torch = self.torch
         model = self.transformers.BertForSequenceClassification.from_pretrained(
             self.model_dir, num_labels=2).train().to(self.device)
-        if mode == "lora":
+        if mode.endswith("checkpointing"):  # non-reentrant: LoRA's frozen inputs need no grad
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if mode.startswith("lora"):
             import peft
 
             model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=LORA_R, lora_alpha=LORA_ALPHA,
                                                                target_modules=["query", "value"]))
         elif mode == "frozen-embeddings":
             model.bert.embeddings.requires_grad_(False)
-        elif mode == "checkpointing":
-            model.gradient_checkpointing_enable()
         no_decay = ("bias", "LayerNorm.weight")
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in trainable if not n.endswith(no_decay)], "weight_decay": 0.01},

@@ -17,6 +17,7 @@ gradients are summed, so that every rank takes the same optimizer step.
   mpi4py.
 """
 import hashlib
+import json
 import os
 import socket
 import sys
@@ -183,8 +184,8 @@ def fingerprint(features):
     digest = hashlib.sha256()
     for feature in features or ():
         for key in sorted(feature):
-            digest.update(key.encode())
-            digest.update(numpy.asarray(feature[key] if feature[key] is not None else -1).tobytes())
+            value = feature[key].tolist() if hasattr(feature[key], "tolist") else feature[key]
+            digest.update(json.dumps([key, value]).encode())
     return digest.hexdigest()
 
 
@@ -223,7 +224,7 @@ class GradientReducer:
     micro-batch's), then wait() before clipping and the optimizer step."""
 
     def __init__(self, comm, parameters, bucket_mb=BUCKET_MB):
-        params = [p for p in parameters if p.requires_grad]
+        params = list({id(p): p for p in parameters if p.requires_grad}.values())  # each once, if shared
         self.comm = comm
         self.buckets, current, size = [], [], 0
         for param in reversed(params):  # backward makes the top layers' gradients first

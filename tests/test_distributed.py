@@ -18,7 +18,7 @@ import minisft
 from minisft import distributed, tasks
 from minisft.checkpoint import load_safetensors
 from conftest import FIXTURES, ROOT
-from helpers import write_reviews
+from helpers import NEGATIVE, POSITIVE, write_reviews
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 HANG_GUARD_S = 600  # a job that has not ended by then is hung: fail instead of blocking the suite
@@ -116,6 +116,26 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tagged(tmp_path_factory):
+    """CoNLL sentences whose sentiment words are tagged: sentences of 3 to 9 words, so that
+    ranks' shares of a batch hold different numbers of labeled tokens."""
+    root = tmp_path_factory.mktemp("tagged")
+    rng = np.random.default_rng(0)
+
+    def write(name, count):
+        sentences = []
+        for _ in range(count):
+            words = ["the", "film", "was"] + list(rng.choice(POSITIVE + NEGATIVE, rng.integers(0, 7)))
+            sentences.append("\n".join(f"{w}\t{'B-POS' if w in POSITIVE else 'B-NEG' if w in NEGATIVE else 'O'}"
+                                       for w in words))
+        path = root / name
+        path.write_text("\n\n".join(sentences) + "\n")
+        return path
+
+    return write("train.conll", 45), write("dev.conll", 16)
+
+
+@pytest.fixture(scope="module")
 def no_dropout(tmp_path_factory):
     """The tiny BERT with its dropout off."""
     model = tmp_path_factory.mktemp("models") / "tiny-bert-no-dropout"
@@ -165,16 +185,21 @@ def _assert_weights_close(a, b, rtol):
 
 
 @needs_mpi
-def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, data, no_dropout):
-    _train(1, *_train_args(no_dropout, data, tmp_path / "one"))
-    two = _train(2, *_train_args(no_dropout, data, tmp_path / "two"))
+@pytest.mark.parametrize("case", ["classification", "accumulation", "token-classification"])
+def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, data, tagged, no_dropout, case):
+    """Token classification weighs each rank's mean by its labeled tokens, not its sentences."""
+    extra = {"classification": (), "accumulation": ("--gradient-accumulation-steps", 2),
+             "token-classification": ("--task", "token-classification")}[case]
+    files = tagged if case == "token-classification" else data
+    _train(1, *_train_args(no_dropout, files, tmp_path / "one", *extra))
+    two = _train(2, *_train_args(no_dropout, files, tmp_path / "two", *extra))
     _assert_weights_close(tmp_path / "two", tmp_path / "one", rtol=1e-6)
     assert "data-parallel on 2 ranks" in two.stderr
     one_metrics = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two_metrics = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(one_metrics) == len(two_metrics)  # rank 0 alone wrote the file
     for a, b in zip(one_metrics, two_metrics):  # the global loss and metrics
-        for key in ("loss", "eval_accuracy", "eval_loss"):
+        for key in ("loss", "eval_accuracy", "eval_f1"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), key
 
