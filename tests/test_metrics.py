@@ -44,3 +44,28 @@ def test_entity_chunking_rules():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="2 true values but 1 predictions"):
         M.accuracy([1, 2], [1])
+
+
+def test_squad_metric_equals_the_official_v1_1_script():
+    """200 dev questions (tests/fixtures/make_squad_fixtures.py): per question and in total,
+    with articles, punctuation, case, spacing, partial spans, several gold answers and
+    unanswered questions."""
+    fixture = json.loads((FIXTURES / "squad_metric_cases.json").read_text(encoding="utf-8"))
+    answers = {case["id"]: case["answers"] for case in fixture["cases"]}
+    predictions = {case["id"]: case["prediction"] for case in fixture["cases"] if case["prediction"] is not None}
+    for case in fixture["cases"]:
+        if case["prediction"] is not None:
+            normalized = M.squad_normalize(case["prediction"])
+            exact = max(float(normalized == M.squad_normalize(gold)) for gold in case["answers"])
+            f1 = max(M.squad_f1(case["prediction"], gold) for gold in case["answers"])
+            assert (exact, f1) == (case["exact_match"], case["f1"]), case
+    assert M.squad(predictions, answers) == fixture["total"]
+
+
+def test_squad_v2_scores_no_answer_against_unanswerable_questions():
+    answers = {"a": [], "b": ["the cat"], "c": ["a dog", "dogs"]}
+    predictions = {"a": "", "b": "", "c": "the dog"}
+    # a: no answer for an unanswerable question: 1; b: none for an answerable one: 0;
+    # c: "dog" against "dog" (articles dropped): exact
+    assert M.squad(predictions, answers, version="2.0") == {"exact_match": 200 / 3, "f1": 200 / 3}
+    assert M.squad({"a": "something"}, answers, version="2.0") == {"exact_match": 0.0, "f1": 0.0}  # b, c left out
