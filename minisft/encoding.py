@@ -60,6 +60,24 @@ class EncodedText:
         if self.offsets is not None:
             self.offsets, self.words = self.offsets[:length], self.words[:length]
 
+    def window(self, start, stop):
+        """Tokens [start, stop) as an EncodedText of their own."""
+        if self.offsets is None:
+            return EncodedText(self.ids[start:stop])
+        return EncodedText(self.ids[start:stop], self.offsets[start:stop], self.words[start:stop])
+
+    def windows(self, length, stride):
+        """Windows of `length` tokens from the start, each `stride` tokens into the one before
+        it, until one reaches the end (as transformers' tokenizers cut overflowing tokens)."""
+        if stride >= length:
+            raise ValueError(f"stride {stride} must be less than the {length} tokens a window holds")
+        windows = []
+        for start in range(0, max(len(self), 1), length - stride):
+            windows.append(self.window(start, start + length))
+            if start + length >= len(self):
+                break
+        return windows
+
 
 class WordCache(dict):
     """word -> tuple of token ids, computed by `tokenize_word` on first lookup (up to
@@ -170,13 +188,16 @@ class Tokenizer:
 
     def __call__(self, text, text_pair=None, add_special_tokens=True, padding=False, truncation=False,
                  max_length=None, is_split_into_words=False, return_offsets_mapping=False,
-                 return_tensors="np"):
+                 return_tensors="np", stride=0, return_overflowing_tokens=False):
         """Encode a text, a pair, or a batch of them.
 
         padding: False, True/"longest" or "max_length". truncation: False, True/"longest_first",
         "only_first" or "only_second", to max_length (default model_max_length) tokens in
         all. return_tensors="np" gives (batch, length) int64 arrays (padding needed when
-        lengths differ); None gives lists.
+        lengths differ); None gives lists. return_overflowing_tokens: the tokens truncation
+        would drop become more rows, windows of the truncated text that overlap the one
+        before by `stride` tokens (only_second for pairs: a question beside each window of
+        its context); "overflow_to_sample_mapping" gives each row's input.
         """
         single = isinstance(text, str) or (is_split_into_words and text and isinstance(text[0], str))
         texts = [text] if single else list(text)
@@ -195,14 +216,21 @@ class Tokenizer:
                              f"'only_second', not {truncation!r}")
         if max_length is None and (truncation or padding == "max_length"):
             max_length = self.model_max_length
-        options = (add_special_tokens, truncation, max_length, is_split_into_words)
-        rows = [self._encode_row(t, p, *options, detailed=False) for t, p in zip(texts, pairs)]
+        options = (add_special_tokens, truncation, max_length, is_split_into_words,
+                   stride if return_overflowing_tokens else None)
+        rows, samples = [], []  # rows of (ids, type_start); the input of each
+        for index, (t, p) in enumerate(zip(texts, pairs)):
+            windows = self._encode_rows(t, p, *options, detailed=False)
+            rows += windows
+            samples += [(index, window) for window in range(len(windows))]
         lengths = [len(ids) for ids, _ in rows]
         target = max(lengths, default=0) if padding == "longest" else max_length if padding else None
 
         def details(i):
             """(offsets, word ids, sequence ids) of row i, padded like its ids."""
-            ids, types, offsets, words, sequence = self._encode_row(texts[i], pairs[i], *options, detailed=True)
+            index, window = samples[i]
+            ids, types, offsets, words, sequence = self._encode_rows(texts[index], pairs[index], *options,
+                                                                     detailed=True)[window]
             pad = max(0, target - len(ids)) if target is not None else 0
             return offsets + [(0, 0)] * pad, words + [None] * pad, sequence + [None] * pad
 
@@ -211,19 +239,38 @@ class Tokenizer:
             offsets = [details(i)[0] for i in range(len(rows))]
             columns["offset_mapping"] = (offsets if return_tensors is None
                                          else numpy.array(offsets, dtype=numpy.int64).reshape(len(rows), -1, 2))
+        if return_overflowing_tokens:
+            mapping = [index for index, _ in samples]
+            columns["overflow_to_sample_mapping"] = mapping if return_tensors is None else numpy.array(mapping)
         return BatchEncoding(columns, details)
 
-    def _encode_row(self, text, pair, add_special_tokens, truncation, max_length, is_split_into_words,
-                    detailed):
-        """(ids, start of the pair's type-1 tokens) or, detailed, also offsets, word and
-        sequence indices."""
+    def _encode_rows(self, text, pair, add_special_tokens, truncation, max_length, is_split_into_words,
+                     stride, detailed):
+        """The rows of a text or pair: one, or with a stride (return_overflowing_tokens) one
+        per window of the truncated text; each (ids, start of the pair's type-1 tokens) or,
+        detailed, also offsets, word and sequence indices."""
         first = self._encode_text(text, is_split_into_words, detailed)
         second = None if pair is None else self._encode_text(pair, is_split_into_words, detailed)
         layout = self.special_layout() if add_special_tokens else ([], [], [], [])
-        before_first, after_first, before_second, after_second = layout
-        if truncation:
-            specials = sum(map(len, layout)) if second is not None else len(before_first) + len(after_first)
+        if not truncation:
+            return [self._row(first, second, layout, detailed)]
+        specials = sum(map(len, layout)) if second is not None else len(layout[0]) + len(layout[1])
+        if stride is None:
             _truncate(first, second, max_length - specials, truncation)
+            return [self._row(first, second, layout, detailed)]
+        if second is not None and truncation != "only_second":
+            raise ValueError(f"return_overflowing_tokens with a text pair needs truncation='only_second', "
+                             f"not {truncation!r}")
+        budget = max_length - specials - (len(first) if second is not None else 0)
+        if budget <= 0:
+            raise ValueError(f"the first text alone has {len(first)} tokens, more than max_length "
+                             f"{max_length} allows beside its pair")
+        if second is None:
+            return [self._row(window, None, layout, detailed) for window in first.windows(budget, stride)]
+        return [self._row(first, window, layout, detailed) for window in second.windows(budget, stride)]
+
+    def _row(self, first, second, layout, detailed):
+        before_first, after_first, before_second, after_second = layout
         ids = before_first + first.ids + after_first
         type_start = len(ids)
         if second is not None:

@@ -1,5 +1,6 @@
 """BertTokenizer: identical to transformers' on 2,000+ varied lines, plus behaviour checks."""
 import functools
+import gzip
 import json
 import runpy
 
@@ -177,3 +178,29 @@ def test_a_tokenizer_json_of_another_model_type_is_named(tmp_path):
     (tmp_path / "ckpt" / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match=r"tokenizer.json: field 'model.type' is 'Unigram'; minisft reads WordPiece"):
         BertTokenizer.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.pretrained  # made with all-MiniLM-L6-v2's vocab.txt (tests/fixtures/make_qa_fixtures.py)
+def test_question_and_context_windows_equal_transformers(tokenizer):
+    """run_qa's call: truncation="only_second", return_overflowing_tokens, a stride and
+    offsets, on 70 SQuAD questions: the same windows, ids, types, offsets and sequence ids."""
+    with gzip.open(FIXTURES / "qa_windows.jsonl.gz", "rt", encoding="utf-8") as f:
+        cases = [json.loads(line) for line in f]
+    assert sum(len(case["rows"]) > 1 for case in cases) >= 10  # contexts of several windows
+    for case in cases:
+        ours = tokenizer([case["question"]], [case["context"]], truncation="only_second", max_length=case["max_length"],
+                   stride=case["stride"], return_overflowing_tokens=True, return_offsets_mapping=True,
+                   return_tensors=None)
+        assert ours["overflow_to_sample_mapping"] == case["overflow_to_sample_mapping"]
+        for i, row in enumerate(case["rows"]):
+            assert ours["input_ids"][i] == row["input_ids"]
+            assert ours["token_type_ids"][i] == row["token_type_ids"]
+            assert [list(o) for o in ours["offset_mapping"][i]] == row["offset_mapping"]
+            assert ours.sequence_ids(i) == row["sequence_ids"]
+
+
+@pytest.mark.pretrained
+def test_a_stride_as_long_as_a_window_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match="stride 30 must be less than the 30 tokens a window holds"):
+        tokenizer(["what is it?"], ["a context " * 40], truncation="only_second", max_length=37, stride=30,
+            return_overflowing_tokens=True)
