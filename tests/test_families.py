@@ -10,8 +10,8 @@ import pytest
 import minisft
 from minisft import cli
 from minisft.models import distilbert, electra, roberta
-from minisft.models.auto import (AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                                 AutoTokenizer)
+from minisft.models.auto import (AutoModel, AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
+                                 AutoModelForTokenClassification, AutoTokenizer)
 from conftest import FIXTURES, assert_close
 from helpers import assert_layers_and_gradients_match
 
@@ -120,3 +120,19 @@ def test_distilbert_sinusoidal_position_embeddings_are_refused_by_name(tmp_path)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "sinusoidal_pos_embds": True}))
     with pytest.raises(ValueError, match=r"config.json: field 'sinusoidal_pos_embds' is true"):
         AutoModel.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "electra", "roberta"])
+def test_question_answering_head_matches_transformers(name, device):
+    """Start and end logits, the loss (a position past the input ignored), every hidden
+    state, attention and gradient against tests/fixtures/make_head_fixtures.py's."""
+    ref = np.load(FIXTURES / f"tiny_{name}_qa_outputs.npz")
+    model = AutoModelForQuestionAnswering.from_pretrained(FIXTURES / f"tiny-{name}", num_labels=2)
+    model.load_state_dict({**model.state_dict(), "qa_outputs.weight": ref["qa_outputs.weight"],
+                           "qa_outputs.bias": ref["qa_outputs.bias"]})
+    model = model.eval().to(device)
+    out = model(**inputs(ref), labels=ref["positions"], output_hidden_states=True, output_attentions=True)
+    assert_close(out.start_logits, ref["start_logits"], atol=1e-5, rtol=0, what="start logits")
+    assert_close(out.end_logits, ref["end_logits"], atol=1e-5, rtol=0, what="end logits")
+    assert_close(out.loss, ref["loss"], atol=1e-5, rtol=0, what="loss")
+    assert_layers_and_gradients_match(model, out, out.loss, ref)

@@ -22,19 +22,21 @@ class Family:
     base: type
     sequence_classification: type
     token_classification: type
+    question_answering: type
     tokenizer: type
 
 
 FAMILIES = {
     "bert": Family(BertConfig, bert.BertModel, bert.BertForSequenceClassification, bert.BertForTokenClassification,
-                   BertTokenizer),
+                   bert.BertForQuestionAnswering, BertTokenizer),
     "distilbert": Family(distilbert.DistilBertConfig, distilbert.DistilBertModel,
                          distilbert.DistilBertForSequenceClassification, distilbert.DistilBertForTokenClassification,
-                         BertTokenizer),
+                         distilbert.DistilBertForQuestionAnswering, BertTokenizer),
     "electra": Family(electra.ElectraConfig, electra.ElectraModel, electra.ElectraForSequenceClassification,
-                      electra.ElectraForTokenClassification, BertTokenizer),
+                      electra.ElectraForTokenClassification, electra.ElectraForQuestionAnswering, BertTokenizer),
     "roberta": Family(roberta.RobertaConfig, roberta.RobertaModel, roberta.RobertaForSequenceClassification,
-                      roberta.RobertaForTokenClassification, ByteLevelBPETokenizer),
+                      roberta.RobertaForTokenClassification, roberta.RobertaForQuestionAnswering,
+                      ByteLevelBPETokenizer),
 }
 TOKENIZERS = {  # tokenizer_config.json's tokenizer_class -> ours (transformers' fast and slow names alike)
     "BertTokenizer": BertTokenizer, "BertTokenizerFast": BertTokenizer,
@@ -96,6 +98,10 @@ class AutoModelForSequenceClassification(_Auto):
 
 class AutoModelForTokenClassification(_Auto):
     role = "token_classification"
+
+
+class AutoModelForQuestionAnswering(_Auto):
+    role = "question_answering"
 
 
 class AutoTokenizer:

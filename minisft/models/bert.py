@@ -363,6 +363,22 @@ class TokenClassifierOutput:
     attentions: tuple = None
 
 
+@dataclass
+class QuestionAnsweringModelOutput:
+    loss: Tensor = None          # scalar, when labels (start and end positions) were given
+    logits: Tensor = None        # (B, L, 2): each token's start and end logits
+    hidden_states: tuple = None
+    attentions: tuple = None
+
+    @property
+    def start_logits(self):
+        return self.logits[:, :, 0]
+
+    @property
+    def end_logits(self):
+        return self.logits[:, :, 1]
+
+
 def classifier_dropout(config):
     """The task heads' dropout: config.classifier_dropout, else hidden_dropout_prob."""
     p = config.classifier_dropout
@@ -444,6 +460,24 @@ class TokenClassifierHead(TaskHead):
         return token_classification_loss(logits, labels)
 
 
+class QuestionAnsweringHead(TaskHead):
+    """Extractive question answering, for any family: qa_outputs, a Linear to 2 on every
+    token's hidden state, scores where the answer starts and where it ends. labels (B, 2):
+    the start and end token positions; the loss is the mean of the two cross-entropies, a
+    position past the input ignored (transformers clamps it to the length, then ignores it)."""
+    output_class = QuestionAnsweringModelOutput
+    peft_task_type = "QUESTION_ANS"
+    allowed_missing_keys = ("qa_outputs.",)
+
+    def head(self, out):
+        return self.qa_outputs(out.last_hidden_state)
+
+    def loss(self, logits, labels):
+        labels = labels.data if isinstance(labels, Tensor) else numpy.asarray(labels)
+        labels = numpy.where(labels >= logits.shape[1], -100, numpy.maximum(labels, 0))
+        return (F.cross_entropy(logits[:, :, 0], labels[:, 0]) + F.cross_entropy(logits[:, :, 1], labels[:, 1])) / 2
+
+
 class BertForSequenceClassification(SequenceClassifierHead, _BertWithClassifier):
     """A linear classifier on the pooled [CLS] output (the loss: SequenceClassificationLoss)."""
 
@@ -461,6 +495,18 @@ class BertForTokenClassification(TokenClassifierHead, _BertWithClassifier):
     def __init__(self, config):
         super().__init__()
         self._build(config, add_pooling_layer=False)
+
+
+class BertForQuestionAnswering(QuestionAnsweringHead, BertPreTrainedModel):
+    ignored_unexpected_keys = ("cls.", "pooler.", "bert.pooler.", "classifier.")
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
 
 
 def token_classification_loss(logits, labels):

@@ -10,8 +10,8 @@ import numpy
 from minisft import functional as F
 from minisft import nn
 from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertEncoder, BertPreTrainedModel,
-                                 SequenceClassifierHead, TokenClassifierHead, _as_ids, _check_range,
-                                 attention_bias, packed_self_attention)
+                                 QuestionAnsweringHead, SequenceClassifierHead, TokenClassifierHead, _as_ids,
+                                 _check_range, attention_bias, packed_self_attention)
 from minisft.models.config import BertConfig
 
 LAYER_NORM_EPS = 1e-12  # fixed in DistilBERT, not a config field
@@ -193,3 +193,20 @@ class DistilBertForTokenClassification(TokenClassifierHead, _DistilBertWithClass
         self._build(config, config.dropout)
         self.init_weights()
 
+
+
+class DistilBertForQuestionAnswering(QuestionAnsweringHead, DistilBertPreTrainedModel):
+    """qa_outputs(dropout(hidden states)), dropout qa_dropout."""
+    ignored_unexpected_keys = DistilBertPreTrainedModel.ignored_unexpected_keys + ("pre_classifier.", "classifier.")
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.distilbert = DistilBertModel(config)
+        self.dropout = nn.Dropout(config.qa_dropout)
+        self.qa_outputs = nn.Linear(config.dim, config.num_labels)
+        self.init_weights()
+
+    def head(self, out):
+        return self.qa_outputs(self.dropout(out.last_hidden_state))

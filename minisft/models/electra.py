@@ -8,8 +8,8 @@ Shapes: B batch, L sequence length, E embedding_size, H hidden_size.
 from minisft import functional as F
 from minisft import nn
 from minisft.models.bert import (BertEmbeddings, BertEncoder, BertModel, BertPreTrainedModel,
-                                 FirstTokenClassificationHead, SequenceClassifierHead, TokenClassifierHead,
-                                 classifier_dropout)
+                                 FirstTokenClassificationHead, QuestionAnsweringHead, SequenceClassifierHead,
+                                 TokenClassifierHead, classifier_dropout)
 from minisft.models.config import BertConfig
 
 
@@ -83,3 +83,15 @@ class ElectraForTokenClassification(TokenClassifierHead, ElectraPreTrainedModel)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
+
+
+class ElectraForQuestionAnswering(QuestionAnsweringHead, ElectraPreTrainedModel):
+    ignored_unexpected_keys = ElectraPreTrainedModel.ignored_unexpected_keys + ("classifier.",)
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.electra = ElectraModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()

@@ -10,7 +10,8 @@ import numpy
 
 from minisft import nn
 from minisft.models.bert import (BertEmbeddings, BertModel, BertPreTrainedModel, FirstTokenClassificationHead,
-                                 SequenceClassifierHead, TokenClassifierHead, classifier_dropout)
+                                 QuestionAnsweringHead, SequenceClassifierHead, TokenClassifierHead,
+                                 classifier_dropout)
 from minisft.models.config import BertConfig
 
 
@@ -87,3 +88,16 @@ class RobertaForTokenClassification(TokenClassifierHead, RobertaPreTrainedModel)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
+
+
+class RobertaForQuestionAnswering(QuestionAnsweringHead, RobertaPreTrainedModel):
+    ignored_unexpected_keys = RobertaPreTrainedModel.ignored_unexpected_keys + (
+        "pooler.", "roberta.pooler.", "classifier.")
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        self.roberta = RobertaModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
