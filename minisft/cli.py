@@ -157,6 +157,11 @@ def _add_training_options(parser):
         help="keep only each encoder layer's input and recompute the layer in backward (less memory, ~1/3 more time)")
     add("--merge-adapters", action="store_true",
         help="write a plain checkpoint with the adapters merged into its weights instead of the adapter")
+    number("doc_stride", "question answering: tokens that the windows of a long context overlap")
+    add("--skip-misaligned", action="store_true",
+        help="question answering: leave out questions whose answer is not at its answer_start (counted)")
+    number("max_train_examples", "train on a deterministic subset of N examples (0: all)")
+    number("max_eval_examples", "evaluate on a deterministic subset of N examples (0: all)")
     add("--plot", action="store_true", help="draw the training curves into OUTPUT/curves.png at each evaluation "
                                             "(needs the viz extra: pip install -e '.[viz]')")
 

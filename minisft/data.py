@@ -29,8 +29,9 @@ class DataError(ValueError):
 class Example:
     text: object                 # a string, or a list of words for token classification
     text_pair: str = None
-    label: object = None         # a class name, a float, or a list of tags
-    line: int = 0                # where it came from, for error messages
+    label: object = None         # a class name, a float, a list of tags, or answers [(text, start)]
+    line: int = 0                # where it came from, for error messages (a question's id)
+    group: int = None            # the article a question belongs to (SQuAD), for subsets
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -49,6 +50,14 @@ def _read_text(path):
     if not text.strip():
         raise DataError(f"{path}: the file is empty")
     return text
+
+
+def read_json(path, expected):
+    """A whole JSON file (e.g. SQuAD's); `expected` describes its layout for the error."""
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); expected {expected}") from None
 
 
 def read_records(path):

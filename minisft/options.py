@@ -120,6 +120,9 @@ TRAINING = {
     "lora_r": Number(int, 0, 4096, example=8),
     "lora_alpha": Number(float, 0, 1e6, above=True, example=16),
     "lora_dropout": Number(float, 0, 0.99, example=0.1),
+    "doc_stride": Number(int, 0, 65536, example=128),
+    "max_train_examples": Number(int, 0, 10 ** 9, example=8000),
+    "max_eval_examples": Number(int, 0, 10 ** 9, example=2000),
 }
 
 

@@ -79,6 +79,10 @@ class TrainingArguments:
     lora_target_modules: list = None     # default: the family's (query/value)
     merge_adapters: bool = False         # write a plain merged checkpoint instead of the adapter
     gradient_checkpointing: bool = False  # recompute each encoder layer in backward: less memory
+    doc_stride: int = 128                # question answering: tokens that windows of a long context overlap
+    skip_misaligned: bool = False        # question answering: leave out answers not at their answer_start
+    max_train_examples: int = 0          # > 0: a deterministic subset of the training examples
+    max_eval_examples: int = 0           # > 0: a deterministic subset of the evaluation examples
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -287,8 +291,7 @@ class Trainer:
     def evaluate(self, features, prefix="eval"):
         """Metrics on labeled features, as {f"{prefix}_{name}": value} ({name: value}
         without a prefix)."""
-        logits = self.predict(features)
-        scores = tasks.get(self.args.task).compute_metrics(logits, [f["label"] for f in features], self.label_names)
+        scores = tasks.get(self.args.task).evaluate(features, self.predict(features), self.label_names)
         return {(f"{prefix}_{k}" if prefix else k): v for k, v in scores.items()}
 
     def _evaluate_and_select(self):

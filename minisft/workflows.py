@@ -14,8 +14,15 @@ from minisft.options import OptionError
 from minisft.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
 
 
-def _read(path, args, task, require_labels=True):
-    return task.read(path, args.text_column, args.text_pair_column, args.label_column, require_labels=require_labels)
+def _read(path, args, task, require_labels=True, limit=0):
+    examples = task.read(path, args.text_column, args.text_pair_column, args.label_column,
+                         require_labels=require_labels, skip_misaligned=args.skip_misaligned)
+    return task.subset(examples, limit, args.seed) if limit else examples
+
+
+def _encode(task, examples, tokenizer, labels, args, path):
+    return task.encode(examples, tokenizer, labels, args.max_length, args.label_all_tokens, source=path,
+                       doc_stride=args.doc_stride)
 
 
 def train(options):
@@ -44,13 +51,16 @@ def train(options):
     args = TrainingArguments(output_dir=str(output), task=task.name,
                              **{k: v for k, v in vars(options).items()
                                 if k in fields and k not in ("output_dir", "task") and v is not None})
-    _check_against_task_and_model(args, model_dir, length_given=getattr(options, "max_length", None) is not None)
+    length_given = getattr(options, "max_length", None) is not None
+    if not length_given and task.default_max_length:
+        args.max_length = task.default_max_length
+    _check_against_task_and_model(args, model_dir, length_given)
     if options.resume not in (None, "latest") and not pathlib.Path(options.resume).is_dir():
         raise OptionError("--resume", options.resume, "no such checkpoint directory",
                           f"give a checkpoint-STEP directory of {output}, or --resume alone for the latest")
     random.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    train_examples = _read(train_path, args, task)
+    train_examples = _read(train_path, args, task, limit=args.max_train_examples)
     task.check_training_examples(train_path, train_examples)
     if args.batch_size > len(train_examples):
         raise OptionError("--batch-size", args.batch_size, f"more than the {len(train_examples)} training "
@@ -58,8 +68,8 @@ def train(options):
     labels = task.label_vocab(train_examples)
 
     def features(path, examples=None):
-        examples = examples if examples is not None else _read(path, args, task)
-        return task.encode(examples, tokenizer, labels, args.max_length, args.label_all_tokens, source=path)
+        examples = examples if examples is not None else _read(path, args, task, limit=args.max_eval_examples)
+        return _encode(task, examples, tokenizer, labels, args, path)
 
     train_features = features(train_path, train_examples)
     eval_features = features(resolve_data(eval_spec, "dev")[0]) if eval_spec else None
@@ -152,8 +162,7 @@ def evaluate(model_dir, data, batch_size=64, device="cpu"):
     args, task, model, labels, tokenizer = _load_finetuned(model_dir, device)
     args.eval_batch_size = batch_size
     path, _ = resolve_data(data, "test")
-    features = task.encode(_read(path, args, task), tokenizer, labels, args.max_length, args.label_all_tokens,
-                           source=path)
+    features = _encode(task, _read(path, args, task), tokenizer, labels, args, path)
     return Trainer(model, args, label_names=labels.names, tokenizer=tokenizer).evaluate(features, prefix="")
 
 
@@ -175,7 +184,6 @@ def predict(model_dir, data, batch_size=64, device="cpu"):
         examples = _read(resolve_data(data, "test")[0], args, task, require_labels=False)
     for example in examples:
         example.label = None
-    features = task.encode(examples, tokenizer, labels, args.max_length)
+    features = _encode(task, examples, tokenizer, labels, args, "the data")
     outputs = Trainer(model, args, label_names=labels.names, tokenizer=tokenizer).predict(features)
-    for example, feature, logits in zip(examples, features, outputs):
-        yield task.prediction(example, feature, logits, labels.names)
+    yield from task.predictions(examples, features, outputs, labels.names)
