@@ -226,7 +226,16 @@ def align_labels(word_ids, word_labels, label_all_tokens=False):
 
 # --- batching --------------------------------------------------------------------------------
 def collate(features, pad_token_id=0):
-    """Pad a list of features to their longest into (B, L) int64 arrays (labels too)."""
+    """Pad a list of features to their longest into (B, L) int64 arrays (labels too); features
+    of C rows each (multiple choice: a question beside each choice) into (B, C, L) arrays."""
+    if features and features[0]["input_ids"] and isinstance(features[0]["input_ids"][0], list):
+        rows = [{"input_ids": ids, "token_type_ids": types} for f in features
+                for ids, types in zip(f["input_ids"], f["token_type_ids"])]
+        batch = {key: value.reshape(len(features), -1, value.shape[-1])
+                 for key, value in collate(rows, pad_token_id).items()}
+        if "label" in features[0]:
+            batch["labels"] = numpy.array([f["label"] for f in features], dtype=numpy.int64)
+        return batch
     length = max(len(f["input_ids"]) for f in features)
     batch_size = len(features)
     input_ids = numpy.full((batch_size, length), pad_token_id, dtype=numpy.int64)

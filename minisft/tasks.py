@@ -283,7 +283,26 @@ class TokenClassification(Task):
         return {"tokens": example.text, "labels": tags + ["O"] * (len(example.text) - len(tags))}
 
 
-class QuestionAnswering(Task):
+class _PositionTask(Task):
+    """A task whose labels are positions (of an answer, of the right choice), not class
+    names, and whose standard-input lines are JSON objects with `stdin_keys`."""
+    stdin_keys = ()
+
+    def stdin_example(self, line, number):
+        try:
+            return self.stdin_record(json.loads(line), number)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise DataError(f"standard input line {number}: expected a JSON object with "
+                            + " and ".join(f'"{key}"' for key in self.stdin_keys)) from None
+
+    def label_vocab(self, examples):
+        return LabelVocab([])
+
+    def check_labels(self, examples, labels, source):
+        pass
+
+
+class QuestionAnswering(_PositionTask):
     """Extractive question answering (SQuAD): the answer is a span of the context. Long
     contexts go in windows of --max-length tokens (default 384) that overlap by --doc-stride
     (default 128) beside the question; the best span over the windows answers (minisft.spans);
@@ -332,20 +351,10 @@ class QuestionAnswering(Task):
         rank = {group: i for i, group in enumerate(groups)}
         return sorted(examples, key=lambda e: rank[e.group])[:count]
 
-    def stdin_example(self, line, number):
-        """A JSON object {"question", "context"} per line of standard input."""
-        try:
-            record = json.loads(line)
-            return Example(record["question"].lstrip(), record["context"], line=str(record.get("id", number)))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise DataError(f"standard input line {number}: expected a JSON object with \"question\" and "
-                            "\"context\"") from None
+    stdin_keys = ("question", "context")
 
-    def label_vocab(self, examples):
-        return LabelVocab([])
-
-    def check_labels(self, examples, labels, source):
-        pass
+    def stdin_record(self, record, number):
+        return Example(record["question"].lstrip(), record["context"], line=str(record.get("id", number)))
 
     def encode(self, examples, tokenizer, labels, max_length=384, label_all_tokens=False, source="data",
                doc_stride=128):
@@ -409,6 +418,90 @@ class QuestionAnswering(Task):
                    "start": None if not text else best["start"], "end": None if not text else best["end"]}
 
 
+class MultipleChoice(_PositionTask):
+    """A question (or context) and C choices -> the right choice: each choice beside the
+    question is a row of its own, and the model scores each (MultipleChoiceHead)."""
+    name, description = "multiple-choice", "question, choices -> the right choice (SWAG)"
+    metrics = ("accuracy",)
+
+    def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True,
+             skip_misaligned=False):
+        """JSON lines (or CSV) of {"question" or "context", "choices": [...], "label": index},
+        or SWAG's columns: sent1, sent2, ending0..endingN, label (each choice: sent2 + ending)."""
+        records = read_records(path)
+        examples = []
+        for number, record in records:
+            endings = sorted((k for k in record if k.startswith("ending") and k[6:].isdigit()), key=lambda k: int(k[6:]))
+            if endings:
+                question = record.get("sent1") or record.get("startphrase", "")
+                choices = [f"{record.get('sent2', '')} {record[k]}".strip() for k in endings]
+            else:
+                question = record.get(text_column or "question", record.get("context"))
+                choices = record.get("choices")
+                if isinstance(choices, str):
+                    choices = json.loads(choices)
+            if not isinstance(question, str) or not isinstance(choices, list) or len(choices) < 2:
+                raise DataError(f"{path} line {number}: expected a question (or context) and a list of at least 2 "
+                                "choices, or SWAG's sent1, sent2 and ending0.. columns")
+            label = record.get(label_column or "label")
+            if label in ("", None):
+                if require_labels:
+                    raise DataError(f"{path} line {number}: no label (the index of the right choice)")
+                label = None
+            else:
+                try:
+                    label = int(label)
+                except (TypeError, ValueError):
+                    raise DataError(f"{path} line {number}: label {label!r} is not a choice's index") from None
+                if not 0 <= label < len(choices):
+                    raise DataError(f"{path} line {number}: label {label} is out of range for its {len(choices)} "
+                                    f"choices (0 to {len(choices) - 1})")
+            examples.append(Example(question, [str(c) for c in choices], label, number))
+        counts = {len(e.text_pair) for e in examples}
+        if len(counts) > 1:
+            odd = next(e for e in examples if len(e.text_pair) != len(examples[0].text_pair))
+            raise DataError(f"{path} line {odd.line}: {len(odd.text_pair)} choices, but line {examples[0].line} has "
+                            f"{len(examples[0].text_pair)}; give every question the same number of choices")
+        return examples
+
+    stdin_keys = ("question", "choices")
+
+    def stdin_record(self, record, number):
+        return Example(record["question"], [str(c) for c in record["choices"]], line=number)
+
+    def encode(self, examples, tokenizer, labels, max_length=128, label_all_tokens=False, source="data",
+               doc_stride=128):
+        """One feature per question: input_ids and token_type_ids of C rows (the question beside
+        each choice), and the right choice's index."""
+        features = []
+        for example in examples:
+            rows = tokenizer([example.text] * len(example.text_pair), example.text_pair, truncation=True,
+                             max_length=max_length, return_tensors=None)
+            feature = {"input_ids": rows["input_ids"], "token_type_ids": rows["token_type_ids"]}
+            if example.label is not None:
+                feature["label"] = example.label
+            features.append(feature)
+        return features
+
+    def model(self, directory, labels, **overrides):
+        from minisft.models.auto import AutoModelForMultipleChoice
+
+        return AutoModelForMultipleChoice.from_pretrained(directory, **overrides)
+
+    def gather(self, outputs):
+        return outputs  # (C,) scores per question: C may differ between questions
+
+    def compute_metrics(self, logits, labels, label_names):
+        predictions = [int(numpy.argmax(row)) for row in logits]
+        return {"accuracy": M.accuracy(list(labels), predictions)}
+
+    def prediction(self, example, feature, logits, label_names):
+        shifted = numpy.exp(logits - logits.max())
+        probabilities = shifted / shifted.sum()
+        return {"question": example.text, "choices": example.text_pair, "label": int(probabilities.argmax()),
+                "probabilities": [round(float(p), 6) for p in probabilities]}
+
+
 def _answer_text(best, null, version):
     """The predicted answer: the best span, or "" (no answer) when none is valid or, under
     SQuAD v2.0's rules, when the null score beats it (threshold 0)."""
@@ -441,7 +534,7 @@ def _squad_records(path):
 
 
 TASKS = {task.name: task for task in (Classification(), PairClassification(), Regression(), TokenClassification(),
-                                      QuestionAnswering())}
+                                      QuestionAnswering(), MultipleChoice())}
 DEFAULT = "classification"  # for data whose file format names no task
 
 

@@ -9,9 +9,9 @@ import pytest
 
 import minisft
 from minisft import cli
-from minisft.models import distilbert, electra, roberta
-from minisft.models.auto import (AutoModel, AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
-                                 AutoModelForTokenClassification, AutoTokenizer)
+from minisft.models import bert, distilbert, electra, roberta
+from minisft.models.auto import (AutoConfig, AutoModel, AutoModelForQuestionAnswering,
+                                 AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer)
 from conftest import FIXTURES, assert_close
 from helpers import assert_layers_and_gradients_match
 
@@ -136,3 +136,55 @@ def test_question_answering_head_matches_transformers(name, device):
     assert_close(out.end_logits, ref["end_logits"], atol=1e-5, rtol=0, what="end logits")
     assert_close(out.loss, ref["loss"], atol=1e-5, rtol=0, what="loss")
     assert_layers_and_gradients_match(model, out, out.loss, ref)
+
+
+MULTIPLE_CHOICE = {"bert": bert.BertForMultipleChoice, "distilbert": distilbert.DistilBertForMultipleChoice,
+                   "roberta": roberta.RobertaForMultipleChoice}
+NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "dropout": 0.0,
+              "attention_dropout": 0.0, "seq_classif_dropout": 0.0}
+
+
+def multiple_choice_model(name, ref):
+    """The family's multiple-choice model with the fixture's parameters, dropout off."""
+    config = AutoConfig.from_pretrained(FIXTURES / f"tiny-{name}")
+    for key, value in NO_DROPOUT.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    model = MULTIPLE_CHOICE[name](config)
+    model.load_state_dict({k[len("param/"):]: ref[k] for k in ref.files if k.startswith("param/")})
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(MULTIPLE_CHOICE))
+def test_multiple_choice_head_matches_transformers(name, device):
+    """Logits (B, C), loss, every hidden state, attention and gradient against
+    tests/fixtures/make_head_fixtures.py's, on 3 questions of 4 padded choices."""
+    ref = np.load(FIXTURES / f"tiny_{name}_mc_outputs.npz")
+    model = multiple_choice_model(name, ref).eval().to(device)
+    out = model(**inputs(ref), labels=ref["labels"], output_hidden_states=True, output_attentions=True)
+    assert out.logits.shape == (3, 4)
+    assert_close(out.logits, ref["logits"], atol=1e-5, rtol=0, what="logits")
+    assert_close(out.loss, ref["loss"], atol=1e-5, rtol=0, what="loss")
+    assert_layers_and_gradients_match(model, out, out.loss, ref)
+
+
+@pytest.mark.parametrize("name", sorted(MULTIPLE_CHOICE))
+def test_twenty_multiple_choice_steps_give_transformers_losses(name):
+    from minisft.optim import AdamW
+
+    ref = np.load(FIXTURES / f"tiny_{name}_mc_outputs.npz")
+    model = multiple_choice_model(name, ref).train()
+    optimizer = AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    losses = []
+    for step in range(20):
+        batch = {k: ref[f"steps/{step}/{k}"] for k in ("input_ids", "attention_mask", "token_type_ids")
+                 if f"steps/{step}/{k}" in ref.files}
+        loss = model(**batch, labels=ref[f"steps/{step}/labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    # the first step's loss within 1e-6; AdamW (dividing by sqrt(v) + 1e-8) then turns float32
+    # rounding in tiny gradients into small differences of the weights: 1.6e-5 at most here
+    np.testing.assert_allclose(losses[0], ref["step_losses"][0], rtol=1e-6)
+    np.testing.assert_allclose(losses, ref["step_losses"], rtol=5e-5, atol=0)

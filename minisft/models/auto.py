@@ -23,20 +23,23 @@ class Family:
     sequence_classification: type
     token_classification: type
     question_answering: type
+    multiple_choice: type  # None: the family has no multiple-choice head here
     tokenizer: type
 
 
 FAMILIES = {
     "bert": Family(BertConfig, bert.BertModel, bert.BertForSequenceClassification, bert.BertForTokenClassification,
-                   bert.BertForQuestionAnswering, BertTokenizer),
+                   bert.BertForQuestionAnswering, bert.BertForMultipleChoice, BertTokenizer),
     "distilbert": Family(distilbert.DistilBertConfig, distilbert.DistilBertModel,
                          distilbert.DistilBertForSequenceClassification, distilbert.DistilBertForTokenClassification,
-                         distilbert.DistilBertForQuestionAnswering, BertTokenizer),
+                         distilbert.DistilBertForQuestionAnswering, distilbert.DistilBertForMultipleChoice,
+                         BertTokenizer),
     "electra": Family(electra.ElectraConfig, electra.ElectraModel, electra.ElectraForSequenceClassification,
-                      electra.ElectraForTokenClassification, electra.ElectraForQuestionAnswering, BertTokenizer),
+                      electra.ElectraForTokenClassification, electra.ElectraForQuestionAnswering, None,
+                      BertTokenizer),
     "roberta": Family(roberta.RobertaConfig, roberta.RobertaModel, roberta.RobertaForSequenceClassification,
                       roberta.RobertaForTokenClassification, roberta.RobertaForQuestionAnswering,
-                      ByteLevelBPETokenizer),
+                      roberta.RobertaForMultipleChoice, ByteLevelBPETokenizer),
 }
 TOKENIZERS = {  # tokenizer_config.json's tokenizer_class -> ours (transformers' fast and slow names alike)
     "BertTokenizer": BertTokenizer, "BertTokenizerFast": BertTokenizer,
@@ -81,7 +84,12 @@ class _Auto:
 
     @classmethod
     def from_pretrained(cls, directory, **kwargs):
-        return getattr(family(directory), cls.role).from_pretrained(directory, **kwargs)
+        model_class = getattr(family(directory), cls.role)
+        if model_class is None:
+            raise ValueError(f"{directory}: minisft has no {cls.role.replace('_', '-')} head for "
+                             f"{model_type(directory)} checkpoints; use one of "
+                             f"{', '.join(n for n, f in FAMILIES.items() if getattr(f, cls.role))}")
+        return model_class.from_pretrained(directory, **kwargs)
 
 
 class AutoConfig(_Auto):
@@ -102,6 +110,10 @@ class AutoModelForTokenClassification(_Auto):
 
 class AutoModelForQuestionAnswering(_Auto):
     role = "question_answering"
+
+
+class AutoModelForMultipleChoice(_Auto):
+    role = "multiple_choice"
 
 
 class AutoTokenizer:

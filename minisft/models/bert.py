@@ -379,6 +379,14 @@ class QuestionAnsweringModelOutput:
         return self.logits[:, :, 1]
 
 
+@dataclass
+class MultipleChoiceModelOutput:
+    loss: Tensor = None          # scalar, when labels (the right choice of each) were given
+    logits: Tensor = None        # (B, num_choices)
+    hidden_states: tuple = None  # of the (B * num_choices) rows the base model ran
+    attentions: tuple = None
+
+
 def classifier_dropout(config):
     """The task heads' dropout: config.classifier_dropout, else hidden_dropout_prob."""
     p = config.classifier_dropout
@@ -478,6 +486,30 @@ class QuestionAnsweringHead(TaskHead):
         return (F.cross_entropy(logits[:, :, 0], labels[:, 0]) + F.cross_entropy(logits[:, :, 1], labels[:, 1])) / 2
 
 
+class MultipleChoiceHead(TaskHead):
+    """Multiple choice, for any family: input ids (B, C, L) hold each question beside each of
+    its C choices; the base model runs the B * C rows, the head gives each a score (one
+    logit), and the loss is the cross-entropy over each question's C scores (labels (B,):
+    the right choice)."""
+    output_class = MultipleChoiceModelOutput
+    peft_task_type = None  # peft names no multiple-choice task
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        ids = input_ids.data if isinstance(input_ids, Tensor) else numpy.asarray(input_ids)
+        if ids.ndim != 3:
+            raise ValueError(f"input_ids has shape {tuple(ids.shape)}; expected (batch, num_choices, seq_len)")
+
+        def rows(a):
+            return None if a is None else (a.data if isinstance(a, Tensor) else numpy.asarray(a)).reshape(-1, ids.shape[-1])
+        out = TaskHead.forward(self, rows(ids), rows(attention_mask), rows(token_type_ids), None,
+                               output_hidden_states, output_attentions)
+        logits = out.logits.reshape(ids.shape[0], ids.shape[1])
+        loss = None if labels is None else F.cross_entropy(logits, labels.data if isinstance(labels, Tensor)
+                                                           else numpy.asarray(labels))
+        return self.output_class(loss, logits, out.hidden_states, out.attentions)
+
+
 class BertForSequenceClassification(SequenceClassifierHead, _BertWithClassifier):
     """A linear classifier on the pooled [CLS] output (the loss: SequenceClassificationLoss)."""
 
@@ -507,6 +539,28 @@ class BertForQuestionAnswering(QuestionAnsweringHead, BertPreTrainedModel):
         self.bert = BertModel(config, add_pooling_layer=False)
         self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
+
+
+class PooledMultipleChoiceHead(MultipleChoiceHead):
+    """classifier(dropout(the pooled first-token output)): one score per choice (BERT's and
+    RoBERTa's head)."""
+    allowed_missing_keys = ("classifier.",)
+
+    def _build(self, config, base):
+        self.config = config
+        setattr(self, self.base_model_prefix.rstrip("."), base)
+        self.dropout = classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.init_weights()
+
+    def head(self, out):
+        return self.classifier(self.dropout(out.pooler_output))
+
+
+class BertForMultipleChoice(PooledMultipleChoiceHead, BertPreTrainedModel):
+    def __init__(self, config):
+        super().__init__()
+        self._build(config, BertModel(config))
 
 
 def token_classification_loss(logits, labels):

@@ -10,7 +10,8 @@ import numpy
 from minisft import functional as F
 from minisft import nn
 from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertEncoder, BertPreTrainedModel,
-                                 QuestionAnsweringHead, SequenceClassifierHead, TokenClassifierHead, _as_ids,
+                                 MultipleChoiceHead, QuestionAnsweringHead, SequenceClassifierHead,
+                                 TokenClassifierHead, _as_ids,
                                  _check_range, attention_bias, packed_self_attention)
 from minisft.models.config import BertConfig
 
@@ -210,3 +211,20 @@ class DistilBertForQuestionAnswering(QuestionAnsweringHead, DistilBertPreTrained
 
     def head(self, out):
         return self.qa_outputs(self.dropout(out.last_hidden_state))
+
+
+class DistilBertForMultipleChoice(MultipleChoiceHead, DistilBertPreTrainedModel):
+    """classifier(dropout(relu(pre_classifier(hidden state of the first token)))): one score per choice."""
+    allowed_missing_keys = ("classifier.", "pre_classifier.")
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.distilbert = DistilBertModel(config)
+        self.pre_classifier = nn.Linear(config.dim, config.dim)
+        self.classifier = nn.Linear(config.dim, 1)
+        self.dropout = nn.Dropout(config.seq_classif_dropout)
+        self.init_weights()
+
+    def head(self, out):
+        return self.classifier(self.dropout(F.relu(self.pre_classifier(out.last_hidden_state[:, 0]))))

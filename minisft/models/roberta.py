@@ -10,8 +10,8 @@ import numpy
 
 from minisft import nn
 from minisft.models.bert import (BertEmbeddings, BertModel, BertPreTrainedModel, FirstTokenClassificationHead,
-                                 QuestionAnsweringHead, SequenceClassifierHead, TokenClassifierHead,
-                                 classifier_dropout)
+                                 PooledMultipleChoiceHead, QuestionAnsweringHead, SequenceClassifierHead,
+                                 TokenClassifierHead, classifier_dropout)
 from minisft.models.config import BertConfig
 
 
@@ -101,3 +101,11 @@ class RobertaForQuestionAnswering(QuestionAnsweringHead, RobertaPreTrainedModel)
         self.roberta = RobertaModel(config, add_pooling_layer=False)
         self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
+
+
+class RobertaForMultipleChoice(PooledMultipleChoiceHead, RobertaPreTrainedModel):
+    allowed_missing_keys = ("classifier.", "pooler.", "roberta.pooler.")
+
+    def __init__(self, config):
+        super().__init__()
+        self._build(config, RobertaModel(config))
