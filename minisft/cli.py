@@ -54,6 +54,26 @@ def _predict(args):
     return 0
 
 
+def _embed(args):
+    import io
+
+    import numpy
+
+    from minisft import workflows
+    from minisft.checkpoint import write_bytes_atomic
+
+    embeddings = workflows.embed(args.model, args.data, args.batch_size, args.device, args.max_length, args.pooling)
+    if args.output:
+        buffer = io.BytesIO()
+        numpy.save(buffer, embeddings)
+        write_bytes_atomic(buffer.getvalue(), args.output)
+        print(f"wrote {args.output}: {embeddings.shape[0]} embeddings of {embeddings.shape[1]}", file=sys.stderr)
+    else:
+        for row in embeddings:
+            print(json.dumps(tasks.embedding_record(row)))
+    return 0
+
+
 def _graph(args):
     from minisft import inside
 
@@ -166,10 +186,9 @@ def _add_training_options(parser):
                                             "(needs the viz extra: pip install -e '.[viz]')")
 
 
-def _add_inference_options(parser, data_help):
-    """The options evaluate and predict share."""
-    parser.add_argument("--model", required=True, type=options.Text("model directory"),
-                        help="a directory written by `minisft train`")
+def _add_inference_options(parser, data_help, model_help="a directory written by `minisft train`"):
+    """The options evaluate, predict and embed share."""
+    parser.add_argument("--model", required=True, type=options.Text("model directory"), help=model_help)
     parser.add_argument("--data", required=True, type=options.Text("data file or data set name"), help=data_help)
     parser.add_argument("--batch-size", type=options.TRAINING["eval_batch_size"], default=64,
                         help=options.TRAINING["eval_batch_size"].describe())
@@ -220,6 +239,21 @@ def build_parser():
     _add_inference_options(predict, data_help="file (labels not needed), data set name[:split], or - for "
                                               "standard input (one text per line)")
     predict.set_defaults(run=_predict)
+
+    embed = commands.add_parser("embed", help="sentence embeddings as JSON lines or a .npy file",
+                                description="Embed each text of a file (.txt: a text a line; .csv/.tsv/.jsonl: "
+                                            "its text column; -: standard input) with a sentence-transformers "
+                                            "directory (as `minisft train --task embedding` writes) or any "
+                                            "checkpoint (mean pooling, normalised).")
+    _add_inference_options(embed, data_help="file of texts, data set name[:split], or - for standard input",
+                           model_help="a sentence-transformers directory or a checkpoint (directory or fetchable "
+                                      "name)")
+    embed.add_argument("--output", type=options.Text("output .npy file"),
+                       help="write the (N, H) float32 embeddings to this .npy file instead of JSON lines")
+    embed.add_argument("--max-length", type=options.TRAINING["max_length"], default=None,
+                       help="truncate texts to this many tokens (default: the model's max_seq_length)")
+    embed.add_argument("--pooling", choices=["mean", "cls"], help="override the directory's pooling")
+    embed.set_defaults(run=_embed)
     _add_inside_commands(commands)
     return parser
 

@@ -16,6 +16,8 @@ import numpy
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "premise")
 PAIR_COLUMNS = ("text_pair", "sentence2", "question2", "hypothesis")
 LABEL_COLUMNS = ("label", "labels", "score")
+ANCHOR_COLUMNS = ("anchor", "query", "question", "sentence1", "text")
+POSITIVE_COLUMNS = ("positive", "passage", "context", "document", "sentence2", "text_pair")
 TOKEN_COLUMNS = ("tokens", "words")
 TAG_COLUMNS = ("tags", "ner_tags", "labels", "label")
 IGNORE_INDEX = -100

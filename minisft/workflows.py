@@ -6,6 +6,8 @@ import json
 import pathlib
 import sys
 
+import numpy
+
 from minisft import distributed, peft, random, runtime, tasks
 from minisft.data import DataError, LabelVocab
 from minisft.fetch import FetchError, resolve_data, resolve_model
@@ -187,3 +189,40 @@ def predict(model_dir, data, batch_size=64, device="cpu"):
     features = _encode(task, examples, tokenizer, labels, args, "the data")
     outputs = Trainer(model, args, label_names=labels.names, tokenizer=tokenizer).predict(features)
     yield from task.predictions(examples, features, outputs, labels.names)
+
+
+def embed(model, data, batch_size=64, device="cpu", max_length=None, pooling=None):
+    """Sentence embeddings (N, H), in input order, of the texts of `data`: a .txt file (a text a
+    line), a CSV/TSV/JSON lines file (its text column), or - (standard input), by a
+    sentence-transformers directory or any checkpoint (mean pooling, normalised)."""
+    from minisft.data import TEXT_COLUMNS, collate, eval_order, pick_column, read_records
+    from minisft.sentence import SentenceEmbedder
+    from minisft.tensor import no_grad
+
+    model_dir = resolve_model(model)
+    embedder = SentenceEmbedder.from_pretrained(model_dir, pooling=pooling).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if data == "-" or str(data).lower().endswith(".txt"):
+        lines = sys.stdin if data == "-" else open(data, encoding="utf-8")
+        with lines:
+            texts = [line.rstrip("\n") for line in lines if line.strip()]
+    else:
+        path = resolve_data(data, "test")[0]
+        records = read_records(path)
+        column = pick_column(path, list(records[0][1]), None, TEXT_COLUMNS + ("anchor",), "text", "a text column")
+        texts = [str(record[column]) for _, record in records]
+    if not texts:
+        raise DataError(f"{data}: no texts to embed")
+    encoded = tokenizer(texts, truncation=True, max_length=max_length or embedder.max_seq_length, return_tensors=None)
+    features = [{"input_ids": ids, "token_type_ids": types}
+                for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])]
+    embeddings = None
+    with no_grad():
+        for indices in eval_order(features, batch_size):
+            batch = collate([features[i] for i in indices], tokenizer.pad_token_id)
+            out = embedder(batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"]).logits.numpy()
+            if embeddings is None:
+                embeddings = numpy.empty((len(texts), out.shape[-1]), dtype=out.dtype)
+            embeddings[indices] = out
+    return embeddings
