@@ -27,10 +27,11 @@ import re  # noqa: E402
 from benchmarks.common import TABLE_HEADER  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# finetune_bench (the README job, ~8 minutes) runs only when named with --only
+# finetune_bench (the README job, ~20 minutes), qa_bench and retrieval_bench (each about an hour)
+# run only when named with --only
 BENCHMARKS = ["model_bench", "memory_bench", "tokenizer_bench", "import_bench", "import_order_bench",
-              "lean_bench", "length_bench", "distributed_bench", "finetune_bench"]
-DEFAULT = BENCHMARKS[:-1]
+              "lean_bench", "length_bench", "distributed_bench", "finetune_bench", "qa_bench", "retrieval_bench"]
+DEFAULT = BENCHMARKS[:-3]
 
 
 class Environment:

@@ -155,7 +155,7 @@ def _add_training_options(parser):
     number("logging_steps")
     add("--metric", dest="metric_for_best_model", type=options.Text("metric name"),
         help="metric that picks the best model (default: accuracy; pearson for regression; f1 for token "
-             "classification)")
+             "classification and question answering; mrr@10 for embeddings)")
     number("early_stopping_patience", "stop after N evaluations without improvement (0: never)")
     number("seed")
     add("--no-group-by-length", action="store_false", dest="group_by_length",
