@@ -28,7 +28,7 @@ class Figure:
         """minisft / reference of the medians (for throughput-like figures, reference / minisft
         is not used: the ratio is always minisft over reference, and the table says which
         direction is better)."""
-        if not self.ours or not self.reference:
+        if not self.ours or not self.reference or not statistics.median(self.reference):
             return None
         return statistics.median(self.ours) / statistics.median(self.reference)
 
