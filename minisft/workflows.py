@@ -86,7 +86,8 @@ def train(options):
     report = model.loading_report()
     if report:
         say(report)
-    say(f"training {task.name} on {train_path} ({len(train_features)} examples"
+    windows = f" in {len(train_features)} windows" if len(train_features) != len(train_examples) else ""
+    say(f"training {task.name} on {train_path} ({len(train_examples)} examples{windows}"
         + (f", {len(labels)} labels" if len(labels) else "") + f") from {model_dir}")
     trainer = Trainer(model, args, train_features, eval_features, labels.names, tokenizer, on_evaluate=draw)
     metrics = trainer.train(resume_from=resume)
