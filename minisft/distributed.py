@@ -29,6 +29,7 @@ from minisft.backend import get_array_module
 
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # MPICH/Intel, Open MPI, MVAPICH
 BUCKET_MB = 8
+ABORT_DELAY_S = 1.0
 
 
 class DistributedError(RuntimeError):
@@ -145,6 +146,7 @@ def fail(message, code):
         comm = SingleProcess()
     if comm.size > 1:
         print(f"rank {comm.rank} of {comm.size} (host {comm.host}): {message}", file=sys.stderr, flush=True)
+        time.sleep(ABORT_DELAY_S)  # the launcher forwards the line before Abort has it stop every process
         comm.abort(code)
         os._exit(code)  # Abort may return before the launcher has stopped this process
     print(message, file=sys.stderr, flush=True)
