@@ -6,6 +6,7 @@ A tokenizer subclasses Tokenizer and gives `_ids(text)` (the fast path: ids only
 `_sequence(text, word_index)` (ids with offsets and word indices), `special_layout()` and
 `decode`.
 """
+import functools
 import itertools
 import re
 
@@ -35,6 +36,10 @@ class BatchEncoding(dict):
         if batch_index not in self._cache:
             self._cache[batch_index] = self._details(batch_index)
         return self._cache[batch_index]
+
+    def offsets(self, batch_index=0):
+        """Per token: its (start, end) characters in its text, (0, 0) for special and padding."""
+        return self._row(batch_index)[0]
 
     def word_ids(self, batch_index=0):
         """Per token: the index of the word it came from, None for special and padding."""
@@ -226,23 +231,26 @@ class Tokenizer:
         lengths = [len(ids) for ids, _ in rows]
         target = max(lengths, default=0) if padding == "longest" else max_length if padding else None
 
+        @functools.lru_cache(maxsize=1)  # rows are asked for in order: an input's windows come together
+        def detailed_rows(index):
+            return self._encode_rows(texts[index], pairs[index], *options, detailed=True)
+
         def details(i):
             """(offsets, word ids, sequence ids) of row i, padded like its ids."""
             index, window = samples[i]
-            ids, types, offsets, words, sequence = self._encode_rows(texts[index], pairs[index], *options,
-                                                                     detailed=True)[window]
+            ids, types, offsets, words, sequence = detailed_rows(index)[window]
             pad = max(0, target - len(ids)) if target is not None else 0
             return offsets + [(0, 0)] * pad, words + [None] * pad, sequence + [None] * pad
 
-        columns = _collate(rows, lengths, target, self.pad_token_id, return_tensors)
+        encoding = BatchEncoding(_collate(rows, lengths, target, self.pad_token_id, return_tensors), details)
         if return_offsets_mapping:
-            offsets = [details(i)[0] for i in range(len(rows))]
-            columns["offset_mapping"] = (offsets if return_tensors is None
-                                         else numpy.array(offsets, dtype=numpy.int64).reshape(len(rows), -1, 2))
+            offsets = [encoding.offsets(i) for i in range(len(rows))]
+            encoding["offset_mapping"] = (offsets if return_tensors is None
+                                          else numpy.array(offsets, dtype=numpy.int64).reshape(len(rows), -1, 2))
         if return_overflowing_tokens:
             mapping = [index for index, _ in samples]
-            columns["overflow_to_sample_mapping"] = mapping if return_tensors is None else numpy.array(mapping)
-        return BatchEncoding(columns, details)
+            encoding["overflow_to_sample_mapping"] = mapping if return_tensors is None else numpy.array(mapping)
+        return encoding
 
     def _encode_rows(self, text, pair, add_special_tokens, truncation, max_length, is_split_into_words,
                      stride, detailed):

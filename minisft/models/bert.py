@@ -477,6 +477,12 @@ class QuestionAnsweringHead(TaskHead):
     peft_task_type = "QUESTION_ANS"
     allowed_missing_keys = ("qa_outputs.",)
 
+    def _build(self, config, base, hidden_size=None):
+        self.config, self.num_labels = config, config.num_labels
+        setattr(self, self.base_model_prefix.rstrip("."), base)
+        self.qa_outputs = nn.Linear(hidden_size or config.hidden_size, config.num_labels)
+        self.init_weights()
+
     def head(self, out):
         return self.qa_outputs(out.last_hidden_state)
 
@@ -534,11 +540,7 @@ class BertForQuestionAnswering(QuestionAnsweringHead, BertPreTrainedModel):
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
+        self._build(config, BertModel(config, add_pooling_layer=False))
 
 
 class PooledMultipleChoiceHead(MultipleChoiceHead):

@@ -202,12 +202,8 @@ class DistilBertForQuestionAnswering(QuestionAnsweringHead, DistilBertPreTrained
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.distilbert = DistilBertModel(config)
         self.dropout = nn.Dropout(config.qa_dropout)
-        self.qa_outputs = nn.Linear(config.dim, config.num_labels)
-        self.init_weights()
+        self._build(config, DistilBertModel(config), config.dim)
 
     def head(self, out):
         return self.qa_outputs(self.dropout(out.last_hidden_state))

@@ -90,8 +90,4 @@ class ElectraForQuestionAnswering(QuestionAnsweringHead, ElectraPreTrainedModel)
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.electra = ElectraModel(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
+        self._build(config, ElectraModel(config))

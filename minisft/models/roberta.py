@@ -96,11 +96,7 @@ class RobertaForQuestionAnswering(QuestionAnsweringHead, RobertaPreTrainedModel)
 
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.num_labels = config.num_labels
-        self.roberta = RobertaModel(config, add_pooling_layer=False)
-        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
+        self._build(config, RobertaModel(config, add_pooling_layer=False))
 
 
 class RobertaForMultipleChoice(PooledMultipleChoiceHead, RobertaPreTrainedModel):
