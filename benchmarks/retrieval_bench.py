@@ -115,8 +115,8 @@ def run(env, quick):
     dev = _pairs(env.data("squad") / "dev.json", recipe["eval_examples"], recipe["seed"])
     ours = run_minisft(env, recipe, dev)
     theirs = run_reference(env, recipe, dev) if env.reference else None
-    note = (f"{recipe['train_examples']} (question, paragraph) pairs; {len(dev)} dev questions; lr 5e-5, "
-            "1 epoch, batch 32, seed 42")
+    note = (f"{recipe['train_examples']} (question, paragraph) pairs; {len(dev)} dev questions; "
+            f"lr {recipe['learning_rate']:g}, 1 epoch, batch 32, seed 42")
     figures = []
     for stage, index in (("before", 0), ("after", 1)):
         for metric in ("recall@1", "mrr@10"):
