@@ -4,9 +4,12 @@ This is the only module that knows which array library holds the data. Every op 
 `get_array_module(array)` (or `Device.xp`) for its array module, so the same code runs on
 both. CuPy is imported lazily, only when a "cuda" device is requested.
 """
+import contextlib
+
 import numpy
 
 _cupy = None
+_NO_DEVICE = contextlib.nullcontext()
 
 
 def _import_cupy():
@@ -31,12 +34,13 @@ def _import_cupy():
 
 
 def cuda_available():
-    """True when CuPy imports and sees at least one GPU."""
+    """True when CuPy imports, sees a GPU and runs a kernel on it: a driver without the CUDA
+    runtime libraries (or a GPU too old for this CuPy) gives False, not failing tests."""
     try:
-        _import_cupy()
-    except RuntimeError:
+        cupy = _import_cupy()
+        return int((cupy.arange(3, dtype=cupy.float32) * 2).sum()) == 6
+    except Exception:  # CuPy's CUDARuntimeError, CompileException, ImportError of libraries, ...
         return False
-    return True
 
 
 def is_cupy_array(array):
@@ -74,6 +78,13 @@ class Device:
         with cupy.cuda.Device(self.index):
             return cupy.asarray(array)
 
+    def activate(self):
+        """Make this GPU the thread's current device (as torch.cuda.set_device), so that
+        arrays made from scratch (random draws, zeros) land on it; a no-op on the CPU."""
+        if self.type == "cuda":
+            _import_cupy().cuda.Device(self.index).use()
+        return self
+
     def __eq__(self, other):
         other = other if isinstance(other, Device) else Device(other)
         return (self.type, self.index) == (other.type, other.index)
@@ -86,6 +97,13 @@ class Device:
 
     def __repr__(self):
         return f"Device({str(self)!r})"
+
+
+def on_device(array):
+    """A context in which CuPy's kernels and allocations run on the GPU that holds `array`
+    (CuPy launches on the thread's current device, which is not necessarily the array's);
+    a no-op on the CPU. Ops and backward run inside it, so cuda:1 works like cuda:0."""
+    return array.device if is_cupy_array(array) else _NO_DEVICE
 
 
 def device_of(array):

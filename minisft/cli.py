@@ -175,6 +175,8 @@ def _add_training_options(parser):
              "for BERT)")
     add("--gradient-checkpointing", action="store_true",
         help="keep only each encoder layer's input and recompute the layer in backward (less memory, ~1/3 more time)")
+    add("--fp16", action="store_true",
+        help="mixed precision on a GPU: float16 matrix products over float32 weights, dynamic loss scaling")
     add("--merge-adapters", action="store_true",
         help="write a plain checkpoint with the adapters merged into its weights instead of the adapter")
     number("doc_stride", "question answering: tokens that the windows of a long context overlap")

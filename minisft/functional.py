@@ -9,10 +9,10 @@ import math
 
 import numpy
 
-from minisft import kernels, random
-from minisft.backend import device_of, get_array_module
+from minisft import amp, kernels, random
+from minisft.backend import Device, device_of, get_array_module
 from minisft.ops import unbroadcast
-from minisft.tensor import Function, Tensor
+from minisft.tensor import Function, Tensor, array_of
 
 
 def _float_kernels(op, x):
@@ -91,15 +91,29 @@ class _Linear(Function):
                              f"{tuple(weight.shape)}: the input's last dim must be {weight.shape[1]}")
         self.kernels = kernels.for_array(x)
         x2 = x.reshape(-1, x.shape[-1])
+        self.dtype, self.half = x.dtype, amp.compute_dtype()  # autocast: products in float16
+        if self.half is not None:
+            x2, weight = x2.astype(self.half), weight.astype(self.half)
         needs_x, needs_weight = self.needs_input_grad[:2]
         self.save_for_backward(x2 if needs_weight else None, weight if needs_x else None)  # dW = g^T x, dx = g W
         self.shape = x.shape
-        return self.kernels.linear_forward(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+        y = self.kernels.linear_forward(x2, weight, None if self.half is not None else bias)
+        if self.half is not None:
+            y = y.astype(self.dtype)
+            if bias is not None:
+                y += bias
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def backward(self, g):
         x2, weight = self.saved
         needs = tuple(self.needs_input_grad) + (False,) * (3 - len(self.needs_input_grad))
-        gx, gw, gb = self.kernels.linear_backward(g.reshape(-1, g.shape[-1]), x2, weight, needs)
+        g = g.reshape(-1, g.shape[-1])
+        if self.half is None:
+            gx, gw, gb = self.kernels.linear_backward(g, x2, weight, needs)
+        else:  # the products in float16, the bias's sum and every result in float32
+            gx, gw, _ = self.kernels.linear_backward(g.astype(self.half), x2, weight, needs[:2] + (False,))
+            gx, gw = (None if a is None else a.astype(self.dtype) for a in (gx, gw))
+            gb = self.kernels.linear_backward(g, None, None, (False, False, True))[2] if needs[2] else None
         return (None if gx is None else gx.reshape(self.shape), gw, gb)[:len(self.needs_input_grad)]
 
 
@@ -447,9 +461,6 @@ class _CrossEntropy(Function):
         xp = get_array_module(logits)
         valid = target != ignore_index
         safe_target = xp.where(valid, target, 0)
-        if bool(((safe_target < 0) | (safe_target >= logits.shape[1])).any()):
-            raise IndexError(f"cross_entropy: target values must be in [0, {logits.shape[1]}) or "
-                             f"ignore_index={ignore_index}")
         self.kernels, self.label_smoothing = kernels.for_array(logits), label_smoothing
         loss, logp = self.kernels.cross_entropy_forward(logits, safe_target, valid, label_smoothing)
         self.save_for_backward(logp, safe_target, valid)
@@ -469,14 +480,19 @@ def cross_entropy(input, target, ignore_index=-100, label_smoothing=0.0, reducti
     if input.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (N, C), got {tuple(input.shape)}; "
                          "reshape token logits to (-1, C) and targets to (-1,)")
-    target_data = target.data if isinstance(target, Tensor) else target
+    target_data = array_of(target)
     if tuple(target_data.shape) != (input.shape[0],):
         raise ValueError(f"cross_entropy: target shape {tuple(target_data.shape)} does not match "
                          f"logits shape {tuple(input.shape)}; expected ({input.shape[0]},)")
-    loss = _CrossEntropy.apply(input, target, ignore_index=ignore_index,
-                               label_smoothing=label_smoothing)
-    count = int((target_data != ignore_index).sum()) if reduction == "mean" else None
-    return _reduce(loss, reduction, count if count else float("nan"))
+    valid = target_data != ignore_index
+    # one trip to the host for both figures (none when the targets are NumPy arrays, as batches are)
+    count, out_of_range = (int(v) for v in Device("cpu").put(get_array_module(target_data).stack(
+        [valid.sum(), (valid & ((target_data < 0) | (target_data >= input.shape[1]))).sum()])))
+    if out_of_range:
+        raise IndexError(f"cross_entropy: target values must be in [0, {input.shape[1]}) or "
+                         f"ignore_index={ignore_index}")
+    loss = _CrossEntropy.apply(input, target, ignore_index=ignore_index, label_smoothing=label_smoothing)
+    return _reduce(loss, reduction, (count or float("nan")) if reduction == "mean" else None)
 
 
 def _check_same_shape(op, input, target):

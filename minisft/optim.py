@@ -5,6 +5,8 @@ state (momentum buffers, Adam moments, step counts) as arrays on the parameter's
 """
 import math
 
+import numpy
+
 from minisft import kernels
 from minisft.backend import get_array_module
 from minisft.runtime import one_blas_thread
@@ -61,7 +63,8 @@ class Optimizer:
         self.state = {}
         for i, value in state_dict["state"].items():
             param = params[int(i)]
-            self.state[id(param)] = {k: (param.device.put(v).astype(param.dtype) if hasattr(v, "shape") else v)
+            state_dtype = numpy.promote_types(param.dtype, numpy.float32)  # float16 parameters keep float32 moments
+            self.state[id(param)] = {k: (param.device.put(v).astype(state_dtype) if hasattr(v, "shape") else v)
                                      for k, v in value.items()}
 
 
@@ -102,18 +105,24 @@ class Adam(Optimizer):
     def update(self, param, grad, state, group):
         xp = get_array_module(param.data)
         lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        # a float16 parameter is updated through float32: eps (1e-8) and the squared moments
+        # underflow to 0 in float16, and the step would divide by zero
+        data = param.data.astype(xp.float32) if param.data.dtype == xp.float16 else param.data
         if not state:
             state["step"] = 0
-            state["exp_avg"] = xp.zeros_like(param.data)
-            state["exp_avg_sq"] = xp.zeros_like(param.data)
+            state["exp_avg"] = xp.zeros_like(data)
+            state["exp_avg_sq"] = xp.zeros_like(data)
         state["step"] += 1
         step = state["step"]
+        grad = grad.astype(data.dtype, copy=False)
         if weight_decay and not self.decoupled:
-            grad = grad + weight_decay * param.data
+            grad = grad + weight_decay * data
         decay = 1 - lr * weight_decay if weight_decay and self.decoupled else None
-        kernels.for_array(param.data).adam_update(
-            param.data, grad, state["exp_avg"], state["exp_avg_sq"], decay=decay, beta1=beta1, beta2=beta2,
+        kernels.for_array(data).adam_update(
+            data, grad, state["exp_avg"], state["exp_avg_sq"], decay=decay, beta1=beta1, beta2=beta2,
             eps=eps, step_size=lr / (1 - beta1 ** step), bias_correction2=math.sqrt(1 - beta2 ** step))
+        if data is not param.data:
+            param.data[...] = data
 
 
 class AdamW(Adam):
@@ -154,11 +163,14 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0):
 
 
 def _total_norm(xp, grads, norm_type):
+    """The norm of all gradients together, read back from the device once."""
     if norm_type == math.inf:
-        return max(float(xp.abs(g).max()) for g in grads)
+        return float(xp.stack([xp.abs(g).max() for g in grads]).max())
     if norm_type == 2:  # a dot product per gradient: one pass, no temporary
-        return math.sqrt(sum(float(xp.dot(g.ravel(), g.ravel())) for g in grads))
-    return float(sum(float(xp.sum(xp.abs(g) ** norm_type)) for g in grads) ** (1.0 / norm_type))
+        parts = [xp.dot(g.ravel(), g.ravel()) for g in grads]
+    else:
+        parts = [xp.sum(xp.abs(g) ** norm_type) for g in grads]
+    return float(xp.stack(parts).astype(xp.float64).sum()) ** (1.0 / norm_type)
 
 
 # --- learning-rate schedules -------------------------------------------------------------

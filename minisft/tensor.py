@@ -10,7 +10,7 @@ import threading
 
 import numpy
 
-from minisft.backend import Device, device_of, get_array_module
+from minisft.backend import Device, device_of, get_array_module, is_cupy_array, on_device
 
 _state = threading.local()
 
@@ -73,7 +73,8 @@ class Function:
         tensors = _as_tensors(type(self).__name__, inputs)
         self.needs_input_grad = tuple(t.requires_grad for t in tensors)
         self.recording = is_grad_enabled() and any(self.needs_input_grad)
-        out = self.forward(*(t.data for t in tensors), **options)
+        with on_device(tensors[0].data):
+            out = self.forward(*(t.data for t in tensors), **options)
         if not self.recording:
             return Tensor(out)
         self.parents = tuple(t._ctx if t._ctx is not None else (t if t.requires_grad else None)
@@ -214,14 +215,16 @@ class Tensor:
                     f"{tuple(self.shape)}: reduce it first (e.g. .sum()) or pass backward(grad)")
             grad = get_array_module(self.data).ones_like(self.data)
         else:
-            grad = grad.data if isinstance(grad, Tensor) else grad
-            if tuple(grad.shape) != tuple(self.shape):
-                raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)}, "
-                                 f"tensor has shape {tuple(self.shape)}")
+            grad = _given_grad(self, grad)
         if self._ctx is None:  # a leaf: its own gradient is `grad`
             _accumulate_leaf(self, grad, owned=False)
             _run_grad_hooks(self)
             return
+        with on_device(self.data):
+            self._walk_backward(grad, retain_graph)
+
+    def _walk_backward(self, grad, retain_graph):
+        """Call each Function's backward in reverse topological order, from grad at self."""
         grads = {id(self._ctx): grad}
         owned = set()  # ids whose array we created here, safe to add into in place
         given = set()  # arrays that became a leaf's .grad in this pass
@@ -286,6 +289,20 @@ class Tensor:
     __hash__ = object.__hash__
 
 
+def _given_grad(tensor, grad):
+    """backward(grad)'s gradient as an array beside `tensor`: moved to its device (CuPy never
+    copies from the host by itself) and in its dtype."""
+    grad = grad.data if isinstance(grad, Tensor) else grad
+    if not hasattr(grad, "shape"):
+        grad = numpy.asarray(grad)
+    if tuple(grad.shape) != tuple(tensor.shape):
+        raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)}, "
+                         f"tensor has shape {tuple(tensor.shape)}")
+    if not numpy.dtype(grad.dtype).kind == "f":
+        raise TypeError(f"backward(grad): grad has dtype {grad.dtype}; give a floating-point gradient")
+    return tensor.device.put(grad).astype(tensor.dtype, copy=False)
+
+
 def _topological_order(root):
     """The Functions that `root` (a Function) depends on, inputs first; iterative, so a
     graph of any depth is fine."""
@@ -330,6 +347,14 @@ def _accumulate_leaf(tensor, grad, owned):
         tensor.grad = grad if owned else grad.copy()
     else:
         tensor.grad += grad
+
+
+def array_of(x):
+    """The array behind `x`: a Tensor's data, a NumPy or CuPy array as it is, anything else
+    (lists, scalars) through numpy.asarray (which refuses CuPy arrays)."""
+    if isinstance(x, Tensor):
+        return x.data
+    return x if isinstance(x, numpy.ndarray) or is_cupy_array(x) else numpy.asarray(x)
 
 
 def tensor(data, requires_grad=False, dtype=None, device="cpu"):

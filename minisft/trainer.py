@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from minisft import __version__, distributed, random, tasks
+from minisft import __version__, amp, distributed, random, tasks
 from minisft.backend import Device
 from minisft.runtime import keep_freed_memory
 from minisft.checkpoint import load_safetensors, save_safetensors, write_json_atomic
@@ -78,6 +78,7 @@ class TrainingArguments:
     lora_dropout: float = 0.1
     lora_target_modules: list = None     # default: the family's (query/value)
     merge_adapters: bool = False         # write a plain merged checkpoint instead of the adapter
+    fp16: bool = False                   # mixed precision (minisft.amp): float16 products, loss scaling
     gradient_checkpointing: bool = False  # recompute each encoder layer in backward: less memory
     doc_stride: int = 128                # question answering: tokens that windows of a long context overlap
     skip_misaligned: bool = False        # question answering: leave out answers not at their answer_start
@@ -131,6 +132,7 @@ class Trainer:
             self.log = lambda message: None
         self.on_evaluate = on_evaluate
         self.state = TrainerState()
+        self.scaler = amp.GradScaler() if args.fp16 else None
         self._last_eval_step = None
 
     # --- setup ----------------------------------------------------------------------------
@@ -176,17 +178,19 @@ class Trainer:
         accumulation = args.gradient_accumulation_steps
         progress = _Progress(total, self.state.global_step, self.log, args.logging_steps)
         last_metrics, stop = {}, False
+        on_gpu = any(p.device.type == "cuda" for p in self.model.parameters())
         while self.state.global_step < total and not stop:
             batches = train_order(self.train_features, args.batch_size, args.seed, self.state.epoch,
                                   args.group_by_length)
             starts_step = True
             for index in range(self.state.batch_in_epoch, len(batches)):
                 completes_step = not ((index + 1) % accumulation and index + 1 < len(batches))
-                if reducer is not None:
-                    if starts_step:  # each rank's dropout draws follow from (seed, rank, step)
-                        random.manual_seed(distributed.rank_seed(args.seed, self.comm.rank, self.state.global_step))
-                    if completes_step:
-                        reducer.start()
+                if starts_step and (reducer is not None or on_gpu):
+                    # dropout draws follow from (seed, rank, step): the same on any number of
+                    # ranks, and exact on resume on a GPU, whose generator's state CuPy cannot read
+                    random.manual_seed(distributed.rank_seed(args.seed, self.comm.rank, self.state.global_step))
+                if reducer is not None and completes_step:
+                    reducer.start()
                 starts_step = completes_step
                 loss = self._forward_backward(batches[index], accumulation)
                 self.state.batch_in_epoch = index + 1
@@ -194,10 +198,14 @@ class Trainer:
                     continue
                 if reducer is not None:
                     reducer.wait()
-                if args.max_grad_norm:
+                overflow = self.scaler is not None and self.scaler.unscale_(self.model.parameters())
+                if args.max_grad_norm and not overflow:
                     clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                schedule.step()
+                if not overflow:  # an overflowed fp16 step is skipped, as torch.amp and transformers do
+                    optimizer.step()
+                    schedule.step()
+                if self.scaler is not None:
+                    self.scaler.update(overflow)
                 optimizer.zero_grad()
                 self.state.global_step += 1
                 step = self.state.global_step
@@ -263,8 +271,11 @@ class Trainer:
     def _local_loss(self, indices, scale):
         """The mean loss of these features; backward of scale x it."""
         batch = collate([self.train_features[i] for i in indices], self.pad_token_id)
-        out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                         token_type_ids=batch["token_type_ids"], labels=batch["labels"])
+        with amp.autocast(enabled=self.scaler is not None):
+            out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             token_type_ids=batch["token_type_ids"], labels=batch["labels"])
+        if self.scaler is not None:
+            scale *= self.scaler.scale_value
         (out.loss * scale if scale != 1 else out.loss).backward()
         return float(out.loss.item())
 
@@ -370,6 +381,7 @@ class Trainer:
             write_json_atomic({"trainer": dataclasses.asdict(self.state),
                                "optimizer": {"state": scalars, "param_groups": optimizer_state["param_groups"]},
                                "schedule": schedule.state_dict(), "rng": random.get_rng_state(),
+                               "scaler": None if self.scaler is None else self.scaler.state_dict(),
                                "args": self.args.to_json()}, staging / "trainer_state.json")
 
         _write_staged(self.output_dir / f"checkpoint-{self.state.global_step}", write)
@@ -396,6 +408,8 @@ class Trainer:
         optimizer.load_state_dict({"state": state, "param_groups": saved["optimizer"]["param_groups"]})
         schedule.load_state_dict(saved["schedule"])
         random.set_rng_state(saved["rng"])
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
         self.state = TrainerState(**saved["trainer"])
 
 

@@ -9,6 +9,7 @@ import sys
 import numpy
 
 from minisft import distributed, peft, random, runtime, tasks
+from minisft.backend import Device
 from minisft.data import DataError, LabelVocab
 from minisft.fetch import FetchError, resolve_data, resolve_model
 from minisft.models.auto import AutoConfig, AutoTokenizer
@@ -44,6 +45,9 @@ def train(options):
     if output.exists() and any(output.iterdir()) and not options.resume and not options.overwrite_output_dir:
         raise FileExistsError(f"{output} exists and is not empty: choose a new --output, add --resume to "
                               "continue its training, or --overwrite-output-dir to replace it")
+    if getattr(options, "fp16", False) and Device(options.device).type != "cuda":
+        raise OptionError("--fp16", True, "mixed precision needs a GPU (NumPy has no fast float16 matrix product)",
+                          "add --device cuda, or leave out --fp16")
     draw = _curves_drawer(output) if getattr(options, "plot", False) else None
     model_dir = resolve_model(options.model)
     train_path, fetched = resolve_data(options.train, "train")
@@ -77,7 +81,7 @@ def train(options):
     eval_features = features(resolve_data(eval_spec, "dev")[0]) if eval_spec else None
     test_path = resolve_data(options.test, "test")[0] if options.test else None
     device = distributed.rank_device(comm, options.device)
-    model = peft.prepare(task.model(model_dir, labels), args, _base_name(options.model, model_dir)).to(device)
+    model = _placed(peft.prepare(task.model(model_dir, labels), args, _base_name(options.model, model_dir)), device)
     resume = None
     if options.resume:
         resume = latest_checkpoint(output) if options.resume == "latest" else pathlib.Path(options.resume)
@@ -129,6 +133,11 @@ def _check_against_task_and_model(args, model_dir, length_given):
         args.max_length = positions
 
 
+def _placed(model, device):
+    """The model moved to `device`, made the process's current device (one GPU a process)."""
+    return model.to(Device(device).activate())
+
+
 def _load_finetuned(model_dir, device):
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
@@ -156,7 +165,7 @@ def _load_finetuned(model_dir, device):
         model = peft.load_adapter(task.model(base_dir, labels), model_dir, base)
     else:
         model = task.model(model_dir, labels)
-    model = model.to(device).eval()
+    model = _placed(model, device).eval()
     return args, task, model, labels, AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -201,7 +210,7 @@ def embed(model, data, batch_size=64, device="cpu", max_length=None, pooling=Non
     from minisft.tensor import no_grad
 
     model_dir = resolve_model(model)
-    embedder = SentenceEmbedder.from_pretrained(model_dir, pooling=pooling).to(device).eval()
+    embedder = _placed(SentenceEmbedder.from_pretrained(model_dir, pooling=pooling), device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if data == "-" or str(data).lower().endswith(".txt"):
         lines = sys.stdin if data == "-" else open(data, encoding="utf-8")

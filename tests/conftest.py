@@ -32,7 +32,7 @@ def kernel_set(request):
 def assert_close(actual, expected, atol=1e-5, rtol=1e-4, what=""):
     """Every element within atol absolute or rtol relative of the reference."""
     actual = actual.numpy() if isinstance(actual, minisft.Tensor) else minisft.Device("cpu").put(actual)
-    expected = np.asarray(expected)
+    expected = minisft.Device("cpu").put(expected.data if isinstance(expected, minisft.Tensor) else expected)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     error = np.abs(actual.astype(np.float64) - expected)
     bad = (error > atol) & (error > rtol * np.abs(expected))

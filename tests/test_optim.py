@@ -1,4 +1,6 @@
 """Optimisers, schedules and clipping against torch.optim / transformers' stored results."""
+import math
+
 import numpy as np
 import pytest
 
@@ -80,6 +82,18 @@ def test_clip_grad_norm_equals_torch(device):
     assert abs(norm - float(REF["clip/norm"])) <= 1e-5 * float(REF["clip/norm"])
     for i, p in enumerate(params):
         assert_close(p.grad, REF[f"clip/grad/{i}"], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 3.0, math.inf])
+def test_clip_grad_norm_reads_one_total_for_every_norm(device, norm_type):
+    params = _params(device)
+    grads = [REF[f"grad/0/{i}"] * 3 for i in range(len(params))]
+    for p, g in zip(params, grads):
+        p.grad = minisft.Device(device).put(g)
+    flat = np.concatenate([g.ravel() for g in grads]).astype(np.float64)
+    expected = np.abs(flat).max() if norm_type == math.inf else (np.abs(flat) ** norm_type).sum() ** (1 / norm_type)
+    norm = clip_grad_norm_(params, 1.0, norm_type=norm_type)
+    assert isinstance(norm, float) and abs(norm - expected) <= 1e-5 * expected
 
 
 def test_no_decay_groups_take_biases_and_layernorm_weights():

@@ -7,6 +7,7 @@ import pytest
 import minisft
 import minisft.functional as F
 from minisft.backend import Device
+from minisft.tensor import array_of
 from conftest import assert_close
 
 
@@ -90,6 +91,38 @@ def test_backward_with_explicit_gradient(device):
     x = minisft.tensor([1.0, 2.0], requires_grad=True, device=device)
     (x * 3).backward(np.array([1.0, -1.0], np.float32))
     assert_close(x.grad, [3.0, -3.0])
+
+
+def test_backward_gradient_is_moved_and_cast_to_the_tensor(device):
+    """A host gradient (a list, float64 NumPy) is put on the tensor's device in its dtype:
+    CuPy never copies from the host by itself."""
+    x = minisft.tensor([1.0, 2.0], requires_grad=True, device=device)
+    (x * 3).backward([1.0, -1.0])
+    (x * 1).backward(np.array([1.0, 1.0]))
+    assert x.grad.dtype == np.float32 and x.grad.__class__ is x.data.__class__
+    assert_close(x.grad, [4.0, -2.0])
+    with pytest.raises(TypeError, match="floating-point gradient"):
+        (x * 3).backward(np.array([1, 1]))
+    with pytest.raises(ValueError, match=r"grad has shape \(3,\)"):
+        (x * 3).backward(np.ones(3))
+
+
+def test_array_of_takes_tensors_arrays_and_lists(device):
+    x = minisft.tensor([1, 2], device=device)
+    assert array_of(x) is x.data and array_of(x.data) is x.data
+    assert isinstance(array_of([1, 2]), np.ndarray)
+
+
+def test_ops_run_inside_the_device_of_their_first_input(monkeypatch):
+    """Function.__call__ and backward enter on_device(array): on the CPU a shared no-op
+    context, on a GPU the array's CuPy device (so cuda:1 runs on GPU 1)."""
+    entered = []
+    real = minisft.tensor.__globals__["on_device"]
+    monkeypatch.setitem(minisft.tensor.__globals__, "on_device", lambda a: entered.append(a.shape) or real(a))
+    x = minisft.tensor(np.ones((2, 3)), requires_grad=True)
+    (x * 2).sum().backward()
+    assert entered == [(2, 3), (2, 3), ()]  # x * 2, its sum, and the backward from the sum
+    assert real(x.data) is real(np.zeros(1))
 
 
 def test_float32_default_and_no_silent_widening(device):

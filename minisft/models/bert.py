@@ -14,7 +14,7 @@ from minisft.backend import get_array_module
 from minisft.checkpoint import load_checkpoint, load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
 from minisft.ops import cat
-from minisft.tensor import Tensor, is_grad_enabled
+from minisft.tensor import Tensor, array_of, is_grad_enabled
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
            "BaseModelOutputWithPooling", "SequenceClassifierOutput", "TokenClassifierOutput"]
@@ -419,7 +419,7 @@ class SequenceClassificationLoss:
             return self.config.problem_type
         if self.num_labels == 1:
             return "regression"
-        kind = labels.data.dtype.kind if isinstance(labels, Tensor) else numpy.asarray(labels).dtype.kind
+        kind = array_of(labels).dtype.kind
         return "single_label_classification" if kind in "iu" else "multi_label_classification"
 
     def loss(self, logits, labels):
@@ -487,8 +487,9 @@ class QuestionAnsweringHead(TaskHead):
         return self.qa_outputs(out.last_hidden_state)
 
     def loss(self, logits, labels):
-        labels = labels.data if isinstance(labels, Tensor) else numpy.asarray(labels)
-        labels = numpy.where(labels >= logits.shape[1], -100, numpy.maximum(labels, 0))
+        labels = logits.device.put(array_of(labels))
+        xp = get_array_module(labels)
+        labels = xp.where(labels >= logits.shape[1], -100, xp.maximum(labels, 0))
         return (F.cross_entropy(logits[:, :, 0], labels[:, 0]) + F.cross_entropy(logits[:, :, 1], labels[:, 1])) / 2
 
 
@@ -502,17 +503,16 @@ class MultipleChoiceHead(TaskHead):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False):
-        ids = input_ids.data if isinstance(input_ids, Tensor) else numpy.asarray(input_ids)
+        ids = array_of(input_ids)
         if ids.ndim != 3:
             raise ValueError(f"input_ids has shape {tuple(ids.shape)}; expected (batch, num_choices, seq_len)")
 
         def rows(a):
-            return None if a is None else (a.data if isinstance(a, Tensor) else numpy.asarray(a)).reshape(-1, ids.shape[-1])
+            return None if a is None else array_of(a).reshape(-1, ids.shape[-1])
         out = TaskHead.forward(self, rows(ids), rows(attention_mask), rows(token_type_ids), None,
                                output_hidden_states, output_attentions)
         logits = out.logits.reshape(ids.shape[0], ids.shape[1])
-        loss = None if labels is None else F.cross_entropy(logits, labels.data if isinstance(labels, Tensor)
-                                                           else numpy.asarray(labels))
+        loss = None if labels is None else F.cross_entropy(logits, array_of(labels))
         return self.output_class(loss, logits, out.hidden_states, out.attentions)
 
 
@@ -568,7 +568,7 @@ class BertForMultipleChoice(PooledMultipleChoiceHead, BertPreTrainedModel):
 def token_classification_loss(logits, labels):
     """Cross-entropy over every token of (B, L, num_labels) logits and (B, L) labels, for any
     family; labels -100 are ignored."""
-    labels = labels.data if isinstance(labels, Tensor) else numpy.asarray(labels)
+    labels = array_of(labels)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
@@ -590,5 +590,4 @@ class FirstTokenClassificationHead(nn.Module):
 
 def _as_float(labels, like):
     """Float targets in the logits' dtype, on the logits' device."""
-    data = labels.data if isinstance(labels, Tensor) else numpy.asarray(labels)
-    return Tensor(like.device.put(data).astype(like.dtype))
+    return Tensor(like.device.put(array_of(labels)).astype(like.dtype))
