@@ -28,10 +28,11 @@ from benchmarks.common import TABLE_HEADER  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # finetune_bench (the README job, ~20 minutes), qa_bench and retrieval_bench (each about an hour)
-# run only when named with --only
+# and gpu_bench (a GPU's, benchmarks/gpu_check.sh) run only when named with --only
 BENCHMARKS = ["model_bench", "memory_bench", "tokenizer_bench", "import_bench", "import_order_bench",
-              "lean_bench", "length_bench", "distributed_bench", "finetune_bench", "qa_bench", "retrieval_bench"]
-DEFAULT = BENCHMARKS[:-3]
+              "lean_bench", "length_bench", "distributed_bench", "finetune_bench", "qa_bench", "retrieval_bench",
+              "gpu_bench"]
+DEFAULT = BENCHMARKS[:-4]
 
 
 class Environment:
@@ -117,12 +118,14 @@ def describe_machine(reference):
     return lines
 
 
-def write_results(path, command, machine, figures):
-    """Replace this run's section of RESULTS.md (one section per CPU and set of benchmarks
-    run together), keeping the sections of other runs and other machines."""
-    key = f"{cpu_key()} | " + (command.replace("python -m benchmarks", "").replace("--quick", "").strip() or "all")
+def write_results(path, command, machine, figures, machine_name=None):
+    """Replace this run's section of RESULTS.md (one section per machine - the CPU, or the
+    GPU for GPU benchmarks - and set of benchmarks run together), keeping the sections of
+    other runs and other machines."""
+    machine_name = machine_name or cpu_key()
+    key = f"{machine_name} | " + (command.replace("python -m benchmarks", "").replace("--quick", "").strip() or "all")
     begin, end = f"<!-- begin {key} -->", f"<!-- end {key} -->"
-    section = "\n".join([begin, f"## {cpu_key()}: `{command}`", "", *machine, "", TABLE_HEADER,
+    section = "\n".join([begin, f"## {machine_name}: `{command}`", "", *machine, "", TABLE_HEADER,
                          *[f.row() for f in figures], end])
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if begin in text and end in text:
@@ -155,7 +158,13 @@ def main(argv=None):
     print(table)
     command = "python -m benchmarks" + (" --quick" if args.quick else "") + (
         f" --only {' '.join(args.only)}" if args.only else "")
-    write_results(pathlib.Path(args.output), command, machine, figures)
+    gpu = None
+    if "gpu_bench" in (args.only or ()):
+        from benchmarks.gpu_bench import describe, device_name
+
+        gpu = device_name()
+        machine.insert(1, describe())
+    write_results(pathlib.Path(args.output), command, machine, figures, machine_name=gpu)
     print(f"wrote {args.output}")
     return 0
 

@@ -48,9 +48,10 @@ class Minisft:
         value ("lora"), all but the embeddings ("frozen-embeddings"), every weight with
         gradient checkpointing ("checkpointing"), LoRA with it ("lora-checkpointing"), or
         every weight with attention over whole (L, L) score matrices however long the input
-        ("whole-attention", as before block attention)."""
+        ("whole-attention", as before block attention), or every weight in mixed precision
+        ("fp16": float16 products, loss scaling; minisft.amp)."""
         import minisft.functional as F
-        from minisft import peft
+        from minisft import amp, peft
         from minisft.models.bert import BertForSequenceClassification
         from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
 
@@ -64,14 +65,20 @@ class Minisft:
         F.BLOCKED_FROM = 10 ** 9 if mode == "whole-attention" else F.BLOCKED_FROM_DEFAULT
         optimizer = AdamW(parameter_groups(model, 0.01), lr=2e-5)
         ids, mask, labels = inputs(batch, length)
+        scaler = amp.GradScaler() if mode == "fp16" else None
 
         def run():
-            loss = model(ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            with amp.autocast(enabled=scaler is not None):
+                loss = model(ids, attention_mask=mask, labels=labels).loss
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            overflow = scaler is not None and scaler.unscale_(model.parameters())
+            if not overflow:
+                clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+            if scaler is not None:
+                scaler.update(overflow)
             optimizer.zero_grad()
-            return loss.item()
+            return loss.item()  # on a GPU: waits for the step's kernels
         return run
 
     def matmul(self, n):
@@ -87,16 +94,18 @@ class Minisft:
 class Reference:
     name = "torch"
 
-    def __init__(self, model_dir, device="cpu"):
+    def __init__(self, model_dir, device="cpu", attention=None):
+        """attention: transformers' attn_implementation ("eager", "sdpa"; None: its default)."""
         import torch
         import transformers
 
         self.torch, self.transformers = torch, transformers
         self.model_dir, self.device = model_dir, device
+        self.options = {} if attention is None else {"attn_implementation": attention}
 
     def forward(self, batch, length):
         torch = self.torch
-        model = self.transformers.BertModel.from_pretrained(self.model_dir).eval().to(self.device)
+        model = self.transformers.BertModel.from_pretrained(self.model_dir, **self.options).eval().to(self.device)
         ids, mask, _ = (torch.from_numpy(a).to(self.device) for a in inputs(batch, length))
 
         def run():
@@ -108,7 +117,7 @@ class Reference:
         """As Minisft.train_step, with transformers (and peft for "lora")."""
         torch = self.torch
         model = self.transformers.BertForSequenceClassification.from_pretrained(
-            self.model_dir, num_labels=2).train().to(self.device)
+            self.model_dir, num_labels=2, **self.options).train().to(self.device)
         if mode.endswith("checkpointing"):  # non-reentrant: LoRA's frozen inputs need no grad
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if mode.startswith("lora"):
@@ -124,12 +133,21 @@ class Reference:
                   {"params": [p for n, p in trainable if n.endswith(no_decay)], "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=2e-5)
         ids, mask, labels = (torch.from_numpy(a).to(self.device) for a in inputs(batch, length))
+        scaler = torch.amp.GradScaler(self.device) if mode == "fp16" else None
 
         def run():
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            with torch.autocast(self.device, dtype=torch.float16, enabled=scaler is not None):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            if scaler is None:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                scaler.step(optimizer)
+                scaler.update()
             optimizer.zero_grad()
             return loss.item()
         return run

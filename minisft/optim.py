@@ -102,11 +102,30 @@ class Adam(Optimizer):
             raise ValueError(f"{type(self).__name__}: betas must be in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    def update(self, param, grad, state, group):
+    def step(self):
+        """Every parameter's update; a kernel set with adam_update_many (the GPU's) does them
+        all in one launch."""
+        updates = [(param, self._update_arguments(param, param.grad, self.state.setdefault(id(param), {}), group))
+                   for group in self.param_groups for param in group["params"] if param.grad is not None]
+        if not updates:
+            return
+        kernel_set = kernels.for_array(updates[0][1][0])
+        if hasattr(kernel_set, "adam_update_many"):
+            kernel_set.adam_update_many(*(list(column) for column in zip(*(arguments for _, arguments in updates))))
+        else:
+            for _, (data, grad, exp_avg, exp_avg_sq, hyper) in updates:
+                kernels.for_array(data).adam_update(data, grad, exp_avg, exp_avg_sq, **hyper)
+        for param, (data, *_) in updates:
+            if data is not param.data:
+                param.data[...] = data
+
+    def _update_arguments(self, param, grad, state, group):
+        """adam_update's arguments for this parameter: (data, grad, exp_avg, exp_avg_sq,
+        hyper-parameters), state advanced by one step. A float16 parameter is updated through
+        a float32 copy (data), which the caller writes back: eps (1e-8) and the squared
+        moments underflow to 0 in float16, and the step would divide by zero."""
         xp = get_array_module(param.data)
         lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        # a float16 parameter is updated through float32: eps (1e-8) and the squared moments
-        # underflow to 0 in float16, and the step would divide by zero
         data = param.data.astype(xp.float32) if param.data.dtype == xp.float16 else param.data
         if not state:
             state["step"] = 0
@@ -118,11 +137,9 @@ class Adam(Optimizer):
         if weight_decay and not self.decoupled:
             grad = grad + weight_decay * data
         decay = 1 - lr * weight_decay if weight_decay and self.decoupled else None
-        kernels.for_array(data).adam_update(
-            data, grad, state["exp_avg"], state["exp_avg_sq"], decay=decay, beta1=beta1, beta2=beta2,
-            eps=eps, step_size=lr / (1 - beta1 ** step), bias_correction2=math.sqrt(1 - beta2 ** step))
-        if data is not param.data:
-            param.data[...] = data
+        return data, grad, state["exp_avg"], state["exp_avg_sq"], dict(
+            decay=decay, beta1=beta1, beta2=beta2, eps=eps, step_size=lr / (1 - beta1 ** step),
+            bias_correction2=math.sqrt(1 - beta2 ** step))
 
 
 class AdamW(Adam):

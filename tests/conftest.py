@@ -20,7 +20,8 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=["fast", "reference"])
+@pytest.fixture(params=["fast", "reference", pytest.param("cuda", marks=pytest.mark.skipif(
+    not minisft.cuda_available(), reason="the cuda kernel set runs on CuPy arrays: needs a GPU"))])
 def kernel_set(request):
     """Run the test with each kernel set (minisft.set_kernels), then restore the choice."""
     before = minisft.get_kernels()

@@ -1,5 +1,6 @@
-"""minisft/kernels: the fast set equals the reference set on BERT-sized inputs, a whole
-fine-tuning step is the same with either, and the set is chosen as documented."""
+"""minisft/kernels: the fast set (and, on a GPU, the cuda set) equals the reference set on
+BERT-sized inputs, a whole fine-tuning step is the same with either, and the set is chosen as
+documented."""
 import math
 import pathlib
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 
 import minisft
 from minisft import kernels
-from minisft.kernels import fast, reference
+from minisft.kernels import cuda, fast, reference
 from minisft.models.bert import BertForSequenceClassification
 from minisft.optim import AdamW, clip_grad_norm_
 from conftest import FIXTURES, ROOT
@@ -190,6 +191,93 @@ def test_both_sets_have_the_same_kernels_with_the_same_signatures():
         assert list(ref.parameters)[:1] == list(fst.parameters)[:1], name
         if not any(p.kind == p.VAR_KEYWORD for p in fst.parameters.values()):
             assert list(ref.parameters) == list(fst.parameters), name
+
+
+def test_the_cuda_set_has_every_reference_kernel_with_its_signature():
+    """Importing it needs no CuPy (it compiles on first use); what it does not fuse is the
+    reference's own function."""
+    import inspect
+
+    for name, value in vars(reference).items():
+        if callable(value) and not name.startswith("_") and value.__module__ == reference.__name__:
+            ours = getattr(cuda, name)
+            assert list(inspect.signature(ours).parameters)[:1] == list(inspect.signature(value).parameters)[:1], name
+    assert cuda.erf is reference.erf and cuda.gelu_forward is not reference.gelu_forward
+
+
+needs_gpu = pytest.mark.skipif(not minisft.cuda_available(), reason="the cuda kernel set needs CuPy and a GPU")
+
+
+def _on_gpu(*arrays):
+    import cupy
+
+    return [None if a is None else cupy.asarray(a) for a in arrays]
+
+
+def _from_gpu(result):
+    if isinstance(result, (tuple, list)):
+        return [_from_gpu(r) for r in result]
+    return None if result is None else minisft.Device("cpu").put(result)
+
+
+@needs_gpu
+def test_cuda_gelu_softmax_and_layer_norm_agree_with_the_reference(rng):
+    x = normal(rng, B, L, I, scale=3)
+    assert_same(_from_gpu(cuda.gelu_forward(*_on_gpu(x), slope=True)), reference.gelu_forward(x, slope=True),
+                "gelu_forward", tolerance=2e-6)
+    s, g = normal(rng, B, HEADS, L, L, scale=4), normal(rng, B, HEADS, L, L)
+    y = reference.softmax_forward(s)
+    assert_same(_from_gpu(cuda.softmax_forward(*_on_gpu(s))), y, "softmax_forward", tolerance=2e-6)
+    assert_same(_from_gpu(cuda.softmax_backward(*_on_gpu(y, g))), reference.softmax_backward(y, g),
+                "softmax_backward", tolerance=2e-6)
+    h, weight, bias = normal(rng, B * L, H, scale=2) + 1, normal(rng, H) + 1, normal(rng, H)
+    expected = reference.layer_norm_forward(h, weight, bias, 1e-12)
+    assert_same(_from_gpu(cuda.layer_norm_forward(*_on_gpu(h, weight, bias), 1e-12)), expected,
+                "layer_norm_forward", tolerance=2e-6)
+    gh = normal(rng, B * L, H)
+    assert_same(_from_gpu(cuda.layer_norm_backward(*_on_gpu(gh, expected[1], expected[2], weight), True)),
+                reference.layer_norm_backward(gh, expected[1], expected[2], weight, True), "layer_norm_backward",
+                tolerance=2e-6)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_cuda_attention_agrees_with_the_reference(rng, dropout_p):
+    import cupy
+
+    qkv = normal(rng, B, L, 3, HEADS, H // HEADS)
+    bias = np.where(rng.random((B, 1, 1, L)) < 0.1, np.finfo(np.float32).min, 0).astype(np.float32)
+    keep = rng.random((B, HEADS, L, L)) >= dropout_p if dropout_p else None
+    scale, dropout_scale = 1 / math.sqrt(H // HEADS), 1 / (1 - dropout_p)
+    g = normal(rng, B, HEADS, L, H // HEADS)
+    results = []
+    for kernel, xp in ((cuda, cupy), (reference, np)):
+        packed = xp.asarray(qkv)
+        q, k, v = (packed[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        b = xp.broadcast_to(xp.asarray(bias), (B, HEADS, L, L))
+        kept = None if keep is None else xp.asarray(keep)
+        out = xp.empty((B, HEADS, L, H // HEADS), np.float32)
+        saved = kernel.attention_forward(q, k, v, b, kept, scale, dropout_scale, out)
+        grads = [xp.empty(a.shape, np.float32) for a in (q, k, v)] + [xp.empty((B, HEADS, L, L), np.float32)]
+        kernel.attention_backward(xp.asarray(g), saved, kept, scale, dropout_scale, *grads)
+        results.append(_from_gpu([out, saved[-1], *grads]))
+    assert_same(results[0], results[1], "attention (context, probabilities, dq, dk, dv, dbias)", tolerance=1e-5)
+
+
+@needs_gpu
+def test_cuda_adam_updates_every_tensor_in_one_launch_as_the_reference(rng):
+    shapes = [(I, H), (H,), (7,)]
+    hypers = [dict(decay=1 - 1e-3 * 0.01, beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3 / (1 - 0.9 ** 3),
+                   bias_correction2=math.sqrt(1 - 0.999 ** 3)),
+              dict(decay=None, beta1=0.8, beta2=0.99, eps=1e-6, step_size=2e-3, bias_correction2=0.5),
+              dict(decay=None, beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bias_correction2=1.0)]
+    states = [[normal(rng, *shape), normal(rng, *shape), normal(rng, *shape) * 0.1,
+               np.abs(normal(rng, *shape)) * 0.01] for shape in shapes]
+    on_gpu = [_on_gpu(*state) for state in states]
+    cuda.adam_update_many(*(list(column) for column in zip(*on_gpu)), hypers)
+    for state, gpu, hyper in zip(states, on_gpu, hypers):
+        reference.adam_update(*state, **hyper)
+        assert_same(_from_gpu(gpu), state, "adam_update_many", tolerance=2e-6)
 
 
 def test_the_erf_table_is_what_its_script_fits(tmp_path):

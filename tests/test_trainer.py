@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+import minisft
 from minisft import cli
 from minisft.checkpoint import load_safetensors
 from minisft.trainer import latest_checkpoint
@@ -54,9 +55,15 @@ def test_train_writes_a_loadable_model_metrics_and_args(tmp_path, sentiment, cap
     assert len(predictions) == 16 and set(predictions[0]["probabilities"]) == {"negative", "positive"}
 
 
-def test_resumed_run_ends_with_the_same_weights(tmp_path, sentiment):
-    """Dropout is on (the tiny config's 0.1), so this also checks the RNG state resumes."""
-    args = ("--max-steps", 10, "--save-steps", 3, "--save-total-limit", 0, "--eval-steps", 4)
+@pytest.mark.parametrize("precision", ["float32", pytest.param("fp16", marks=pytest.mark.skipif(
+    not minisft.cuda_available(), reason="--fp16 needs a GPU"))])
+def test_resumed_run_ends_with_the_same_weights(tmp_path, sentiment, device, precision):
+    """Dropout is on (the tiny config's 0.1), so this also checks the RNG state resumes (on a
+    GPU: dropout drawn from (seed, step); with --fp16 the loss scale resumes too)."""
+    if precision == "fp16" and device == "cpu":
+        pytest.skip("--fp16 runs on a GPU")
+    args = ("--max-steps", 10, "--save-steps", 3, "--save-total-limit", 0, "--eval-steps", 4, "--device", device,
+            *(("--fp16",) if precision == "fp16" else ()))
     straight = tmp_path / "straight"
     assert train(*args, output=straight, data=sentiment) == 0
     interrupted = tmp_path / "interrupted"
