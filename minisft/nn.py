@@ -11,7 +11,8 @@ import numpy
 
 from minisft import functional as F
 from minisft import random
-from minisft.backend import Device
+from minisft.backend import Device, get_array_module
+from minisft.ops import RowBlocks
 from minisft.tensor import Function, Tensor, no_grad
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
@@ -27,6 +28,30 @@ class Parameter(Tensor):
 
     def __repr__(self):
         return "Parameter containing:\n" + super().__repr__()
+
+
+def _address(array):
+    return array.data.ptr if hasattr(array.data, "ptr") else array.__array_interface__["data"][0]
+
+
+def packed_rows(params):
+    """cat(params) along dim 0, differentiable, copying nothing after the first call: the
+    parameters' arrays are then views of consecutive row blocks of one array, which the
+    optimiser updates in place (as BERT's query/key/value weights, multiplied as one). Arrays
+    replaced since (a load, .to(device)) are packed again."""
+    arrays = [p.data for p in params]
+    whole = arrays[0].base
+    offsets = numpy.cumsum([0] + [a.shape[0] for a in arrays])
+    row_bytes = arrays[0][:1].nbytes
+    packed = (whole is not None and whole.flags.c_contiguous and all(a.flags.c_contiguous for a in arrays)
+              and whole.shape == (offsets[-1],) + arrays[0].shape[1:] and whole.dtype == arrays[0].dtype
+              and all(a.base is whole and _address(a) == _address(whole) + int(o) * row_bytes
+                      for a, o in zip(arrays, offsets)))
+    if not packed:
+        whole = get_array_module(arrays[0]).concatenate(arrays)
+        for param, start, stop in zip(params, offsets, offsets[1:]):
+            param.data = whole[start:stop]
+    return RowBlocks.apply(*params, whole=whole)
 
 
 class Module:

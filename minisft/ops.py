@@ -263,6 +263,19 @@ class Cat(Function):
         return tuple(get_array_module(g).split(g, bounds, axis=self.dim))
 
 
+class RowBlocks(Function):
+    """Tensors whose arrays are consecutive row blocks of one array `whole`, as that array:
+    cat along dim 0 without a copy (minisft.nn.packed_rows makes such tensors); backward
+    splits the gradient into the blocks."""
+    dim = 0
+
+    def forward(self, *arrays, whole):
+        self.sizes = [a.shape[0] for a in arrays]
+        return whole
+
+    backward = Cat.backward
+
+
 def _expand_reduced(g, shape, dim, keepdim):
     """Re-insert reduced axes into `g` so that it broadcasts against `shape`."""
     if dim is None:

@@ -127,3 +127,22 @@ def test_seeded_initialisation_is_reproducible():
     minisft.manual_seed(5)
     b = nn.Linear(3, 3).weight.numpy()
     assert (a == b).all()
+
+
+def test_packed_rows_concatenates_once_then_reads_the_parameters_in_place(device):
+    """BERT's query/key/value weights multiply as one matrix: after the first call they are
+    row blocks of it, so an in-place update shows in the next product without a copy."""
+    rng = np.random.default_rng(0)
+    params = [nn.Parameter(minisft.Device(device).put(rng.standard_normal(shape).astype(np.float32)))
+              for shape in ((2, 3), (4, 3), (1, 3))]
+    expected = np.concatenate([p.numpy() for p in params])
+    first = nn.packed_rows(params)
+    assert_close(first, expected)
+    second = nn.packed_rows(params)
+    assert second.data is first.data, "no copy once packed"
+    params[1].data *= 2  # as an optimiser's in-place step
+    assert_close(nn.packed_rows(params), np.concatenate([expected[:2], expected[2:6] * 2, expected[6:]]))
+    (nn.packed_rows(params) * minisft.Device(device).put(np.arange(7, dtype=np.float32)[:, None])).sum().backward()
+    assert_close(params[1].grad, np.repeat(np.arange(2, 6, dtype=np.float32)[:, None], 3, axis=1))
+    params[0].data = minisft.Device(device).put(np.zeros((2, 3), np.float32))  # replaced (a load): packed again
+    assert_close(nn.packed_rows(params)[:2], np.zeros((2, 3)))

@@ -10,7 +10,7 @@ import numpy
 
 from minisft import functional as F
 from minisft import nn, random
-from minisft.backend import get_array_module
+from minisft.backend import Device, get_array_module
 from minisft.checkpoint import load_checkpoint, load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
 from minisft.ops import cat
@@ -53,7 +53,8 @@ def _as_ids(name, ids, shape=None):
 
 
 def _check_range(name, ids, size, field):
-    low, high = int(ids.min()), int(ids.max())
+    """ids in [0, size): read where they are (from the device once, when they are on a GPU)."""
+    low, high = (int(v) for v in Device("cpu").put(get_array_module(ids).stack([ids.min(), ids.max()])))
     if low < 0 or high >= size:
         raise IndexError(f"{name} contain id {high if high >= size else low}, outside "
                          f"[0, {size}) set by config.json {field}; was the input made with this "
@@ -125,8 +126,8 @@ def packed_self_attention(hidden_states, projections, num_heads, attention_bias,
     """Self-attention whose query, key and value Linear `projections` run as one product over
     their stacked weights, (B, L, 3H), whose heads the attention reads in place. Returns the
     context (B, L, H) and the probabilities (B, nh, L, L) or None."""
-    weight = cat([projection.weight for projection in projections])
-    bias = cat([projection.bias for projection in projections])
+    weight = nn.packed_rows([projection.weight for projection in projections])
+    bias = nn.packed_rows([projection.bias for projection in projections])
     qkv = F.linear(hidden_states, weight, bias)
     deltas = [projection.delta(hidden_states) if hasattr(projection, "delta") else None for projection in projections]
     if any(delta is not None for delta in deltas):  # LoRA adapters' low-rank updates (minisft.peft)
