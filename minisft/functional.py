@@ -189,7 +189,8 @@ class _AttentionBase(Function):
         keys on (and when the probabilities are not asked for and bias needs no gradient),
         query rows go in blocks of QUERY_BLOCK and nothing of size (..., Lq, Lk) is kept:
         backward recomputes each block's probabilities (and its dropout mask, from the random
-        state it was drawn with), as flash attention does."""
+        state it was drawn with), as flash attention does. On a GPU attention stays whole:
+        CuPy's generator state cannot be read back, so a mask could not be remade."""
         xp = get_array_module(q)
         scores_shape = q.shape[:-1] + (k.shape[-2],)
         bias = None if bias is None else xp.broadcast_to(bias, scores_shape)
@@ -197,7 +198,7 @@ class _AttentionBase(Function):
         self.scale, self.dropout_scale, self.dropout_p = scale, 1 / (1 - dropout_p), dropout_p
         self.blocks = None
         bias_grad = len(self.needs_input_grad) > 1 and self.needs_input_grad[-1] and bias is not None
-        if k.shape[-2] >= BLOCKED_FROM and not keep_probs and not bias_grad:
+        if k.shape[-2] >= BLOCKED_FROM and not keep_probs and not bias_grad and xp is numpy:
             self.probs, self.blocks = None, []
             for rows in _query_blocks(q.shape[-2]):
                 self.blocks.append((rows, random.get_rng_state() if dropout_p else None))
