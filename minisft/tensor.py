@@ -298,7 +298,7 @@ def _given_grad(tensor, grad):
     if tuple(grad.shape) != tuple(tensor.shape):
         raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)}, "
                          f"tensor has shape {tuple(tensor.shape)}")
-    if not numpy.dtype(grad.dtype).kind == "f":
+    if numpy.dtype(grad.dtype).kind != "f":
         raise TypeError(f"backward(grad): grad has dtype {grad.dtype}; give a floating-point gradient")
     return tensor.device.put(grad).astype(tensor.dtype, copy=False)
 
