@@ -19,7 +19,8 @@ from minisft import functional as F
 from minisft import nn
 from minisft.checkpoint import write_json_atomic
 from minisft.models.auto import AutoModel
-from minisft.tensor import Tensor
+from minisft.ops import cat
+from minisft.tensor import Tensor, array_of
 
 POOLING_MODES = ("mean", "cls")
 MNRL_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default
@@ -29,7 +30,7 @@ MNRL_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default
 class EmbeddingOutput:
     loss: Tensor = None          # MultipleNegativesRankingLoss, for (B, 2, L) pairs with labels
     logits: Tensor = None        # the embeddings: (B, H), or (B, 2, H) for pairs
-    hidden_states: tuple = None
+    hidden_states: tuple = None  # the base model's; for pairs, one tuple per column (anchors, positives)
     attentions: tuple = None
 
 
@@ -90,20 +91,29 @@ class SentenceEmbedder(nn.Module):
                 output_hidden_states=False, output_attentions=False):
         """input_ids (B, L), or (B, 2, L) (anchor, positive) pairs; the loss when pairs come
         with labels (any: the positives are the pairs' own)."""
-        ids = input_ids.data if isinstance(input_ids, Tensor) else numpy.asarray(input_ids)
-        mask = numpy.ones(ids.shape, numpy.int64) if attention_mask is None else numpy.asarray(attention_mask)
-        rows = ids.reshape(-1, ids.shape[-1])
-        out = self.model(rows, attention_mask=mask.reshape(rows.shape),
-                         token_type_ids=None if token_type_ids is None else numpy.asarray(token_type_ids).reshape(rows.shape),
+        ids = array_of(input_ids)
+        mask = numpy.ones(ids.shape, numpy.int64) if attention_mask is None else array_of(attention_mask)
+        types = None if token_type_ids is None else array_of(token_type_ids)
+        if ids.ndim == 2:
+            embeddings, out = self._embed(ids, mask, types, output_hidden_states, output_attentions)
+            return EmbeddingOutput(None, embeddings, out.hidden_states, out.attentions)
+        # pairs: the anchors and the positives each run as their own batch, cut to their own
+        # longest row (a question need not be padded to its paragraph's length)
+        columns = [self._embed(ids[:, c], mask[:, c], None if types is None else types[:, c], output_hidden_states,
+                               output_attentions) for c in range(ids.shape[1])]
+        embeddings = cat([e.reshape(e.shape[0], 1, e.shape[1]) for e, _ in columns], dim=1)
+        loss = None if labels is None else multiple_negatives_ranking_loss(embeddings[:, 0], embeddings[:, 1])
+        return EmbeddingOutput(loss, embeddings, *(tuple(out.hidden_states for _, out in columns),
+                                                   tuple(out.attentions for _, out in columns)))
+
+    def _embed(self, ids, mask, types, output_hidden_states, output_attentions):
+        """Embeddings (B, H) of ids (B, L) padded on the right, with the base model's output."""
+        length = max(int(mask.sum(axis=-1).max()), 1) if mask.size else ids.shape[-1]
+        out = self.model(ids[:, :length], attention_mask=mask[:, :length],
+                         token_type_ids=None if types is None else types[:, :length],
                          output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        embeddings = pool(out.last_hidden_state, mask.reshape(rows.shape), self.pooling)
-        if self.normalize:
-            embeddings = normalize(embeddings)
-        embeddings = embeddings.reshape(*ids.shape[:-1], embeddings.shape[-1])
-        loss = None
-        if labels is not None and ids.ndim == 3:
-            loss = multiple_negatives_ranking_loss(embeddings[:, 0], embeddings[:, 1])
-        return EmbeddingOutput(loss, embeddings, out.hidden_states, out.attentions)
+        embeddings = pool(out.last_hidden_state, mask[:, :length], self.pooling)
+        return (normalize(embeddings) if self.normalize else embeddings), out
 
     # --- sentence-transformers' directory ---------------------------------------------------
     @classmethod
