@@ -5,6 +5,7 @@ This is the only module that knows which array library holds the data. Every op 
 both. CuPy is imported lazily, only when a "cuda" device is requested.
 """
 import contextlib
+import functools
 
 import numpy
 
@@ -33,6 +34,7 @@ def _import_cupy():
     return _cupy
 
 
+@functools.cache  # whether this process can use a GPU does not change while it runs
 def cuda_available():
     """True when CuPy imports, sees a GPU and runs a kernel on it: a driver without the CUDA
     runtime libraries (or a GPU too old for this CuPy) gives False, not failing tests."""
@@ -97,6 +99,12 @@ class Device:
 
     def __repr__(self):
         return f"Device({str(self)!r})"
+
+
+def read_back(*values):
+    """Scalars computed on one device (0-d arrays) as a host NumPy array, in one transfer:
+    one synchronisation with a GPU however many values a check needs."""
+    return Device("cpu").put(get_array_module(values[0]).stack(values))
 
 
 def on_device(array):

@@ -10,7 +10,7 @@ import math
 import numpy
 
 from minisft import amp, kernels, random
-from minisft.backend import Device, device_of, get_array_module
+from minisft.backend import device_of, get_array_module, read_back
 from minisft.ops import unbroadcast
 from minisft.tensor import Function, Tensor, array_of
 
@@ -486,10 +486,9 @@ def cross_entropy(input, target, ignore_index=-100, label_smoothing=0.0, reducti
         raise ValueError(f"cross_entropy: target shape {tuple(target_data.shape)} does not match "
                          f"logits shape {tuple(input.shape)}; expected ({input.shape[0]},)")
     valid = target_data != ignore_index
-    # one trip to the host for both figures (none when the targets are NumPy arrays, as batches are)
-    count, out_of_range = (int(v) for v in Device("cpu").put(get_array_module(target_data).stack(
-        [valid.sum(), (valid & ((target_data < 0) | (target_data >= input.shape[1]))).sum()])))
-    if out_of_range:
+    out_of_range = valid & ((target_data < 0) | (target_data >= input.shape[1]))
+    count, wrong = (int(v) for v in read_back(valid.sum(), out_of_range.sum()))  # one read from a GPU
+    if wrong:
         raise IndexError(f"cross_entropy: target values must be in [0, {input.shape[1]}) or "
                          f"ignore_index={ignore_index}")
     loss = _CrossEntropy.apply(input, target, ignore_index=ignore_index, label_smoothing=label_smoothing)

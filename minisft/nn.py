@@ -12,7 +12,7 @@ import numpy
 from minisft import functional as F
 from minisft import random
 from minisft.backend import Device, get_array_module
-from minisft.ops import RowBlocks
+from minisft.ops import CatView
 from minisft.tensor import Function, Tensor, no_grad
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
@@ -51,7 +51,7 @@ def packed_rows(params):
         whole = get_array_module(arrays[0]).concatenate(arrays)
         for param, start, stop in zip(params, offsets, offsets[1:]):
             param.data = whole[start:stop]
-    return RowBlocks.apply(*params, whole=whole)
+    return CatView.apply(*params, whole=whole)
 
 
 class Module:

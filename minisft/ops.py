@@ -263,7 +263,7 @@ class Cat(Function):
         return tuple(get_array_module(g).split(g, bounds, axis=self.dim))
 
 
-class RowBlocks(Function):
+class CatView(Function):
     """Tensors whose arrays are consecutive row blocks of one array `whole`, as that array:
     cat along dim 0 without a copy (minisft.nn.packed_rows makes such tensors); backward
     splits the gradient into the blocks."""

@@ -103,8 +103,8 @@ class SentenceEmbedder(nn.Module):
                                output_attentions) for c in range(ids.shape[1])]
         embeddings = cat([e.reshape(e.shape[0], 1, e.shape[1]) for e, _ in columns], dim=1)
         loss = None if labels is None else multiple_negatives_ranking_loss(embeddings[:, 0], embeddings[:, 1])
-        return EmbeddingOutput(loss, embeddings, *(tuple(out.hidden_states for _, out in columns),
-                                                   tuple(out.attentions for _, out in columns)))
+        return EmbeddingOutput(loss, embeddings, tuple(out.hidden_states for _, out in columns),
+                               tuple(out.attentions for _, out in columns))
 
     def _embed(self, ids, mask, types, output_hidden_states, output_attentions):
         """Embeddings (B, H) of ids (B, L) padded on the right, with the base model's output."""

@@ -292,9 +292,7 @@ class Tensor:
 def _given_grad(tensor, grad):
     """backward(grad)'s gradient as an array beside `tensor`: moved to its device (CuPy never
     copies from the host by itself) and in its dtype."""
-    grad = grad.data if isinstance(grad, Tensor) else grad
-    if not hasattr(grad, "shape"):
-        grad = numpy.asarray(grad)
+    grad = array_of(grad)
     if tuple(grad.shape) != tuple(tensor.shape):
         raise ValueError(f"backward(grad): grad has shape {tuple(grad.shape)}, "
                          f"tensor has shape {tuple(tensor.shape)}")

@@ -274,9 +274,8 @@ class Trainer:
         with amp.autocast(enabled=self.scaler is not None):
             out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
                              token_type_ids=batch["token_type_ids"], labels=batch["labels"])
-        if self.scaler is not None:
-            scale *= self.scaler.scale_value
-        (out.loss * scale if scale != 1 else out.loss).backward()
+        loss = out.loss * scale if scale != 1 else out.loss
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         return float(out.loss.item())
 
     # --- evaluation --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy
 
 from minisft import functional as F
 from minisft import nn, random
-from minisft.backend import Device, get_array_module
+from minisft.backend import get_array_module, read_back
 from minisft.checkpoint import load_checkpoint, load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
 from minisft.ops import cat
@@ -54,7 +54,7 @@ def _as_ids(name, ids, shape=None):
 
 def _check_range(name, ids, size, field):
     """ids in [0, size): read where they are (from the device once, when they are on a GPU)."""
-    low, high = (int(v) for v in Device("cpu").put(get_array_module(ids).stack([ids.min(), ids.max()])))
+    low, high = (int(v) for v in read_back(ids.min(), ids.max()))
     if low < 0 or high >= size:
         raise IndexError(f"{name} contain id {high if high >= size else low}, outside "
                          f"[0, {size}) set by config.json {field}; was the input made with this "
