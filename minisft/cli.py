@@ -174,7 +174,8 @@ def _add_training_options(parser):
         help="Linear layers to adapt, by name, spaced or comma-separated (default: the family's: query,value "
              "for BERT)")
     add("--gradient-checkpointing", action="store_true",
-        help="keep only each encoder layer's input and recompute the layer in backward (less memory, ~1/3 more time)")
+        help="keep only the input of each encoder layer but the last and recompute the layer in backward "
+             "(less memory, about 1/3 more time)")
     add("--fp16", action="store_true",
         help="mixed precision on a GPU: float16 matrix products over float32 weights, dynamic loss scaling")
     add("--merge-adapters", action="store_true",

@@ -241,6 +241,7 @@ class _AttentionBase(Function):
                 for total, part in ((gk, part_k), (gv, part_v)):
                     if total is not None and not first:
                         total += part
+                del saved, keep  # freed before the next block's are made
         finally:
             random.set_rng_state(resumed)
 

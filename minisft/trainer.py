@@ -79,7 +79,7 @@ class TrainingArguments:
     lora_target_modules: list = None     # default: the family's (query/value)
     merge_adapters: bool = False         # write a plain merged checkpoint instead of the adapter
     fp16: bool = False                   # mixed precision (minisft.amp): float16 products, loss scaling
-    gradient_checkpointing: bool = False  # recompute each encoder layer in backward: less memory
+    gradient_checkpointing: bool = False  # recompute encoder layers in backward: less memory
     doc_stride: int = 128                # question answering: tokens that windows of a long context overlap
     skip_misaligned: bool = False        # question answering: leave out answers not at their answer_start
     max_train_examples: int = 0          # > 0: a deterministic subset of the training examples

@@ -203,14 +203,17 @@ class BertEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
-        self.gradient_checkpointing = False  # recompute each layer in backward (see nn.checkpoint)
+        self.gradient_checkpointing = False  # recompute each layer but the last in backward (nn.checkpoint)
 
     def forward(self, hidden_states, attention_bias, output_hidden_states=False,
                 output_attentions=False):
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
-        for layer in self.layer:
-            if self.gradient_checkpointing and self.training and is_grad_enabled() and not output_attentions:
+        recompute = self.gradient_checkpointing and self.training and is_grad_enabled() and not output_attentions
+        for index, layer in enumerate(self.layer):
+            # the last layer keeps its activations: its backward starts as soon as the forward
+            # ends, so recomputing it would cost time and lower no peak
+            if recompute and index < len(self.layer) - 1:
                 hidden_states, probs = nn.checkpoint(
                     lambda x, layer=layer: layer(x, attention_bias)[0], hidden_states, layer.parameters()), None
             else:
@@ -294,7 +297,7 @@ class BertPreTrainedModel(nn.Module):
         return list(self.encoder.layer) if base is self else base.encoder_layers()
 
     def gradient_checkpointing_enable(self):
-        """Recompute each encoder layer in backward instead of keeping its activations."""
+        """Recompute each encoder layer but the last in backward instead of keeping its activations."""
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = True
