@@ -107,8 +107,10 @@ class SentenceEmbedder(nn.Module):
                                tuple(out.attentions for _, out in columns))
 
     def _embed(self, ids, mask, types, output_hidden_states, output_attentions):
-        """Embeddings (B, H) of ids (B, L) padded on the right, with the base model's output."""
-        length = max(int(mask.sum(axis=-1).max()), 1) if mask.size else ids.shape[-1]
+        """Embeddings (B, H) of ids (B, L), with the base model's output. The columns after the
+        last one any row attends to are padding for every row and are cut off."""
+        attended = mask.any(axis=0).cumsum()  # columns attended so far; it peaks at the last one
+        length = int(attended.argmax()) + 1 if mask.size else ids.shape[-1]
         out = self.model(ids[:, :length], attention_mask=mask[:, :length],
                          token_type_ids=None if types is None else types[:, :length],
                          output_hidden_states=output_hidden_states, output_attentions=output_attentions)

@@ -114,3 +114,16 @@ def test_the_command_line_trains_evaluates_and_embeds(tmp_path, capsys):
     assert cli.main(["embed", "--model", str(output), "--data", str(texts)]) == 0
     rows = [json.loads(line)["embedding"] for line in capsys.readouterr().out.splitlines()]
     np.testing.assert_allclose(rows, vectors, atol=1e-6)
+
+
+def test_a_row_padded_on_the_left_keeps_every_token():
+    from minisft.sentence import normalize, pool
+
+    model = SentenceEmbedder.from_pretrained(TINY).eval()
+    ids = np.random.default_rng(0).integers(5, 64, (2, 7))
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0  # 4 tokens at the end
+    mask[1, 5:] = 0  # 5 tokens at the start: 5 is the longest row, but row 0 reaches column 6
+    whole = model.model(ids, attention_mask=mask).last_hidden_state
+    assert_close(model(ids, attention_mask=mask).logits, normalize(pool(whole, mask, "mean")), atol=1e-6, rtol=0,
+                 what="embeddings")
