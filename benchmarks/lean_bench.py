@@ -3,7 +3,8 @@ r=8 (alpha 16, query and value), frozen embeddings and LoRA with gradient checkp
 32x128, and of gradient checkpointing
 and of block attention against whole (L, L) attention at 8x512, for minisft and for
 transformers (+ peft for LoRA), and minisft's lean modes against its own full fine-tuning
-(which uses block attention from 512 tokens on)."""
+(which uses block attention from 128 tokens on). Memory is the peak RSS of each mode in a
+process of its own, and for minisft also the peak of allocated memory (memory_bench)."""
 from benchmarks.common import Figure, alternate
 from benchmarks.memory_bench import peak_mb
 from benchmarks.workloads import LORA_ALPHA, LORA_R, Minisft, Reference
@@ -31,7 +32,8 @@ def _compare(env, ours, theirs, modes, batch, length, quick):
             functions["reference"] = theirs.train_step(batch, length, mode)
         times[mode] = alternate(functions, repeats=2 if quick else 5)
         memory[mode] = {"ours": [peak_mb(env, "minisft", batch, length, mode)],
-                        "reference": [peak_mb(env, "torch", batch, length, mode)] if theirs is not None else None}
+                        "reference": [peak_mb(env, "torch", batch, length, mode)] if theirs is not None else None,
+                        "allocated": [peak_mb(env, "minisft", batch, length, mode, allocated=True)]}
     size = f"{batch}x{length}"
     figures = []
     for mode in modes:
@@ -45,4 +47,7 @@ def _compare(env, ours, theirs, modes, batch, length, quick):
                               times["full"]["ours"], note="reference column: minisft's full fine-tuning"))
         figures.append(Figure(f"minisft {NAMES[mode]} / full: peak RSS {size}", "MB", memory[mode]["ours"],
                               memory["full"]["ours"], note="reference column: minisft's full fine-tuning"))
+        figures.append(Figure(f"minisft {NAMES[mode]} / full: peak allocated memory {size}", "MB",
+                              memory[mode]["allocated"], memory["full"]["allocated"],
+                              note="tracemalloc's high-water (arrays and objects), as torch.cuda.max_memory_allocated"))
     return figures

@@ -12,6 +12,7 @@ import numpy
 from minisft import amp, kernels, random
 from minisft.backend import device_of, get_array_module, read_back
 from minisft.ops import unbroadcast
+from minisft.runtime import get_num_threads
 from minisft.tensor import Function, Tensor, array_of
 
 
@@ -49,7 +50,10 @@ class _GELU(Function):
         return y
 
     def backward(self, g):
-        (slope,) = self.saved
+        (slope,) = self.take_saved()
+        if self.last_backward:  # the slope is this node's alone: the gradient is made in it
+            slope *= g
+            return (slope,)
         return (g * slope,)
 
 
@@ -105,13 +109,15 @@ class _Linear(Function):
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def backward(self, g):
-        x2, weight = self.saved
+        x2, weight = self.take_saved()
         needs = tuple(self.needs_input_grad) + (False,) * (3 - len(self.needs_input_grad))
         g = g.reshape(-1, g.shape[-1])
-        if self.half is None:
-            gx, gw, gb = self.kernels.linear_backward(g, x2, weight, needs)
-        else:  # the products in float16, the bias's sum and every result in float32
-            gx, gw, _ = self.kernels.linear_backward(g.astype(self.half), x2, weight, needs[:2] + (False,))
+        product_g = g if self.half is None else g.astype(self.half)  # autocast: products in float16
+        # dW first: on the last backward x is then freed before dx, often its size, is made
+        _, gw, gb = self.kernels.linear_backward(product_g, x2, None, (False, needs[1], needs[2] and self.half is None))
+        del x2
+        gx = self.kernels.linear_backward(product_g, None, weight, (needs[0], False, False))[0]
+        if self.half is not None:  # the bias's sum and every result in float32
             gx, gw = (None if a is None else a.astype(self.dtype) for a in (gx, gw))
             gb = self.kernels.linear_backward(g, None, None, (False, False, True))[2] if needs[2] else None
         return (None if gx is None else gx.reshape(self.shape), gw, gb)[:len(self.needs_input_grad)]
@@ -202,7 +208,7 @@ class _AttentionBase(Function):
             self.probs, self.blocks = None, []
             for rows in _query_blocks(q.shape[-2]):
                 self.blocks.append((rows, random.get_rng_state() if dropout_p else None))
-                self._attend_block(q, k, v, bias, rows, out)
+                self._attend_block(q, k, v, bias, self._block_mask(q, k, rows), rows, out[..., rows, :])
             self.save_for_backward((q, k, v, bias), None)
             return
         keep = random.keep_mask(scores_shape, dropout_p, device_of(q)) if dropout_p else None
@@ -210,13 +216,19 @@ class _AttentionBase(Function):
         self.probs = saved[-1] if keep_probs else None
         self.save_for_backward(saved, keep)
 
-    def _attend_block(self, q, k, v, bias, rows, out):
-        """One block of query rows into out[..., rows, :]; returns (saved, keep)."""
-        shape = q.shape[:-2] + (rows.stop - rows.start, k.shape[-2])
-        keep = random.keep_mask(shape, self.dropout_p, device_of(q)) if self.dropout_p else None
-        saved = self.kernels.attention_forward(q[..., rows, :], k, v, None if bias is None else bias[..., rows, :],
-                                               keep, self.scale, self.dropout_scale, out[..., rows, :])
-        return saved, keep
+    def _block_mask(self, q, k, rows):
+        """The dropout mask of a block of query rows, drawn from the random state as it is."""
+        if not self.dropout_p:
+            return None
+        return random.keep_mask(q.shape[:-2] + (rows.stop - rows.start, k.shape[-2]), self.dropout_p, device_of(q))
+
+    def _attend_block(self, q, k, v, bias, keep, rows, out, items=slice(None)):
+        """The context of query rows `rows` of batch items `items` (of the first axis) into
+        `out` (items, ..., len(rows), dv); returns what the kernel keeps for backward."""
+        return self.kernels.attention_forward(q[items, ..., rows, :], k[items], v[items],
+                                              None if bias is None else bias[items, ..., rows, :],
+                                              None if keep is None else keep[items],
+                                              self.scale, self.dropout_scale, out)
 
     def attend_backward(self, g, gq, gk, gv, g_scores):
         """Fill the gradients given (None: not needed) from g, the context's gradient."""
@@ -227,26 +239,37 @@ class _AttentionBase(Function):
         (q, k, v, bias), _ = self.saved
         xp = get_array_module(q)
         resumed = random.get_rng_state()
-        part_k, part_v = (None if a is None else xp.empty_like(a) for a in (gk, gv))
-        scratch = xp.empty(g.shape, dtype=g.dtype)
+        # a block's probabilities are remade for a few batch items at a time, one per thread
+        chunk = min(len(q), get_num_threads())
+        scratch = xp.empty((chunk,) + g.shape[1:-2] + (QUERY_BLOCK, g.shape[-1]), dtype=g.dtype)  # their context
+        part_k, part_v = (None if a is None or len(self.blocks) == 1 else xp.empty((chunk,) + a.shape[1:], dtype=a.dtype)
+                          for a in (gk, gv))  # later blocks' shares of gk and gv
         try:
             for index, (rows, state) in enumerate(self.blocks):
                 if state is not None:
                     random.set_rng_state(state)
-                saved, keep = self._attend_block(q, k, v, bias, rows, scratch)
-                first = index == 0
-                self.kernels.attention_backward(g[..., rows, :], saved, keep, self.scale, self.dropout_scale,
-                                                None if gq is None else gq[..., rows, :],
-                                                gk if first else part_k, gv if first else part_v, None)
-                for total, part in ((gk, part_k), (gv, part_v)):
-                    if total is not None and not first:
-                        total += part
-                del saved, keep  # freed before the next block's are made
+                keep = self._block_mask(q, k, rows)
+                for start in range(0, len(q), chunk):
+                    batch, n = slice(start, start + chunk), min(chunk, len(q) - start)
+                    saved = self._attend_block(q, k, v, bias, keep, rows, items=batch,
+                                               out=scratch[:n, ..., :rows.stop - rows.start, :])
+                    # the first block writes gk and gv, each later one adds its share
+                    into_k, into_v = ((None if a is None else a[batch] for a in (gk, gv)) if index == 0 else
+                                      (None if a is None else a[:n] for a in (part_k, part_v)))
+                    self.kernels.attention_backward(g[batch, ..., rows, :], saved,
+                                                    None if keep is None else keep[batch], self.scale,
+                                                    self.dropout_scale,
+                                                    None if gq is None else gq[batch, ..., rows, :], into_k, into_v, None)
+                    del saved  # freed before the next items' are made
+                    for total, part in ((gk, part_k), (gv, part_v)):
+                        if total is not None and index:
+                            total[batch] += part[:n]
+                del keep
         finally:
             random.set_rng_state(resumed)
 
 
-BLOCKED_FROM, QUERY_BLOCK = 512, 128  # block attention from 512 keys on, 128 query rows at a time
+BLOCKED_FROM, QUERY_BLOCK = 128, 128  # block attention from 128 keys on, 128 query rows at a time
 BLOCKED_FROM_DEFAULT = BLOCKED_FROM
 
 

@@ -59,6 +59,7 @@ class Function:
         self.parents = ()
         self.needs_input_grad = ()
         self.recording = False
+        self.last_backward = False  # set by the walk: no backward of this node will follow
 
     def save_for_backward(self, *arrays):
         if self.recording:
@@ -87,6 +88,15 @@ class Function:
 
     def backward(self, grad_output):
         raise NotImplementedError
+
+    def take_saved(self):
+        """What forward saved. On the graph's last backward the node lets go of it here, so
+        that backward frees each saved array as soon as it drops its own name for it (and
+        may write into arrays that only forward made, such as a GELU's slope)."""
+        saved = self.saved
+        if self.last_backward:
+            self.saved = None
+        return saved
 
     def release(self):
         """Free what forward kept; the graph below this node cannot be walked again."""
@@ -232,6 +242,7 @@ class Tensor:
         hooked = _hooked_leaf_uses(order)
         for fn in reversed(order):
             g = grads.pop(id(fn), None)
+            fn.last_backward = not retain_graph
             input_grads = fn.backward(g) if g is not None else (None,) * len(fn.parents)
             for parent, input_grad in zip(fn.parents, input_grads):
                 if id(parent) in hooked:

@@ -11,14 +11,16 @@ What makes them fast (minisft.runtime has the threads):
   dropped-out probabilities.
 On CuPy arrays the same code runs once over whole arrays.
 """
+import functools
 import math
+import operator
 
 import numpy
 
 from minisft.backend import get_array_module
 from minisft.kernels import erf_coefficients as table
 from minisft.kernels import reference
-from minisft.runtime import by_rows, by_tiles_on_one_blas_thread, get_num_threads
+from minisft.runtime import CACHE_ELEMENTS, by_rows, by_tiles_on_one_blas_thread, get_num_threads
 
 _CHUNK = 1 << 17  # elements per float64 chunk: big enough to amortise a call, small enough for the cache
 GEMM_TILE = 256   # rows per matrix-product call: the same tiles for any thread count
@@ -320,15 +322,15 @@ def layer_norm_forward(x, weight, bias, eps):
 
 
 def layer_norm_backward(g, xhat, rstd, weight, need_params):
+    """Only dx is made at full size: the rows go in cache-sized tiles (the same for any thread
+    count), and each tile's share of dw is summed from its own products."""
     xp = get_array_module(g)
     cast = g.dtype.type
     mean = cast(1 / xhat.shape[1])
-    g_times_xhat = xp.empty_like(xhat) if need_params else None
     gx = xp.empty_like(xhat)
 
-    def block(g, xhat, rstd, g_times_xhat, gx):
-        if g_times_xhat is not None:
-            xp.multiply(g, xhat, out=g_times_xhat)
+    def block(g, xhat, rstd, gx):
+        g_times_xhat = xp.ones(g.shape[0], dtype=g.dtype) @ (g * xhat) if need_params else None
         if weight is None:
             gx[...] = g
         else:
@@ -337,11 +339,13 @@ def layer_norm_backward(g, xhat, rstd, weight, need_params):
         gx -= xp.einsum("ij->i", gx)[:, None] * mean
         gx -= xhat * projection
         gx *= rstd
+        return g_times_xhat
 
-    by_rows(block, g, xhat, rstd, g_times_xhat, gx)
+    parts = by_tiles_on_one_blas_thread(block, g, xhat, rstd, gx, tile=max(1, CACHE_ELEMENTS // max(xhat.shape[1], 1)),
+                                        multiply_adds=xhat.shape[1])
     if not need_params:
         return gx, None, None
-    return gx, _column_sum(g_times_xhat), _column_sum(g)
+    return gx, functools.reduce(operator.add, parts), _column_sum(g)
 
 
 # --- dropout --------------------------------------------------------------------------------
