@@ -20,7 +20,7 @@ def run(env, quick):
     figures = _compare(env, ours, theirs, ("full", "lora", "frozen-embeddings", "lora-checkpointing"),
                        *((4, 32) if quick else (32, 128)),
                        quick)
-    long = (2, 512) if quick else (8, 512)  # block attention starts at 512
+    long = (2, 512) if quick else (8, 512)  # the longest input MiniLM takes
     return figures + _compare(env, ours, theirs, ("full", "checkpointing", "whole-attention"), *long, quick)
 
 

@@ -1,5 +1,5 @@
 """Step time and peak memory against input length (batch 8, lengths 128 to 512) for full
-fine-tuning of all-MiniLM-L6-v2, minisft (block attention from 512 tokens on) beside
+fine-tuning of all-MiniLM-L6-v2, minisft (block attention from 128 tokens on) beside
 transformers."""
 from benchmarks.common import Figure, alternate
 from benchmarks.memory_bench import peak_mb
