@@ -138,3 +138,42 @@ def test_multi_head_attention_equals_attention_on_the_split_heads(device):
 def test_multi_head_attention_rejects_a_size_that_is_not_three_heads():
     with pytest.raises(ValueError, match=r"last dim 10 is not 3 x num_heads \(2\)"):
         F.multi_head_attention(minisft.tensor(np.zeros((1, 2, 10))), 2)
+
+
+def _linear_gelu_linear(rng, rows=256, features=16, inner=64):
+    x = minisft.tensor(rng.standard_normal((rows, features)).astype(np.float32), requires_grad=True)
+    w1, w2 = (minisft.tensor(rng.standard_normal(s).astype(np.float32) * 0.1, requires_grad=True)
+              for s in [(inner, features), (features, inner)])
+    return x, w1, w2, F.linear(F.gelu(F.linear(x, w1)), w2).sum()
+
+
+def test_the_last_backward_frees_what_forward_kept_as_it_goes():
+    """On the graph's last walk the second Linear makes dW, drops its input (GELU's output),
+    then makes dx, and GELU makes its gradient in its own slope: no (rows, inner) array is
+    made beside the two that forward kept."""
+    import tracemalloc
+
+    inner_bytes = 256 * 64 * 4
+    tracemalloc.start()  # before forward: the frees of what it kept are counted
+    try:
+        x, w1, w2, loss = _linear_gelu_linear(np.random.default_rng(0))
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        loss.backward()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak - before < inner_bytes // 2, (peak - before, inner_bytes)
+
+
+def test_a_retained_graph_keeps_what_backward_would_free():
+    """backward(retain_graph=True) leaves the saved arrays as they were: a second walk gives
+    the same gradients (GELU's slope is not overwritten by its gradient)."""
+    x, w1, w2, loss = _linear_gelu_linear(np.random.default_rng(1))
+    loss.backward(retain_graph=True)
+    first = [t.grad.copy() for t in (x, w1, w2)]
+    for t in (x, w1, w2):
+        t.grad = None
+    loss.backward()
+    for grad, t in zip(first, (x, w1, w2)):
+        assert np.array_equal(grad, t.grad)
