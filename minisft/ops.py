@@ -276,6 +276,21 @@ class CatView(Function):
     backward = Cat.backward
 
 
+class AddColumns(Function):
+    """packed[..., start:start + width] += part for each part, in packed's own array, which
+    becomes the output (no copy, no (..., N) temporary): for a product just made and held by
+    nothing else. Backward passes g on to packed and its columns to each part."""
+
+    def forward(self, packed, *parts, starts):
+        self.columns = [slice(start, start + part.shape[-1]) for start, part in zip(starts, parts)]
+        for columns, part in zip(self.columns, parts):
+            packed[..., columns] += part
+        return packed
+
+    def backward(self, g):
+        return (g,) + tuple(g[..., columns] for columns in self.columns)
+
+
 def _expand_reduced(g, shape, dim, keepdim):
     """Re-insert reduced axes into `g` so that it broadcasts against `shape`."""
     if dim is None:
@@ -356,6 +371,12 @@ class To(Function):
 
     def backward(self, g):
         return (self.source_device.put(g).astype(self.source_dtype, copy=False),)
+
+
+def add_columns_(packed, parts, starts):
+    """packed with each part (..., width) added to its columns start:start + width, in place
+    (packed's array is the result): for a product that nothing else holds."""
+    return AddColumns.apply(packed, *parts, starts=tuple(starts))
 
 
 def cat(tensors, dim=0):

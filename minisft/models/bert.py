@@ -13,7 +13,7 @@ from minisft import nn, random
 from minisft.backend import get_array_module, read_back
 from minisft.checkpoint import load_checkpoint, load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
-from minisft.ops import cat
+from minisft.ops import add_columns_
 from minisft.tensor import Tensor, array_of, is_grad_enabled
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
@@ -129,10 +129,12 @@ def packed_self_attention(hidden_states, projections, num_heads, attention_bias,
     weight = nn.packed_rows([projection.weight for projection in projections])
     bias = nn.packed_rows([projection.bias for projection in projections])
     qkv = F.linear(hidden_states, weight, bias)
-    deltas = [projection.delta(hidden_states) if hasattr(projection, "delta") else None for projection in projections]
-    if any(delta is not None for delta in deltas):  # LoRA adapters' low-rank updates (minisft.peft)
-        zeros = Tensor(get_array_module(qkv.data).zeros(qkv.shape[:-1] + (qkv.shape[-1] // 3,), qkv.dtype))
-        qkv = qkv + cat([zeros if delta is None else delta for delta in deltas], dim=-1)
+    deltas = [(index, projection.delta(hidden_states)) for index, projection in enumerate(projections)
+              if hasattr(projection, "delta")]  # LoRA adapters' low-rank updates (minisft.peft)
+    deltas = [(index, delta) for index, delta in deltas if delta is not None]
+    if deltas:  # added into the product's columns: qkv is this function's own
+        width = qkv.shape[-1] // 3
+        qkv = add_columns_(qkv, [delta for _, delta in deltas], [index * width for index, _ in deltas])
     out = F.multi_head_attention(qkv, num_heads, attention_bias, dropout_p, need_weights=output_attentions)
     return out if output_attentions else (out, None)
 
