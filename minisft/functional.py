@@ -239,11 +239,12 @@ class _AttentionBase(Function):
         (q, k, v, bias), _ = self.saved
         xp = get_array_module(q)
         resumed = random.get_rng_state()
-        # a block's probabilities are remade for a few batch items at a time, one per thread
-        chunk = min(len(q), get_num_threads())
-        scratch = xp.empty((chunk,) + g.shape[1:-2] + (QUERY_BLOCK, g.shape[-1]), dtype=g.dtype)  # their context
+        # a block's probabilities are remade for a few batch items at a time, one per thread;
+        # the first block writes gk and gv, each later one adds its share from part_k, part_v
+        chunk, block_rows = min(len(q), get_num_threads()), self.blocks[0][0].stop
+        scratch = xp.empty((chunk,) + g.shape[1:-2] + (block_rows, g.shape[-1]), dtype=g.dtype)  # their context
         part_k, part_v = (None if a is None or len(self.blocks) == 1 else xp.empty((chunk,) + a.shape[1:], dtype=a.dtype)
-                          for a in (gk, gv))  # later blocks' shares of gk and gv
+                          for a in (gk, gv))
         try:
             for index, (rows, state) in enumerate(self.blocks):
                 if state is not None:
@@ -253,17 +254,17 @@ class _AttentionBase(Function):
                     batch, n = slice(start, start + chunk), min(chunk, len(q) - start)
                     saved = self._attend_block(q, k, v, bias, keep, rows, items=batch,
                                                out=scratch[:n, ..., :rows.stop - rows.start, :])
-                    # the first block writes gk and gv, each later one adds its share
-                    into_k, into_v = ((None if a is None else a[batch] for a in (gk, gv)) if index == 0 else
-                                      (None if a is None else a[:n] for a in (part_k, part_v)))
+                    into = (gk, gv) if index == 0 else (part_k, part_v)
+                    into_k, into_v = (None if a is None else a[batch if index == 0 else slice(n)] for a in into)
                     self.kernels.attention_backward(g[batch, ..., rows, :], saved,
                                                     None if keep is None else keep[batch], self.scale,
                                                     self.dropout_scale,
                                                     None if gq is None else gq[batch, ..., rows, :], into_k, into_v, None)
                     del saved  # freed before the next items' are made
-                    for total, part in ((gk, part_k), (gv, part_v)):
-                        if total is not None and index:
-                            total[batch] += part[:n]
+                    if index:
+                        for total, part in ((gk, into_k), (gv, into_v)):
+                            if total is not None:
+                                total[batch] += part
                 del keep
         finally:
             random.set_rng_state(resumed)

@@ -5,15 +5,14 @@ What makes them fast (minisft.runtime has the threads):
 - row-wise work runs in blocks of rows on minisft's thread pool, and matrix products in
   fixed tiles of rows on the same threads with the BLAS on one thread, so results do not
   depend on the thread count;
-- arithmetic is in place, in cache-sized pieces where a kernel makes many passes;
+- arithmetic is in place, in cache-sized pieces where a kernel makes many passes, and
+  LayerNorm's backward makes only dx at full size;
 - GELU's float32 erf is a rational function evaluated in float64 chunks;
 - attention normalises its (L, L) scores in place and remakes, rather than keeps, the
   dropped-out probabilities.
 On CuPy arrays the same code runs once over whole arrays.
 """
-import functools
 import math
-import operator
 
 import numpy
 
@@ -345,7 +344,7 @@ def layer_norm_backward(g, xhat, rstd, weight, need_params):
                                         multiply_adds=xhat.shape[1])
     if not need_params:
         return gx, None, None
-    return gx, functools.reduce(operator.add, parts), _column_sum(g)
+    return gx, sum(parts), _column_sum(g)
 
 
 # --- dropout --------------------------------------------------------------------------------

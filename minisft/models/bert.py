@@ -129,12 +129,13 @@ def packed_self_attention(hidden_states, projections, num_heads, attention_bias,
     weight = nn.packed_rows([projection.weight for projection in projections])
     bias = nn.packed_rows([projection.bias for projection in projections])
     qkv = F.linear(hidden_states, weight, bias)
-    deltas = [(index, projection.delta(hidden_states)) for index, projection in enumerate(projections)
-              if hasattr(projection, "delta")]  # LoRA adapters' low-rank updates (minisft.peft)
-    deltas = [(index, delta) for index, delta in deltas if delta is not None]
+    width, deltas = qkv.shape[-1] // 3, {}  # LoRA adapters' low-rank updates (minisft.peft) by first column
+    for index, projection in enumerate(projections):
+        delta = projection.delta(hidden_states) if hasattr(projection, "delta") else None
+        if delta is not None:
+            deltas[index * width] = delta
     if deltas:  # added into the product's columns: qkv is this function's own
-        width = qkv.shape[-1] // 3
-        qkv = add_columns_(qkv, [delta for _, delta in deltas], [index * width for index, _ in deltas])
+        qkv = add_columns_(qkv, list(deltas.values()), list(deltas))
     out = F.multi_head_attention(qkv, num_heads, attention_bias, dropout_p, need_weights=output_attentions)
     return out if output_attentions else (out, None)
 
