@@ -39,15 +39,18 @@ class _GELU(Function):
     tanh: y = x (1 + tanh u) / 2, u = sqrt(2/pi) (x + 0.044715 x^3),
           dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) u' / 2.
     Forward keeps dy/dx itself, made from the same Phi or tanh: one (..., I) array per layer
-    for backward instead of x and Phi(x)."""
+    for backward instead of x and Phi(x). In place, y is written over x's array once dy/dx
+    is made: a (..., I) array fewer at the forward's peak."""
 
-    def forward(self, x, approximate):
+    def forward(self, x, approximate, inplace):
         kernel = getattr(kernels.for_array(x), "gelu_tanh_forward" if approximate == "tanh" else "gelu_forward")
-        if not self.recording:
-            return kernel(x)
-        y, slope = kernel(x, slope=True)
-        self.save_for_backward(slope)
-        return y
+        into = _own_array(x) if inplace else None
+        if self.recording:
+            y, slope = kernel(x, slope=True, into=into)
+            self.save_for_backward(slope)
+        else:
+            y = kernel(x, into=into)
+        return _written_into(x, y) if inplace else y
 
     def backward(self, g):
         (slope,) = self.take_saved()
@@ -57,27 +60,50 @@ class _GELU(Function):
         return (g * slope,)
 
 
-def gelu(x, approximate="none"):
-    """GELU: x * Phi(x) with the exact erf ("none", BERT's "gelu"), or the "tanh" form."""
+def _own_array(x):
+    """x itself where a kernel can write into it (C-contiguous), else None (a new array)."""
+    return x if x.flags.c_contiguous else None
+
+
+def _written_into(x, y):
+    """An in-place op's result: x, holding y's values."""
+    if y is not x:
+        x[...] = y
+    return x
+
+
+def gelu(x, approximate="none", inplace=False):
+    """GELU: x * Phi(x) with the exact erf ("none", BERT's "gelu"), or the "tanh" form.
+    inplace: the result is written over x's array (x's values are lost), for a product that
+    nothing else holds, such as a feed-forward layer's first Linear's."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
-    return _GELU.apply(x, approximate=approximate)
+    return _GELU.apply(_writable(x, inplace, "gelu"), approximate=approximate, inplace=inplace)
 
 
 class _ReLU(Function):
     """y = max(x, 0), dy/dx = [x > 0]."""
 
-    def forward(self, x):
+    def forward(self, x, inplace):
         self.save_for_backward(x > 0)
-        return get_array_module(x).maximum(x, x.dtype.type(0))
+        return get_array_module(x).maximum(x, x.dtype.type(0), out=x if inplace else None)
 
     def backward(self, g):
         (positive,) = self.saved
         return (g * positive,)
 
 
-def relu(x):
-    return _ReLU.apply(x)
+def relu(x, inplace=False):
+    """max(x, 0); inplace: written over x's array, as gelu's."""
+    return _ReLU.apply(_writable(x, inplace, "relu"), inplace=inplace)
+
+
+def _writable(x, inplace, name):
+    """x, checked for an in-place op: a leaf that needs a gradient (a parameter) keeps its values."""
+    if inplace and x.requires_grad and x.is_leaf:
+        raise ValueError(f"{name}(inplace=True) on a leaf tensor that requires grad (a parameter?) "
+                         f"would overwrite it: use inplace=False")
+    return x
 
 
 def tanh(x):

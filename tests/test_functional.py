@@ -179,6 +179,51 @@ def test_a_retained_graph_keeps_what_backward_would_free():
         assert np.array_equal(grad, t.grad)
 
 
+@pytest.mark.parametrize("activation", [lambda x, **kw: F.gelu(x, **kw), lambda x, **kw: F.gelu(x, "tanh", **kw),
+                                        lambda x, **kw: F.relu(x, **kw)], ids=["gelu", "gelu_tanh", "relu"])
+def test_activations_in_place_write_over_their_input(device, activation):
+    """inplace=True: the result is the input's own array, with the values and the gradient of
+    the op out of place, a non-contiguous input included; a parameter is refused."""
+    rng = np.random.default_rng(6)
+    x = minisft.tensor(rng.standard_normal((5, 8)) * 3, requires_grad=True, device=device)
+    g = rng.standard_normal((5, 8))
+    for view in (lambda t: t, lambda t: t.T):
+        expected = activation(view(x))
+        expected.backward(minisft.tensor(g, device=device).reshape(expected.shape))
+        expected_grad, x.grad = x.grad.copy(), None
+        product = view(x * 1.0)
+        out = activation(product, inplace=True)
+        assert out.data is product.data
+        assert_close(out, expected.numpy(), atol=1e-12)
+        out.backward(minisft.tensor(g, device=device).reshape(out.shape))
+        assert_close(x.grad, expected_grad, atol=1e-12)
+        x.grad = None
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        activation(x, inplace=True)
+
+
+def test_gelu_in_place_makes_one_array_fewer_at_its_peak():
+    """Linear -> GELU in place: the forward's peak holds the product (becoming GELU's output)
+    and the slope, one (rows, inner) array fewer than out of place."""
+    import tracemalloc
+
+    rng = np.random.default_rng(7)
+    rows, inner = 1024, 1024
+    x = minisft.tensor(rng.standard_normal((rows, 16)).astype(np.float32))
+    w = minisft.tensor(rng.standard_normal((inner, 16)).astype(np.float32), requires_grad=True)
+    peaks = {}
+    for inplace in (False, True):
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            y = F.gelu(F.linear(x, w), inplace=inplace)
+            peaks[inplace] = tracemalloc.get_traced_memory()[1] - before
+        finally:
+            tracemalloc.stop()
+        del y
+    assert peaks[True] <= peaks[False] - 0.9 * rows * inner * 4, peaks
+
+
 def test_add_columns_adds_each_part_into_its_columns_in_place(device):
     """ops.add_columns_ (LoRA's updates into the packed Q/K/V product): the sum, in the packed
     array itself, and gradient-checked."""

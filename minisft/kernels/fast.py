@@ -66,32 +66,27 @@ def _normal_cdf_rational(x, out, work, scratch):
     get_array_module(work).add(work, 0.5, out=out)
 
 
-def _in_chunks(fn, x, out, product=None):
-    """fn(x, out, float64 work, scratch) over cache-sized chunks of the 1-D float32 arrays,
-    and product = x * out when given: no allocation per chunk."""
+def _in_chunks(fn, x, out):
+    """fn(x, out, float64 work, scratch) over cache-sized chunks of the 1-D float32 arrays:
+    no allocation per chunk."""
     buffers = numpy.empty((4, min(_CHUNK, x.size)))
     for start in range(0, x.size, _CHUNK):
         piece = slice(start, start + _CHUNK)
         work, *scratch = buffers[:, :x[piece].size]
         fn(x[piece], out[piece], work, scratch)
-        if product is not None:
-            numpy.multiply(x[piece], out[piece], out=product[piece])
 
 
-def _float32_by_chunks(fn, x, with_product=False):
-    """fn (as _in_chunks calls it) applied to a float32 array, returning float32 (and
-    x * fn(x) too, with_product): in float64 chunks on the CPU's threads, in one piece on
-    the GPU."""
+def _float32_by_chunks(fn, x):
+    """fn (as _in_chunks calls it) applied to a float32 array, returning float32: in float64
+    chunks on the CPU's threads, in one piece on the GPU."""
     xp = get_array_module(x)
     out = xp.empty(x.shape, dtype=x.dtype)
     if xp is not numpy:
         work, *scratch = xp.empty((4,) + x.shape)
         fn(x, out, work, scratch)
-        return (out, x * out) if with_product else out
-    product = numpy.empty(x.shape, dtype=x.dtype) if with_product else None
-    by_rows(lambda *blocks: _in_chunks(fn, *blocks), x.reshape(-1), out.reshape(-1),
-            None if product is None else product.reshape(-1))
-    return (out, product) if with_product else out
+        return out
+    by_rows(lambda *blocks: _in_chunks(fn, *blocks), x.reshape(-1), out.reshape(-1))
+    return out
 
 
 def erf(x):
@@ -106,29 +101,52 @@ def normal_cdf(x):
 
 
 # --- GELU ---------------------------------------------------------------------------------
-def gelu_forward(x, slope=False):
+def gelu_forward(x, slope=False, into=None):
     if x.dtype != numpy.float32:
-        return reference.gelu_forward(x, slope)
-    cdf, y = _float32_by_chunks(_normal_cdf_rational, x, with_product=True)
-    if not slope:
-        return y
-    by_rows(_add_x_pdf, x, cdf, cache_sized=True)
-    return y, cdf
-
-
-def _add_x_pdf(x, out):
-    """out += x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi): Phi(x) becomes GELU's slope."""
+        return reference.gelu_forward(x, slope, into)
     xp = get_array_module(x)
-    cast = x.dtype.type
-    term = xp.multiply(x, x)
-    term *= cast(-0.5)
-    xp.exp(term, out=term)
-    term *= x
-    term *= cast(1 / math.sqrt(2 * math.pi))
-    out += term
+    y = xp.empty(x.shape, dtype=x.dtype) if into is None else into  # C order, whatever x's layout
+    dy = xp.empty(x.shape, dtype=x.dtype) if slope else None
+    if xp is not numpy:
+        work, *scratch = xp.empty((4,) + x.shape)
+        _gelu_chunk(x, y, dy, work, scratch, xp.empty(x.shape, dtype=x.dtype))
+    else:
+        by_rows(_gelu_in_chunks, x.reshape(-1), y.reshape(-1), None if dy is None else dy.reshape(-1))
+    return (y, dy) if slope else y
 
 
-def gelu_tanh_forward(x, slope=False):
+def _gelu_in_chunks(x, y, dy):
+    """_gelu_chunk over cache-sized chunks of the 1-D float32 arrays: one pass, no
+    allocation per chunk."""
+    buffers, spare = numpy.empty((4, min(_CHUNK, x.size))), numpy.empty(min(_CHUNK, x.size), dtype=x.dtype)
+    for start in range(0, x.size, _CHUNK):
+        piece = slice(start, start + _CHUNK)
+        size = x[piece].size
+        work, *scratch = buffers[:, :size]
+        _gelu_chunk(x[piece], y[piece], None if dy is None else dy[piece], work, scratch, spare[:size])
+
+
+def _gelu_chunk(x, y, dy, work, scratch, spare):
+    """y = x Phi(x) and, when dy is given, dy = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) /
+    sqrt(2 pi): GELU's slope. y may be x itself: x phi(x) is made (in the float32 `spare`)
+    before x is overwritten; `work` and `scratch` are the float64 rational's."""
+    cdf = spare if dy is None else dy
+    _normal_cdf_rational(x, cdf, work, scratch)
+    xp = get_array_module(x)
+    if dy is not None:
+        cast = x.dtype.type
+        term = xp.multiply(x, x, out=spare)
+        term *= cast(-0.5)
+        xp.exp(term, out=term)
+        term *= x
+        term *= cast(1 / math.sqrt(2 * math.pi))
+    xp.multiply(x, cdf, out=y)
+    if dy is not None:
+        dy += term
+
+
+def gelu_tanh_forward(x, slope=False, into=None):
+    """y into `into` (new, or x itself) after the slope is made from x."""
     cast = x.dtype.type
     xp = get_array_module(x)
     th = x * x
@@ -137,21 +155,21 @@ def gelu_tanh_forward(x, slope=False):
     th *= x
     th *= cast(math.sqrt(2 / math.pi))
     xp.tanh(th, out=th)  # tanh u
-    y = th + cast(1)
-    y *= x
+    grad = None
+    if slope:
+        grad = x * x  # dy/dx = (1 + tanh u + x (1 - tanh^2 u) du/dx) / 2
+        grad *= cast(3 * 0.044715)
+        grad += cast(1)
+        grad *= cast(math.sqrt(2 / math.pi))
+        grad *= x  # x du/dx
+        grad *= cast(1) - th * th
+        grad += th
+        grad += cast(1)
+        grad *= cast(0.5)
+    th += cast(1)
+    y = xp.multiply(th, x, out=th if into is None else into)
     y *= cast(0.5)
-    if not slope:
-        return y
-    grad = x * x  # dy/dx = (1 + tanh u + x (1 - tanh^2 u) du/dx) / 2
-    grad *= cast(3 * 0.044715)
-    grad += cast(1)
-    grad *= cast(math.sqrt(2 / math.pi))
-    grad *= x  # x du/dx
-    grad *= cast(1) - th * th
-    grad += th
-    grad += cast(1)
-    grad *= cast(0.5)
-    return y, grad
+    return (y, grad) if slope else y
 
 
 # --- softmax family (last axis, in place) ---------------------------------------------------

@@ -19,10 +19,10 @@ from minisft.tensor import Tensor, array_of, is_grad_enabled
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
            "BaseModelOutputWithPooling", "SequenceClassifierOutput", "TokenClassifierOutput"]
 
-ACTIVATIONS = {
+ACTIVATIONS = {  # f(x, inplace=False)
     "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x, inplace=False: F.gelu(x, approximate="tanh", inplace=inplace),
+    "gelu_pytorch_tanh": lambda x, inplace=False: F.gelu(x, approximate="tanh", inplace=inplace),
     "relu": F.relu,
 }
 
@@ -180,7 +180,7 @@ class BertIntermediate(nn.Module):
         self.intermediate_act_fn = ACTIVATIONS[config.hidden_act]
 
     def forward(self, hidden_states):
-        return self.intermediate_act_fn(self.dense(hidden_states))
+        return self.intermediate_act_fn(self.dense(hidden_states), inplace=True)  # the product is its alone
 
 
 class BertOutput(_ResidualLayerNorm):

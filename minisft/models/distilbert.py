@@ -98,7 +98,7 @@ class FFN(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.lin2(self.activation(self.lin1(x))))
+        return self.dropout(self.lin2(self.activation(self.lin1(x), inplace=True)))  # lin1's product is its alone
 
 
 class TransformerBlock(nn.Module):
