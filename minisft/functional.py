@@ -154,6 +154,81 @@ def linear(x, weight, bias=None):
     return _Linear.apply(x, weight) if bias is None else _Linear.apply(x, weight, bias)
 
 
+# --- feed-forward: Linear -> GELU -> Linear in one node ------------------------------------
+FEED_FORWARD_CHUNK = 1024  # rows per chunk: a multiple of the fast kernels' GEMM tile, so the same products
+
+
+class _FeedForward(Function):
+    """out = gelu(x W1^T + b1) W2^T + b2, a transformer layer's feed-forward, as one node, so
+    that its (rows, inner) arrays are its own and live no longer than they must. Kept for
+    backward: GELU's slope, y = gelu(h) when W2 needs its gradient, x when W1 does.
+    - Forward: where y is kept, it is made over h (GELU in place); where not (W2 frozen, as
+      under LoRA), the rows go in chunks and h and y are chunk-sized.
+    - Backward: the gradient at h, (g W2) * slope, is made chunk by chunk inside the slope.
+    Either way no (rows, inner) array beside what is kept; the same products and results as
+    linear, gelu and linear."""
+
+    def forward(self, x, w1, b1, w2, b2, *, approximate):
+        self.kernels, self.shape = kernels.for_array(x), x.shape
+        gelu = getattr(self.kernels, "gelu_tanh_forward" if approximate == "tanh" else "gelu_forward")
+        x2 = x.reshape(-1, x.shape[-1])
+        needs = self.needs_input_grad  # x, W1, b1, W2, b2
+        keep_slope, keep_y = self.recording and any(needs[:3]), self.recording and needs[3]
+        xp = get_array_module(x)
+        slope = xp.empty((len(x2), w1.shape[0]), dtype=x2.dtype) if keep_slope else None
+        if keep_y:
+            y = _gelu_over(gelu, self.kernels.linear_forward(x2, w1, b1), slope)
+            out = self.kernels.linear_forward(y, w2, b2)
+        else:
+            y, out = None, xp.empty((len(x2), w2.shape[0]), dtype=x2.dtype)
+            for rows in _chunks(len(x2)):
+                y_rows = _gelu_over(gelu, self.kernels.linear_forward(x2[rows], w1, b1),
+                                    None if slope is None else slope[rows])
+                out[rows] = self.kernels.linear_forward(y_rows, w2, b2)
+                del y_rows  # before the next chunk's is made
+        self.save_for_backward(x2 if needs[1] else None, w1 if needs[0] else None, w2 if keep_slope else None, y,
+                               slope)
+        return out.reshape(*x.shape[:-1], w2.shape[0])
+
+    def backward(self, g):
+        x2, w1, w2, y, slope = self.take_saved()
+        needs = self.needs_input_grad
+        g = g.reshape(-1, g.shape[-1])
+        gw2, gb2 = self.kernels.linear_backward(g, y, None, (False, needs[3], needs[4]))[1:]
+        del y
+        if slope is None:
+            return None, None, None, gw2, gb2
+        gh = slope if self.last_backward else get_array_module(g).empty_like(slope)  # the slope is this node's alone
+        for rows in _chunks(len(g)):
+            product = self.kernels.linear_backward(g[rows], None, w2, (True, False, False))[0]
+            get_array_module(g).multiply(product, slope[rows], out=gh[rows])
+            del product  # before the next chunk's is made
+        del slope
+        gx, gw1, gb1 = self.kernels.linear_backward(gh, x2, w1, needs[:3])
+        return None if gx is None else gx.reshape(self.shape), gw1, gb1, gw2, gb2
+
+
+def _gelu_over(kernel, h, slope):
+    """GELU of h written over h; its slope written into `slope` when given."""
+    return kernel(h, into=h) if slope is None else kernel(h, slope=True, into=h, slope_into=slope)[0]
+
+
+def _chunks(rows):
+    return [slice(start, min(start + FEED_FORWARD_CHUNK, rows)) for start in range(0, rows, FEED_FORWARD_CHUNK)]
+
+
+def feed_forward(x, w1, b1, w2, b2, approximate="none"):
+    """gelu(x W1^T + b1) W2^T + b2 (approximate: GELU's form, as in gelu) as one node, which
+    keeps less than linear, gelu and linear do (see _FeedForward), with the same results.
+    x: (..., in), w1: (inner, in), b1: (inner,), w2: (out, inner), b2: (out,) -> (..., out)."""
+    if x.shape[-1] != w1.shape[1] or w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"feed_forward: input shape {tuple(x.shape)}, w1 {tuple(w1.shape)} and w2 "
+                         f"{tuple(w2.shape)} do not chain: need (..., in), (inner, in), (out, inner)")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"feed_forward: approximate must be 'none' or 'tanh', not {approximate!r}")
+    return _FeedForward.apply(x, w1, b1, w2, b2, approximate=approximate)
+
+
 # --- softmax family ---------------------------------------------------------------------
 class _LastAxisOp(Function):
     """An op along one axis, run by kernels along the last: other axes are moved there and

@@ -49,6 +49,12 @@ def matmul_flops(node, input_shapes):
     if name in ("Linear", "MatMul"):
         forward = 2 * size * input_shapes[0][-1]
         return forward, forward * sum(node.needs_input_grad[:2])
+    if name == "FeedForward":  # x (..., in), w1 (inner, in), w2 (out, inner) -> (..., out)
+        rows, (inner, features) = size // node.output_shape[-1], input_shapes[1]
+        first, second = 2 * rows * inner * features, 2 * rows * inner * node.output_shape[-1]
+        x, w1, b1, w2, _ = node.needs_input_grad
+        through = x or w1 or b1  # the gradient at the pre-activation, (g W2) * slope
+        return first + second, second * (w2 + through) + first * (x + w1)
     if name == "Attention":  # q (..., L, d), k (..., S, d), v (..., S, dv) -> (..., L, dv)
         query, key = input_shapes[0], input_shapes[1]
         rows = size // node.output_shape[-1]

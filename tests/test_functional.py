@@ -224,6 +224,87 @@ def test_gelu_in_place_makes_one_array_fewer_at_its_peak():
     assert peaks[True] <= peaks[False] - 0.9 * rows * inner * 4, peaks
 
 
+def _feed_forward_inputs(rng, trainable, rows=2500, features=8, inner=32, dtype=np.float32):
+    """x (2, rows / 2, features) and (w1, b1, w2, b2); `trainable`: whether x, the first
+    Linear and the second need gradients (2500 rows: three chunks, the last one short)."""
+    def tensor(shape, grad, scale=1.0):
+        return minisft.tensor((rng.standard_normal(shape) * scale).astype(dtype), requires_grad=grad)
+    x = tensor((2, rows // 2, features), trainable[0])
+    return [x, tensor((inner, features), trainable[1], 0.3), tensor((inner,), trainable[1]),
+            tensor((features, inner), trainable[2], 0.3), tensor((features,), trainable[2])]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("trainable", [(True, True, True), (True, False, False), (False, True, False),
+                                       (False, False, True), (True, False, True)])
+def test_feed_forward_is_linear_gelu_linear_to_the_bit(kernel_set, trainable, approximate):
+    """F.feed_forward gives the output and every gradient of linear, gelu and linear, bit for
+    bit (the same products over the same rows), whatever needs a gradient; a retained graph
+    walked twice gives the same gradients."""
+    tensors = _feed_forward_inputs(np.random.default_rng(8), trainable)
+    v = minisft.tensor(np.random.default_rng(9).standard_normal((2, 1250, 8)).astype(np.float32))
+    results = []
+    for fused in (True, False):
+        x, w1, b1, w2, b2 = tensors
+        out = (F.feed_forward(x, w1, b1, w2, b2, approximate) if fused
+               else F.linear(F.gelu(F.linear(x, w1, b1), approximate), w2, b2))
+        loss = (out * v).sum()
+        walks = []
+        for retain in ((True, False) if fused else (False,)):
+            loss.backward(retain_graph=retain)
+            walks.append([None if t.grad is None else t.grad.copy() for t in tensors])
+            for t in tensors:
+                t.grad = None
+        results.append((out.numpy(), walks))
+    (fused_out, fused_walks), (plain_out, (plain_grads,)) = results
+    assert np.array_equal(fused_out, plain_out)
+    for grads in fused_walks:
+        for grad, expected, tensor in zip(grads, plain_grads, tensors):
+            assert (grad is None) == (not tensor.requires_grad) and (grad is None or np.array_equal(grad, expected))
+
+
+def test_feed_forward_gradcheck_and_shape_errors():
+    x, w1, b1, w2, b2 = _feed_forward_inputs(np.random.default_rng(10), (True, True, True), rows=6, features=3,
+                                             inner=5, dtype=np.float64)
+    minisft.gradcheck(lambda *a: F.feed_forward(*a), [x, w1, b1, w2, b2])
+    minisft.gradcheck(lambda *a: F.feed_forward(*a, approximate="tanh"), [x, w1, b1, w2, b2])
+    with pytest.raises(ValueError, match="do not chain"):
+        F.feed_forward(x, w1, b1, w1, b1)
+    with pytest.raises(ValueError, match="approximate"):
+        F.feed_forward(x, w1, b1, w2, b2, approximate="erf")
+
+
+def test_feed_forward_with_frozen_weights_keeps_only_the_slope_and_makes_no_inner_array_beside_it():
+    """LoRA's feed-forward (both weights frozen): forward goes by chunks of rows, so its peak
+    is about one (rows, inner) array (the slope it keeps) below linear, gelu and linear's;
+    backward makes the gradient at the pre-activation inside the slope, again about one
+    (rows, inner) array below."""
+    import tracemalloc
+
+    inner_bytes = 4096 * 1024 * 4
+    x, w1, b1, w2, b2 = _feed_forward_inputs(np.random.default_rng(11), (True, False, False), rows=4096,
+                                             features=16, inner=1024)
+    g = np.random.default_rng(12).standard_normal(x.shape).astype(np.float32)
+    peaks = {}
+    for fused in (True, False):
+        tracemalloc.start()
+        try:
+            start = tracemalloc.get_traced_memory()[0]
+            out = F.feed_forward(x, w1, b1, w2, b2) if fused else F.linear(F.gelu(F.linear(x, w1, b1), inplace=True), w2, b2)
+            kept, forward = (value - start for value in tracemalloc.get_traced_memory())
+            tracemalloc.reset_peak()
+            out.backward(minisft.tensor(g))
+            peaks[fused] = kept, forward, tracemalloc.get_traced_memory()[1] - start
+        finally:
+            tracemalloc.stop()
+        del out
+        x.grad = None
+    (kept, forward, backward), (_, plain_forward, plain_backward) = peaks[True], peaks[False]
+    assert inner_bytes <= kept < 1.5 * inner_bytes, peaks
+    assert forward <= plain_forward - 0.5 * inner_bytes, peaks
+    assert backward <= plain_backward - 0.5 * inner_bytes, peaks
+
+
 def test_add_columns_adds_each_part_into_its_columns_in_place(device):
     """ops.add_columns_ (LoRA's updates into the packed Q/K/V product): the sum, in the packed
     array itself, and gradient-checked."""

@@ -37,7 +37,7 @@ def test_the_graph_names_every_parameter_with_its_shape_and_gradient_norm():
         shape = "(" + ", ".join(map(str, parameter.shape)) + ")"
         assert f"{name}\\n{shape}\\ngrad norm" in dot, name
     assert "encoder.layer.1." not in dot  # one layer kept
-    for op in ("Linear\\n(1, 6, 37)", "PackedAttention", "LayerNorm", "CrossEntropy", "GELU"):
+    for op in ("Linear\\n(1, 6, 96)", "PackedAttention", "LayerNorm", "CrossEntropy", "FeedForward\\n(1, 6, 32)"):
         assert op in dot
 
 
@@ -150,6 +150,22 @@ def test_summary_counts_parameters_flops_and_saved_arrays():
     assert rows["bert.encoder"].forward_flops == sum(r.forward_flops for r in layers)
     assert rows["bert.encoder.layer.0.intermediate"].activation_bytes >= 2 * 7 * 37 * 4  # GELU keeps its input
     assert model.bert.encoder.layer[0].__dict__.get("forward") is None  # the wrappers are removed
+
+
+def test_the_feed_forward_node_counts_its_products():
+    """F.feed_forward's FLOPs: two products forward; backward, dW2, the gradient at the
+    pre-activation and dW1 and dx, each as its input needs."""
+    import minisft
+    import minisft.functional as F
+
+    rng = np.random.default_rng(0)
+    x, w1, b1, w2, b2 = (minisft.tensor(rng.standard_normal(shape).astype(np.float32), requires_grad=grad)
+                         for shape, grad in (((2, 7, 4), True), ((9, 4), False), ((9,), False), ((3, 9), True),
+                                             ((3,), True)))
+    node = F.feed_forward(x, w1, b1, w2, b2)._ctx
+    first, second = 2 * 14 * 9 * 4, 2 * 14 * 9 * 3
+    shapes = [a.shape for a in (x, w1, b1, w2, b2)]
+    assert summary.matmul_flops(node, shapes) == (first + second, 2 * second + first)
 
 
 def test_the_summary_command_prints_the_tree_and_profile(capsys):

@@ -194,13 +194,13 @@ def _grid(n):
 
 
 # --- GELU ---------------------------------------------------------------------------------
-def gelu_forward(x, slope=False, into=None):
+def gelu_forward(x, slope=False, into=None, slope_into=None):
     if not _float32(x):
-        return reference.gelu_forward(x, slope, into)
+        return reference.gelu_forward(x, slope, into, slope_into)
     xp = get_array_module(x)
     x = xp.ascontiguousarray(x)
     y = xp.empty_like(x) if into is None else into  # x itself too: each thread reads x[i] before writing y[i]
-    dy = xp.empty_like(x) if slope else None
+    dy = (xp.empty_like(x) if slope_into is None else slope_into) if slope else None
     if x.size:
         _kernel("gelu_forward")(_grid(x.size), (THREADS,), (x, y, _ptr(dy), numpy.int64(x.size)))
     return (y, dy) if slope else y

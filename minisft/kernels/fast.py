@@ -101,12 +101,12 @@ def normal_cdf(x):
 
 
 # --- GELU ---------------------------------------------------------------------------------
-def gelu_forward(x, slope=False, into=None):
+def gelu_forward(x, slope=False, into=None, slope_into=None):
     if x.dtype != numpy.float32:
-        return reference.gelu_forward(x, slope, into)
+        return reference.gelu_forward(x, slope, into, slope_into)
     xp = get_array_module(x)
     y = xp.empty(x.shape, dtype=x.dtype) if into is None else into  # C order, whatever x's layout
-    dy = xp.empty(x.shape, dtype=x.dtype) if slope else None
+    dy = (xp.empty(x.shape, dtype=x.dtype) if slope_into is None else slope_into) if slope else None
     if xp is not numpy:
         work, *scratch = xp.empty((4,) + x.shape)
         _gelu_chunk(x, y, dy, work, scratch, xp.empty(x.shape, dtype=x.dtype))
@@ -145,8 +145,8 @@ def _gelu_chunk(x, y, dy, work, scratch, spare):
         dy += term
 
 
-def gelu_tanh_forward(x, slope=False, into=None):
-    """y into `into` (new, or x itself) after the slope is made from x."""
+def gelu_tanh_forward(x, slope=False, into=None, slope_into=None):
+    """y into `into` (new, or x itself) after the slope is made from x (into slope_into)."""
     cast = x.dtype.type
     xp = get_array_module(x)
     th = x * x
@@ -166,6 +166,9 @@ def gelu_tanh_forward(x, slope=False, into=None):
         grad += th
         grad += cast(1)
         grad *= cast(0.5)
+        if slope_into is not None:
+            slope_into[...] = grad
+            grad = slope_into
     th += cast(1)
     y = xp.multiply(th, x, out=th if into is None else into)
     y *= cast(0.5)

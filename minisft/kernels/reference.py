@@ -42,13 +42,14 @@ def normal_cdf(x):
 
 
 # --- GELU ---------------------------------------------------------------------------------
-def gelu_forward(x, slope=False, into=None):
+def gelu_forward(x, slope=False, into=None, slope_into=None):
     """y = x Phi(x), into `into` when given (x itself: GELU in place); with slope, (y, dy/dx)
-    where dy/dx = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi): backward then needs
-    only dy/dx (one array, not two)."""
+    where dy/dx = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi), into `slope_into`
+    when given: backward then needs only dy/dx (one array, not two)."""
     xp = get_array_module(x)
     cdf = normal_cdf(x)
     dy = cdf + x * (xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))) if slope else None
+    dy = _into(slope_into, dy) if slope else None
     y = _into(into, x * cdf)
     return (y, dy) if slope else y
 
@@ -57,13 +58,14 @@ _TANH_K = math.sqrt(2 / math.pi)
 _TANH_C = 0.044715
 
 
-def gelu_tanh_forward(x, slope=False, into=None):
+def gelu_tanh_forward(x, slope=False, into=None, slope_into=None):
     """y = x (1 + tanh u) / 2, u = sqrt(2/pi) (x + 0.044715 x^3), into `into` when given; with
     slope, (y, dy/dx) where dy/dx = (1 + tanh u) / 2 + x (1 - tanh^2 u) du/dx / 2,
-    du/dx = sqrt(2/pi) (1 + 3 0.044715 x^2)."""
+    du/dx = sqrt(2/pi) (1 + 3 0.044715 x^2), into `slope_into` when given."""
     xp = get_array_module(x)
     th = xp.tanh(_TANH_K * (x + _TANH_C * x ** 3))
     dy = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * (_TANH_K * (1 + 3 * _TANH_C * x * x)) if slope else None
+    dy = _into(slope_into, dy) if slope else None
     y = _into(into, 0.5 * x * (1 + th))
     return (y, dy) if slope else y
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from minisft import amp
 from minisft import functional as F
 from minisft import nn, random
 from minisft.backend import get_array_module, read_back
@@ -25,6 +26,18 @@ ACTIVATIONS = {  # f(x, inplace=False)
     "gelu_pytorch_tanh": lambda x, inplace=False: F.gelu(x, approximate="tanh", inplace=inplace),
     "relu": F.relu,
 }
+GELU_FORMS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # F.gelu's approximate
+
+
+def fused_feed_forward(x, inner, outer, activation):
+    """outer(activation(inner(x))) as one F.feed_forward node, which keeps less (the (B, L, I)
+    activation is its own), where it can be: both plain Linear layers with biases (not
+    LoRA-wrapped, their forward not replaced, as summary's wrappers do), a GELU, no autocast.
+    None where not: the caller runs the modules."""
+    plain = all(type(m) is nn.Linear and m.bias is not None and "forward" not in vars(m) for m in (inner, outer))
+    if not (plain and activation in GELU_FORMS and amp.compute_dtype() is None):
+        return None
+    return F.feed_forward(x, inner.weight, inner.bias, outer.weight, outer.bias, GELU_FORMS[activation])
 
 
 @dataclass
@@ -150,7 +163,11 @@ class _ResidualLayerNorm(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, input_tensor):
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        return self.add_and_norm(self.dense(hidden_states), input_tensor)
+
+    def add_and_norm(self, projected, input_tensor):
+        """LayerNorm(dropout(projected) + input_tensor), dense's product given."""
+        return self.LayerNorm(self.dropout(projected) + input_tensor)
 
 
 class BertSelfOutput(_ResidualLayerNorm):
@@ -177,6 +194,7 @@ class BertIntermediate(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.hidden_act = config.hidden_act
         self.intermediate_act_fn = ACTIVATIONS[config.hidden_act]
 
     def forward(self, hidden_states):
@@ -199,7 +217,16 @@ class BertLayer(nn.Module):
 
     def forward(self, hidden_states, attention_bias, output_attentions=False):
         attention_output, probs = self.attention(hidden_states, attention_bias, output_attentions)
-        return self.output(self.intermediate(attention_output), attention_output), probs
+        return self.feed_forward(attention_output), probs
+
+    def feed_forward(self, attention_output):
+        """output(intermediate(attention_output), attention_output), the dense layers and GELU
+        as one node where fused_feed_forward can."""
+        projected = fused_feed_forward(attention_output, self.intermediate.dense, self.output.dense,
+                                       self.intermediate.hidden_act)
+        if projected is None:
+            return self.output(self.intermediate(attention_output), attention_output)
+        return self.output.add_and_norm(projected, attention_output)
 
 
 class BertEncoder(nn.Module):

@@ -12,7 +12,7 @@ from minisft import nn
 from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertEncoder, BertPreTrainedModel,
                                  MultipleChoiceHead, QuestionAnsweringHead, SequenceClassifierHead,
                                  TokenClassifierHead, _as_ids,
-                                 _check_range, attention_bias, packed_self_attention)
+                                 _check_range, attention_bias, fused_feed_forward, packed_self_attention)
 from minisft.models.config import BertConfig
 
 LAYER_NORM_EPS = 1e-12  # fixed in DistilBERT, not a config field
@@ -94,11 +94,15 @@ class FFN(nn.Module):
         super().__init__()
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
+        self.activation_name = config.activation
         self.activation = ACTIVATIONS[config.activation]
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.lin2(self.activation(self.lin1(x), inplace=True)))  # lin1's product is its alone
+        projected = fused_feed_forward(x, self.lin1, self.lin2, self.activation_name)
+        if projected is None:
+            projected = self.lin2(self.activation(self.lin1(x), inplace=True))  # lin1's product is its alone
+        return self.dropout(projected)
 
 
 class TransformerBlock(nn.Module):
