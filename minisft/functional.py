@@ -309,7 +309,9 @@ class _AttentionBase(Function):
             self.probs, self.blocks = None, []
             for rows in _query_blocks(q.shape[-2]):
                 self.blocks.append((rows, random.get_rng_state() if dropout_p else None))
-                self._attend_block(q, k, v, bias, self._block_mask(q, k, rows), rows, out[..., rows, :])
+                keep = self._block_mask(q, k, rows)
+                for batch in _batch_chunks(len(q)):  # what a block makes is then chunk-sized
+                    self._attend_block(q, k, v, bias, keep, rows, out[batch, ..., rows, :], items=batch)
             self.save_for_backward((q, k, v, bias), None)
             return
         keep = random.keep_mask(scores_shape, dropout_p, device_of(q)) if dropout_p else None
@@ -351,8 +353,8 @@ class _AttentionBase(Function):
                 if state is not None:
                     random.set_rng_state(state)
                 keep = self._block_mask(q, k, rows)
-                for start in range(0, len(q), chunk):
-                    batch, n = slice(start, start + chunk), min(chunk, len(q) - start)
+                for batch in _batch_chunks(len(q)):
+                    n = batch.stop - batch.start
                     saved = self._attend_block(q, k, v, bias, keep, rows, items=batch,
                                                out=scratch[:n, ..., :rows.stop - rows.start, :])
                     into = (gk, gv) if index == 0 else (part_k, part_v)
@@ -373,6 +375,12 @@ class _AttentionBase(Function):
 
 BLOCKED_FROM, QUERY_BLOCK = 128, 128  # block attention from 128 keys on, 128 query rows at a time
 BLOCKED_FROM_DEFAULT = BLOCKED_FROM
+
+
+def _batch_chunks(items):
+    """The batch in slices of as many items as threads: a block's work, one item per thread."""
+    chunk = min(items, get_num_threads())
+    return [slice(start, min(start + chunk, items)) for start in range(0, items, chunk)]
 
 
 def _query_blocks(length):
@@ -519,27 +527,28 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
 class _Dropout(Function):
     """y = x * keep / (1 - p), dx = g * keep / (1 - p), keep ~ Bernoulli(1 - p)."""
 
-    def forward(self, x, p):
+    def forward(self, x, p, inplace):
         self.kernels = kernels.for_array(x)
         keep = random.keep_mask(x.shape, p, device_of(x))
         self.scale = 1 / (1 - p)
         self.save_for_backward(keep)
-        return self.kernels.dropout(x, keep, self.scale)
+        return self.kernels.dropout(x, keep, self.scale, into=x if inplace else None)
 
     def backward(self, g):
         (keep,) = self.saved
         return (self.kernels.dropout(g, keep, self.scale),)
 
 
-def dropout(x, p=0.5, training=True):
-    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p)."""
+def dropout(x, p=0.5, training=True, inplace=False):
+    """Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+    inplace: written over x's array, as gelu's."""
     if not 0 <= p <= 1:
         raise ValueError(f"dropout: p must be in [0, 1], not {p}")
     if not training or p == 0:
         return x
     if p == 1:
         return x * 0
-    return _Dropout.apply(x, p=p)
+    return _Dropout.apply(_writable(x, inplace, "dropout"), p=p, inplace=inplace)
 
 
 # --- embedding --------------------------------------------------------------------------

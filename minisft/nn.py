@@ -273,19 +273,20 @@ class LayerNorm(Module):
 
 
 class Dropout(Module):
-    """Inverted dropout with probability p, active only in training mode."""
+    """Inverted dropout with probability p, active only in training mode; inplace: written
+    over its input's array (for a product nothing else holds)."""
 
-    def __init__(self, p=0.5):
+    def __init__(self, p=0.5, inplace=False):
         super().__init__()
         if not 0 <= p <= 1:
             raise ValueError(f"Dropout: p must be in [0, 1], not {p}")
-        self.p = p
+        self.p, self.inplace = p, inplace
 
     def forward(self, x):
-        return F.dropout(x, self.p, self.training)
+        return F.dropout(x, self.p, self.training, self.inplace)
 
     def extra_repr(self):
-        return f"p={self.p}"
+        return f"p={self.p}" + (", inplace=True" if self.inplace else "")
 
 
 class _Checkpoint(Function):

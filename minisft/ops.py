@@ -53,6 +53,20 @@ class Add(_Binary):
         return self.reduce(g, g)
 
 
+class AddInPlace(_Binary):
+    """a + b written over a's array, which becomes the output (b broadcasting to a's shape):
+    for a product just made and held by nothing else, as a residual connection's."""
+
+    def compute(self, a, b):
+        if _broadcast_shape("add_", a, b) != a.shape:
+            raise ValueError(f"add_: b's shape {tuple(b.shape)} would widen a's {tuple(a.shape)}")
+        a += b
+        return a
+
+    def backward(self, g):
+        return self.reduce(g, g)
+
+
 class Sub(_Binary):
     def compute(self, a, b):
         return a - b
@@ -371,6 +385,11 @@ class To(Function):
 
     def backward(self, g):
         return (self.source_device.put(g).astype(self.source_dtype, copy=False),)
+
+
+def add_(a, b):
+    """a + b in a's own array (a's values are lost): for a product that nothing else holds."""
+    return AddInPlace.apply(a, b)
 
 
 def add_columns_(packed, parts, starts):

@@ -202,6 +202,35 @@ def test_activations_in_place_write_over_their_input(device, activation):
         activation(x, inplace=True)
 
 
+def test_dropout_and_add_in_place_write_over_their_first_input(device):
+    """F.dropout(inplace=True) and ops.add_ (a residual connection's tail): the result is the
+    first input's own array, with the values and gradients of the ops out of place."""
+    from minisft.ops import add_
+
+    rng = np.random.default_rng(13)
+    x = minisft.tensor(rng.standard_normal((4, 6)), requires_grad=True, device=device)
+    residual = minisft.tensor(rng.standard_normal((4, 6)), requires_grad=True, device=device)
+    bias = minisft.tensor(rng.standard_normal(6), requires_grad=True, device=device)
+    g = minisft.tensor(rng.standard_normal((4, 6)), device=device)
+    results = []
+    for inplace in (False, True):
+        minisft.manual_seed(3)
+        product = x * 1.0
+        dropped = F.dropout(product, 0.4, inplace=inplace)
+        out = add_(dropped, residual) if inplace else dropped + residual
+        out = add_(out, bias) if inplace else out + bias
+        assert (out.data is product.data) == inplace
+        out.backward(g)
+        results.append([out.numpy()] + [t.grad.copy() for t in (x, residual, bias)])
+        for t in (x, residual, bias):
+            t.grad = None
+    for ours, expected in zip(*results):
+        assert_close(ours, expected, atol=1e-12)
+    minisft.gradcheck(lambda a, b: add_(a * 1.0, b), [x, bias])
+    with pytest.raises(ValueError, match="would widen"):
+        add_(bias * 1.0, x)
+
+
 def test_gelu_in_place_makes_one_array_fewer_at_its_peak():
     """Linear -> GELU in place: the forward's peak holds the product (becoming GELU's output)
     and the slope, one (rows, inner) array fewer than out of place."""

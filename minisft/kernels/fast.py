@@ -369,9 +369,9 @@ def layer_norm_backward(g, xhat, rstd, weight, need_params):
 
 
 # --- dropout --------------------------------------------------------------------------------
-def dropout(x, keep, scale):
+def dropout(x, keep, scale, into=None):
     xp = get_array_module(x)
-    out = xp.empty(x.shape, dtype=x.dtype)
+    out = xp.empty(x.shape, dtype=x.dtype) if into is None else into
 
     def block(x, keep, out):
         xp.multiply(x, keep, out=out)

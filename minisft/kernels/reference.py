@@ -193,9 +193,10 @@ def layer_norm_backward(g, xhat, rstd, weight, need_params):
 
 
 # --- dropout ------------------------------------------------------------------------------
-def dropout(x, keep, scale):
-    """x * keep * scale: inverted dropout's forward, and its backward on the gradient."""
-    return x * keep * scale
+def dropout(x, keep, scale, into=None):
+    """x * keep * scale: inverted dropout's forward, and its backward on the gradient; into
+    `into` when given (x itself: in place)."""
+    return _into(into, x * keep * scale)
 
 
 # --- cross-entropy ------------------------------------------------------------------------

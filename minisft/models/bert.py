@@ -14,7 +14,7 @@ from minisft import nn, random
 from minisft.backend import get_array_module, read_back
 from minisft.checkpoint import load_checkpoint, load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
-from minisft.ops import add_columns_
+from minisft.ops import add_, add_columns_
 from minisft.tensor import Tensor, array_of, is_grad_enabled
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
@@ -160,14 +160,15 @@ class _ResidualLayerNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob, inplace=True)
 
     def forward(self, hidden_states, input_tensor):
         return self.add_and_norm(self.dense(hidden_states), input_tensor)
 
     def add_and_norm(self, projected, input_tensor):
-        """LayerNorm(dropout(projected) + input_tensor), dense's product given."""
-        return self.LayerNorm(self.dropout(projected) + input_tensor)
+        """LayerNorm(dropout(projected) + input_tensor), dense's product given: the dropout
+        and the sum are written over `projected` (one (B, L, H) array, not three)."""
+        return self.LayerNorm(add_(self.dropout(projected), input_tensor))
 
 
 class BertSelfOutput(_ResidualLayerNorm):

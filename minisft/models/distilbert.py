@@ -14,6 +14,7 @@ from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertEn
                                  TokenClassifierHead, _as_ids,
                                  _check_range, attention_bias, fused_feed_forward, packed_self_attention)
 from minisft.models.config import BertConfig
+from minisft.ops import add_
 
 LAYER_NORM_EPS = 1e-12  # fixed in DistilBERT, not a config field
 
@@ -96,7 +97,7 @@ class FFN(nn.Module):
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
         self.activation_name = config.activation
         self.activation = ACTIVATIONS[config.activation]
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout, inplace=True)  # over lin2's product
 
     def forward(self, x):
         projected = fused_feed_forward(x, self.lin1, self.lin2, self.activation_name)
@@ -118,7 +119,7 @@ class TransformerBlock(nn.Module):
     def forward(self, hidden_states, bias, output_attentions=False):
         attended, probs = self.attention(hidden_states, bias, output_attentions)
         attended = self.sa_layer_norm(attended + hidden_states)
-        return self.output_layer_norm(self.ffn(attended) + attended), probs
+        return self.output_layer_norm(add_(self.ffn(attended), attended)), probs  # the sum over ffn's output
 
 
 class Transformer(BertEncoder):
