@@ -62,12 +62,13 @@ class Minisft:
             model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA))
         elif mode == "frozen-embeddings":
             peft.freeze(model, embeddings=True)
-        F.BLOCKED_FROM = 10 ** 9 if mode == "whole-attention" else F.BLOCKED_FROM_DEFAULT
+        blocked_from = 10 ** 9 if mode == "whole-attention" else F.BLOCKED_FROM_DEFAULT
         optimizer = AdamW(parameter_groups(model, 0.01), lr=2e-5)
         ids, mask, labels = inputs(batch, length)
         scaler = amp.GradScaler() if mode == "fp16" else None
 
         def run():
+            F.BLOCKED_FROM = blocked_from  # each run its own: steps of several modes may alternate
             with amp.autocast(enabled=scaler is not None):
                 loss = model(ids, attention_mask=mask, labels=labels).loss
             (loss if scaler is None else scaler.scale(loss)).backward()
