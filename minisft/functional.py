@@ -11,7 +11,7 @@ import numpy
 
 from minisft import amp, kernels, random
 from minisft.backend import device_of, get_array_module, read_back
-from minisft.ops import unbroadcast
+from minisft.ops import in_place_target, unbroadcast
 from minisft.runtime import get_num_threads
 from minisft.tensor import Function, Tensor, array_of
 
@@ -78,7 +78,7 @@ def gelu(x, approximate="none", inplace=False):
     nothing else holds, such as a feed-forward layer's first Linear's."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', not {approximate!r}")
-    return _GELU.apply(_writable(x, inplace, "gelu"), approximate=approximate, inplace=inplace)
+    return _GELU.apply(in_place_target(x, "gelu") if inplace else x, approximate=approximate, inplace=inplace)
 
 
 class _ReLU(Function):
@@ -95,15 +95,8 @@ class _ReLU(Function):
 
 def relu(x, inplace=False):
     """max(x, 0); inplace: written over x's array, as gelu's."""
-    return _ReLU.apply(_writable(x, inplace, "relu"), inplace=inplace)
+    return _ReLU.apply(in_place_target(x, "relu") if inplace else x, inplace=inplace)
 
-
-def _writable(x, inplace, name):
-    """x, checked for an in-place op: a leaf that needs a gradient (a parameter) keeps its values."""
-    if inplace and x.requires_grad and x.is_leaf:
-        raise ValueError(f"{name}(inplace=True) on a leaf tensor that requires grad (a parameter?) "
-                         f"would overwrite it: use inplace=False")
-    return x
 
 
 def tanh(x):
@@ -214,7 +207,12 @@ def _gelu_over(kernel, h, slope):
 
 
 def _chunks(rows):
-    return [slice(start, min(start + FEED_FORWARD_CHUNK, rows)) for start in range(0, rows, FEED_FORWARD_CHUNK)]
+    return _slices(rows, FEED_FORWARD_CHUNK)
+
+
+def _slices(length, size):
+    """range(length) in slices of `size` (the last one may be shorter)."""
+    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
 
 
 def feed_forward(x, w1, b1, w2, b2, approximate="none"):
@@ -344,7 +342,8 @@ class _AttentionBase(Function):
         resumed = random.get_rng_state()
         # a block's probabilities are remade for a few batch items at a time, one per thread;
         # the first block writes gk and gv, each later one adds its share from part_k, part_v
-        chunk, block_rows = min(len(q), get_num_threads()), self.blocks[0][0].stop
+        batches, block_rows = _batch_chunks(len(q)), self.blocks[0][0].stop
+        chunk = batches[0].stop
         scratch = xp.empty((chunk,) + g.shape[1:-2] + (block_rows, g.shape[-1]), dtype=g.dtype)  # their context
         part_k, part_v = (None if a is None or len(self.blocks) == 1 else xp.empty((chunk,) + a.shape[1:], dtype=a.dtype)
                           for a in (gk, gv))
@@ -353,7 +352,7 @@ class _AttentionBase(Function):
                 if state is not None:
                     random.set_rng_state(state)
                 keep = self._block_mask(q, k, rows)
-                for batch in _batch_chunks(len(q)):
+                for batch in batches:
                     n = batch.stop - batch.start
                     saved = self._attend_block(q, k, v, bias, keep, rows, items=batch,
                                                out=scratch[:n, ..., :rows.stop - rows.start, :])
@@ -379,12 +378,11 @@ BLOCKED_FROM_DEFAULT = BLOCKED_FROM
 
 def _batch_chunks(items):
     """The batch in slices of as many items as threads: a block's work, one item per thread."""
-    chunk = min(items, get_num_threads())
-    return [slice(start, min(start + chunk, items)) for start in range(0, items, chunk)]
+    return _slices(items, min(items, get_num_threads()))
 
 
 def _query_blocks(length):
-    return [slice(start, min(start + QUERY_BLOCK, length)) for start in range(0, length, QUERY_BLOCK)]
+    return _slices(length, QUERY_BLOCK)
 
 
 class _Attention(_AttentionBase):
@@ -548,7 +546,7 @@ def dropout(x, p=0.5, training=True, inplace=False):
         return x
     if p == 1:
         return x * 0
-    return _Dropout.apply(_writable(x, inplace, "dropout"), p=p, inplace=inplace)
+    return _Dropout.apply(in_place_target(x, "dropout") if inplace else x, p=p, inplace=inplace)
 
 
 # --- embedding --------------------------------------------------------------------------

@@ -387,15 +387,24 @@ class To(Function):
         return (self.source_device.put(g).astype(self.source_dtype, copy=False),)
 
 
+def in_place_target(x, name):
+    """x, checked as the array an in-place op writes over: a leaf that needs a gradient (a
+    parameter) keeps its values."""
+    if isinstance(x, Tensor) and x.requires_grad and x.is_leaf:
+        raise ValueError(f"{name} in place on a leaf tensor that requires grad (a parameter?) "
+                         f"would overwrite it: use the op out of place")
+    return x
+
+
 def add_(a, b):
     """a + b in a's own array (a's values are lost): for a product that nothing else holds."""
-    return AddInPlace.apply(a, b)
+    return AddInPlace.apply(in_place_target(a, "add_"), b)
 
 
 def add_columns_(packed, parts, starts):
     """packed with each part (..., width) added to its columns start:start + width, in place
     (packed's array is the result): for a product that nothing else holds."""
-    return AddColumns.apply(packed, *parts, starts=tuple(starts))
+    return AddColumns.apply(in_place_target(packed, "add_columns_"), *parts, starts=tuple(starts))
 
 
 def cat(tensors, dim=0):

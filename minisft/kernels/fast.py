@@ -66,26 +66,33 @@ def _normal_cdf_rational(x, out, work, scratch):
     get_array_module(work).add(work, 0.5, out=out)
 
 
-def _in_chunks(fn, x, out):
-    """fn(x, out, float64 work, scratch) over cache-sized chunks of the 1-D float32 arrays:
-    no allocation per chunk."""
-    buffers = numpy.empty((4, min(_CHUNK, x.size)))
-    for start in range(0, x.size, _CHUNK):
+def _by_chunks(fn, *arrays, spare=False):
+    """fn(*arrays, float64 work, scratch), and a float32 `spare` array last with spare, over
+    float32 arrays of one size (None passes through): in cache-sized chunks on the CPU's
+    threads, with no allocation per chunk; in one piece on the GPU."""
+    xp, first = get_array_module(arrays[0]), arrays[0]
+    if xp is not numpy:
+        work, *scratch = xp.empty((4,) + first.shape)
+        fn(*arrays, work, scratch, *([xp.empty(first.shape, dtype=first.dtype)] if spare else []))
+        return
+    by_rows(lambda *blocks: _in_chunks(fn, blocks, spare), *(None if a is None else a.reshape(-1) for a in arrays))
+
+
+def _in_chunks(fn, arrays, spare):
+    """_by_chunks on the CPU, over one thread's block of 1-D arrays."""
+    size = min(_CHUNK, arrays[0].size)
+    buffers, spare_buffer = numpy.empty((4, size)), numpy.empty(size if spare else 0, dtype=arrays[0].dtype)
+    for start in range(0, arrays[0].size, _CHUNK):
         piece = slice(start, start + _CHUNK)
-        work, *scratch = buffers[:, :x[piece].size]
-        fn(x[piece], out[piece], work, scratch)
+        n = arrays[0][piece].size
+        work, *scratch = buffers[:, :n]
+        fn(*(None if a is None else a[piece] for a in arrays), work, scratch, *([spare_buffer[:n]] if spare else []))
 
 
 def _float32_by_chunks(fn, x):
-    """fn (as _in_chunks calls it) applied to a float32 array, returning float32: in float64
-    chunks on the CPU's threads, in one piece on the GPU."""
-    xp = get_array_module(x)
-    out = xp.empty(x.shape, dtype=x.dtype)
-    if xp is not numpy:
-        work, *scratch = xp.empty((4,) + x.shape)
-        fn(x, out, work, scratch)
-        return out
-    by_rows(lambda *blocks: _in_chunks(fn, *blocks), x.reshape(-1), out.reshape(-1))
+    """fn(x, out, work, scratch) applied to a float32 array, returning out (float32)."""
+    out = get_array_module(x).empty(x.shape, dtype=x.dtype)
+    _by_chunks(fn, x, out)
     return out
 
 
@@ -107,23 +114,8 @@ def gelu_forward(x, slope=False, into=None, slope_into=None):
     xp = get_array_module(x)
     y = xp.empty(x.shape, dtype=x.dtype) if into is None else into  # C order, whatever x's layout
     dy = (xp.empty(x.shape, dtype=x.dtype) if slope_into is None else slope_into) if slope else None
-    if xp is not numpy:
-        work, *scratch = xp.empty((4,) + x.shape)
-        _gelu_chunk(x, y, dy, work, scratch, xp.empty(x.shape, dtype=x.dtype))
-    else:
-        by_rows(_gelu_in_chunks, x.reshape(-1), y.reshape(-1), None if dy is None else dy.reshape(-1))
+    _by_chunks(_gelu_chunk, x, y, dy, spare=True)  # one pass
     return (y, dy) if slope else y
-
-
-def _gelu_in_chunks(x, y, dy):
-    """_gelu_chunk over cache-sized chunks of the 1-D float32 arrays: one pass, no
-    allocation per chunk."""
-    buffers, spare = numpy.empty((4, min(_CHUNK, x.size))), numpy.empty(min(_CHUNK, x.size), dtype=x.dtype)
-    for start in range(0, x.size, _CHUNK):
-        piece = slice(start, start + _CHUNK)
-        size = x[piece].size
-        work, *scratch = buffers[:, :size]
-        _gelu_chunk(x[piece], y[piece], None if dy is None else dy[piece], work, scratch, spare[:size])
 
 
 def _gelu_chunk(x, y, dy, work, scratch, spare):
@@ -157,7 +149,7 @@ def gelu_tanh_forward(x, slope=False, into=None, slope_into=None):
     xp.tanh(th, out=th)  # tanh u
     grad = None
     if slope:
-        grad = x * x  # dy/dx = (1 + tanh u + x (1 - tanh^2 u) du/dx) / 2
+        grad = xp.multiply(x, x, out=slope_into)  # dy/dx = (1 + tanh u + x (1 - tanh^2 u) du/dx) / 2
         grad *= cast(3 * 0.044715)
         grad += cast(1)
         grad *= cast(math.sqrt(2 / math.pi))
@@ -166,9 +158,6 @@ def gelu_tanh_forward(x, slope=False, into=None, slope_into=None):
         grad += th
         grad += cast(1)
         grad *= cast(0.5)
-        if slope_into is not None:
-            slope_into[...] = grad
-            grad = slope_into
     th += cast(1)
     y = xp.multiply(th, x, out=th if into is None else into)
     y *= cast(0.5)

@@ -48,8 +48,7 @@ def gelu_forward(x, slope=False, into=None, slope_into=None):
     when given: backward then needs only dy/dx (one array, not two)."""
     xp = get_array_module(x)
     cdf = normal_cdf(x)
-    dy = cdf + x * (xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))) if slope else None
-    dy = _into(slope_into, dy) if slope else None
+    dy = _into(slope_into, cdf + x * (xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi)))) if slope else None
     y = _into(into, x * cdf)
     return (y, dy) if slope else y
 
@@ -64,8 +63,8 @@ def gelu_tanh_forward(x, slope=False, into=None, slope_into=None):
     du/dx = sqrt(2/pi) (1 + 3 0.044715 x^2), into `slope_into` when given."""
     xp = get_array_module(x)
     th = xp.tanh(_TANH_K * (x + _TANH_C * x ** 3))
-    dy = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * (_TANH_K * (1 + 3 * _TANH_C * x * x)) if slope else None
-    dy = _into(slope_into, dy) if slope else None
+    du = _TANH_K * (1 + 3 * _TANH_C * x * x)
+    dy = _into(slope_into, 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * du) if slope else None
     y = _into(into, 0.5 * x * (1 + th))
     return (y, dy) if slope else y
 

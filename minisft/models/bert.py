@@ -3,6 +3,7 @@
 
 Shapes: B batch, L sequence length, H hidden_size, nh heads of dh = H / nh.
 """
+import functools
 import pathlib
 from dataclasses import dataclass
 
@@ -20,13 +21,11 @@ from minisft.tensor import Tensor, array_of, is_grad_enabled
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
            "BaseModelOutputWithPooling", "SequenceClassifierOutput", "TokenClassifierOutput"]
 
+GELU_FORMS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # F.gelu's approximate
 ACTIVATIONS = {  # f(x, inplace=False)
-    "gelu": F.gelu,
-    "gelu_new": lambda x, inplace=False: F.gelu(x, approximate="tanh", inplace=inplace),
-    "gelu_pytorch_tanh": lambda x, inplace=False: F.gelu(x, approximate="tanh", inplace=inplace),
+    **{name: functools.partial(F.gelu, approximate=form) for name, form in GELU_FORMS.items()},
     "relu": F.relu,
 }
-GELU_FORMS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # F.gelu's approximate
 
 
 def fused_feed_forward(x, inner, outer, activation):
