@@ -17,12 +17,21 @@ NAMES = {"full": "full fine-tuning", "lora": f"LoRA r={LORA_R} alpha {LORA_ALPHA
 
 
 def run(env, quick):
-    ours, theirs = Minisft(env.model_dir), Reference(env.model_dir) if env.reference else None
+    ours, theirs = libraries(env)
     figures = _compare(env, ours, theirs, ("full", "lora", "frozen-embeddings", "lora-checkpointing"),
                        *((4, 32) if quick else (32, 128)),
                        quick)
-    long = (2, 512) if quick else (8, 512)  # the longest input MiniLM takes
-    return figures + _compare(env, ours, theirs, ("full", "checkpointing", "whole-attention"), *long, quick)
+    return figures + long_inputs(env, quick, ("full", "checkpointing", "whole-attention"), (ours, theirs))
+
+
+def libraries(env):
+    """minisft, and transformers where the reference extra is installed (else None)."""
+    return Minisft(env.model_dir), Reference(env.model_dir) if env.reference else None
+
+
+def long_inputs(env, quick, modes, libraries_=None):
+    """_compare's figures for `modes` at 8x512, the longest input MiniLM takes (2x512 quick)."""
+    return _compare(env, *(libraries_ or libraries(env)), modes, *((2, 512) if quick else (8, 512)), quick)
 
 
 def _compare(env, ours, theirs, modes, batch, length, quick):

@@ -5,7 +5,9 @@ set's kernel (minisft.kernels: `reference`, plain formulas, or `fast`). The kern
 chosen at forward time and the same set runs the backward. Shapes follow torch: `x` is
 (..., features) unless said otherwise.
 """
+import contextlib
 import math
+import threading
 
 import numpy
 
@@ -154,51 +156,105 @@ FEED_FORWARD_CHUNK = 1024  # rows per chunk: a multiple of the fast kernels' GEM
 class _FeedForward(Function):
     """out = gelu(x W1^T + b1) W2^T + b2, a transformer layer's feed-forward, as one node, so
     that its (rows, inner) arrays are its own and live no longer than they must. Kept for
-    backward: GELU's slope, y = gelu(h) when W2 needs its gradient, x when W1 does.
+    backward: GELU's slope, y = gelu(h) when W2 needs its gradient, x when W1 does; or, with
+    `remake` (lean_activations), the pre-activation h alone, from which backward remakes y
+    and the slope chunk by chunk.
     - Forward: where y is kept, it is made over h (GELU in place); where not (W2 frozen, as
-      under LoRA), the rows go in chunks and h and y are chunk-sized.
-    - Backward: the gradient at h, (g W2) * slope, is made chunk by chunk inside the slope.
-    Either way no (rows, inner) array beside what is kept; the same products and results as
-    linear, gelu and linear."""
+      under LoRA, or remade), the rows go in chunks and y is chunk-sized.
+    - Backward: the gradient at h, (g W2) * slope, is made chunk by chunk inside the slope
+      (or inside h).
+    No (rows, inner) array beside what is kept; the same products and results as linear,
+    gelu and linear, except that a remade y gives W2's gradient as a sum over chunks of rows
+    (within float32 rounding of the one product's)."""
 
-    def forward(self, x, w1, b1, w2, b2, *, approximate):
+    def forward(self, x, w1, b1, w2, b2, *, approximate, remake):
         self.kernels, self.shape = kernels.for_array(x), x.shape
-        gelu = getattr(self.kernels, "gelu_tanh_forward" if approximate == "tanh" else "gelu_forward")
+        self.gelu = getattr(self.kernels, "gelu_tanh_forward" if approximate == "tanh" else "gelu_forward")
         x2 = x.reshape(-1, x.shape[-1])
         needs = self.needs_input_grad  # x, W1, b1, W2, b2
         keep_slope, keep_y = self.recording and any(needs[:3]), self.recording and needs[3]
+        keep_h = remake and (keep_slope or keep_y)
         xp = get_array_module(x)
-        slope = xp.empty((len(x2), w1.shape[0]), dtype=x2.dtype) if keep_slope else None
-        if keep_y:
-            y = _gelu_over(gelu, self.kernels.linear_forward(x2, w1, b1), slope)
+        slope = xp.empty((len(x2), w1.shape[0]), dtype=x2.dtype) if keep_slope and not keep_h else None
+        h = self.kernels.linear_forward(x2, w1, b1) if keep_h else None
+        if keep_y and not keep_h:
+            y = _gelu_over(self.gelu, self.kernels.linear_forward(x2, w1, b1), slope)
             out = self.kernels.linear_forward(y, w2, b2)
         else:
             y, out = None, xp.empty((len(x2), w2.shape[0]), dtype=x2.dtype)
             for rows in _chunks(len(x2)):
-                y_rows = _gelu_over(gelu, self.kernels.linear_forward(x2[rows], w1, b1),
-                                    None if slope is None else slope[rows])
+                y_rows = (self.gelu(h[rows]) if keep_h else
+                          _gelu_over(self.gelu, self.kernels.linear_forward(x2[rows], w1, b1),
+                                     None if slope is None else slope[rows]))
                 out[rows] = self.kernels.linear_forward(y_rows, w2, b2)
                 del y_rows  # before the next chunk's is made
         self.save_for_backward(x2 if needs[1] else None, w1 if needs[0] else None, w2 if keep_slope else None, y,
-                               slope)
+                               slope, h)
         return out.reshape(*x.shape[:-1], w2.shape[0])
 
     def backward(self, g):
-        x2, w1, w2, y, slope = self.take_saved()
+        x2, w1, w2, y, slope, h = self.take_saved()
         needs = self.needs_input_grad
         g = g.reshape(-1, g.shape[-1])
+        xp = get_array_module(g)
+        if h is not None:
+            return self._backward_remaking(g, x2, w1, w2, h)
         gw2, gb2 = self.kernels.linear_backward(g, y, None, (False, needs[3], needs[4]))[1:]
         del y
         if slope is None:
             return None, None, None, gw2, gb2
-        gh = slope if self.last_backward else get_array_module(g).empty_like(slope)  # the slope is this node's alone
+        gh = slope if self.last_backward else xp.empty_like(slope)  # the slope is this node's alone
         for rows in _chunks(len(g)):
-            product = self.kernels.linear_backward(g[rows], None, w2, (True, False, False))[0]
-            get_array_module(g).multiply(product, slope[rows], out=gh[rows])
-            del product  # before the next chunk's is made
+            self._gradient_at_h(g[rows], w2, slope[rows], gh[rows])
         del slope
-        gx, gw1, gb1 = self.kernels.linear_backward(gh, x2, w1, needs[:3])
-        return None if gx is None else gx.reshape(self.shape), gw1, gb1, gw2, gb2
+        return self._backward_first(gh, x2, w1) + (gw2, gb2)
+
+    def _backward_remaking(self, g, x2, w1, w2, h):
+        """backward from the kept pre-activation: y and the slope remade chunk by chunk, W2's
+        gradient summed over the chunks, the gradient at h written inside h."""
+        needs = self.needs_input_grad
+        gb2 = self.kernels.linear_backward(g, None, None, (False, False, True))[2] if needs[4] else None
+        gw2, gh = None, (None if w2 is None else h if self.last_backward else get_array_module(h).empty_like(h))
+        for rows in _chunks(len(g)):
+            y_rows, slope_rows = self.gelu(h[rows], slope=True) if gh is not None else (self.gelu(h[rows]), None)
+            if needs[3]:
+                part = self.kernels.linear_backward(g[rows], y_rows, None, (False, True, False))[1]
+                if gw2 is None:
+                    gw2 = part
+                else:
+                    gw2 += part
+            if gh is not None:
+                self._gradient_at_h(g[rows], w2, slope_rows, gh[rows])
+            del y_rows, slope_rows  # before the next chunk's are made
+        if gh is None:
+            return None, None, None, gw2, gb2
+        return self._backward_first(gh, x2, w1) + (gw2, gb2)
+
+    def _gradient_at_h(self, g_rows, w2, slope_rows, into):
+        """(g W2) * slope for a chunk of rows, written into `into`."""
+        product = self.kernels.linear_backward(g_rows, None, w2, (True, False, False))[0]
+        get_array_module(product).multiply(product, slope_rows, out=into)
+
+    def _backward_first(self, gh, x2, w1):
+        """(gx, gW1, gb1) from the gradient at h."""
+        gx, gw1, gb1 = self.kernels.linear_backward(gh, x2, w1, self.needs_input_grad[:3])
+        return None if gx is None else gx.reshape(self.shape), gw1, gb1
+
+
+_lean = threading.local()
+
+
+@contextlib.contextmanager
+def lean_activations(enabled=True):
+    """Inside, ops that can remake an activation in backward keep less for it: feed_forward
+    keeps its pre-activation alone and remakes GELU's output and slope in backward (GELU's
+    work twice). For gradient checkpointing, which trades compute for memory. Per thread."""
+    previous = getattr(_lean, "enabled", False)
+    _lean.enabled = enabled
+    try:
+        yield
+    finally:
+        _lean.enabled = previous
 
 
 def _gelu_over(kernel, h, slope):
@@ -217,14 +273,15 @@ def _slices(length, size):
 
 def feed_forward(x, w1, b1, w2, b2, approximate="none"):
     """gelu(x W1^T + b1) W2^T + b2 (approximate: GELU's form, as in gelu) as one node, which
-    keeps less than linear, gelu and linear do (see _FeedForward), with the same results.
+    keeps less than linear, gelu and linear do (see _FeedForward), with the same results;
+    under lean_activations, less again (its pre-activation alone).
     x: (..., in), w1: (inner, in), b1: (inner,), w2: (out, inner), b2: (out,) -> (..., out)."""
     if x.shape[-1] != w1.shape[1] or w2.shape[1] != w1.shape[0]:
         raise ValueError(f"feed_forward: input shape {tuple(x.shape)}, w1 {tuple(w1.shape)} and w2 "
                          f"{tuple(w2.shape)} do not chain: need (..., in), (inner, in), (out, inner)")
     if approximate not in ("none", "tanh"):
         raise ValueError(f"feed_forward: approximate must be 'none' or 'tanh', not {approximate!r}")
-    return _FeedForward.apply(x, w1, b1, w2, b2, approximate=approximate)
+    return _FeedForward.apply(x, w1, b1, w2, b2, approximate=approximate, remake=getattr(_lean, "enabled", False))
 
 
 # --- softmax family ---------------------------------------------------------------------

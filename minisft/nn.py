@@ -13,7 +13,8 @@ from minisft import functional as F
 from minisft import random
 from minisft.backend import Device, get_array_module
 from minisft.ops import CatView
-from minisft.tensor import Function, Tensor, no_grad
+from minisft.runtime import release_free_memory
+from minisft.tensor import Function, Tensor, backpropagate, no_grad
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -293,14 +294,19 @@ class _Checkpoint(Function):
     """Runs `block` on x without keeping what it computes inside; backward runs it again
     from x, with the random state it first ran with (so the same dropout masks), and
     backpropagates through that recomputed graph: parameter gradients go to the block's
-    parameters, x's gradient is returned. The block's parameters are inputs too, so that the
-    op records even when x needs no gradient."""
+    parameters, x's gradient is returned. The recomputed output itself is let go before
+    that backward (only its gradient is needed), and as each pass through the block ends,
+    its freed activations are handed back to the OS (runtime.release_free_memory). The
+    block's parameters are inputs too, so that the op records even when x needs no
+    gradient."""
 
     def forward(self, x, *parameters, block):
         self.block, self.rng = block, random.get_rng_state()
         self.save_for_backward(x)
         with no_grad():
-            return block(Tensor(x)).data
+            out = block(Tensor(x)).data
+        _release_free_memory(x)
+        return out
 
     def backward(self, g):
         (x,) = self.saved
@@ -310,10 +316,20 @@ class _Checkpoint(Function):
             x = Tensor(x, requires_grad=self.needs_input_grad[0])
             with no_grad(enabled=True):
                 out = self.block(x)
-            out.backward(g)
+            node, out = out._ctx, None  # the output's graph, without its array
+            backpropagate(node, g)
         finally:
             random.set_rng_state(resumed)
-        return (x.grad if self.needs_input_grad[0] else None,) + (None,) * (len(self.needs_input_grad) - 1)
+        gx, x = x.grad if self.needs_input_grad[0] else None, None
+        _release_free_memory(g)
+        return (gx,) + (None,) * (len(self.needs_input_grad) - 1)
+
+
+def _release_free_memory(array):
+    """The recomputed block's freed memory back to the OS, on the CPU (a GPU's memory pool
+    keeps its own)."""
+    if get_array_module(array) is numpy:
+        release_free_memory()
 
 
 def checkpoint(block, x, parameters):

@@ -220,15 +220,39 @@ def keep_freed_memory():
     its peak. A no-op where it does not apply (not Linux/glibc). Returns whether it took
     effect.
     """
-    import ctypes.util  # its own imports (subprocess, ...) cost an import of minisft 15 ms
-
-    name = ctypes.util.find_library("c")
-    if not name:
+    libc = _libc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(name)
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
         largest = 2 ** 31 - 1  # mallopt takes a C int: anything larger wraps (to 0: trim always)
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, largest))
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
+
+
+def release_free_memory():
+    """Hand the pages of every free block back to the OS now (glibc's malloc_trim), however
+    the allocator is set: the process's resident size drops to what its live arrays use.
+    Gradient checkpointing calls it as each recomputed block ends, whose activations were
+    the process's largest arrays; with keep_freed_memory, freed blocks would otherwise stay
+    resident, and the next block's arrays, of other sizes, would not always fit in them. The
+    released pages cost a page fault each when used again. A no-op where it does not apply
+    (not Linux/glibc). Returns whether it could ask (not whether any page was free)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+@functools.cache
+def _libc():
+    """The C library (ctypes.CDLL), or None where it cannot be found."""
+    import ctypes.util  # its own imports (subprocess, ...) cost an import of minisft 15 ms
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None

@@ -231,47 +231,7 @@ class Tensor:
             _run_grad_hooks(self)
             return
         with on_device(self.data):
-            self._walk_backward(grad, retain_graph)
-
-    def _walk_backward(self, grad, retain_graph):
-        """Call each Function's backward in reverse topological order, from grad at self."""
-        grads = {id(self._ctx): grad}
-        owned = set()  # ids whose array we created here, safe to add into in place
-        given = set()  # arrays that became a leaf's .grad in this pass
-        order = _topological_order(self._ctx)
-        hooked = _hooked_leaf_uses(order)
-        for fn in reversed(order):
-            g = grads.pop(id(fn), None)
-            fn.last_backward = not retain_graph
-            input_grads = fn.backward(g) if g is not None else (None,) * len(fn.parents)
-            for parent, input_grad in zip(fn.parents, input_grads):
-                if id(parent) in hooked:
-                    hooked[id(parent)] -= 1
-                if input_grad is None or parent is None:
-                    if hooked.get(id(parent)) == 0:
-                        _run_grad_hooks(parent)
-                    continue
-                if isinstance(parent, Tensor):
-                    # an array the op just made for this input alone (not g, not a view, not
-                    # returned twice, not given before) is taken as it is; anything else is
-                    # copied, so that adding into one .grad never changes another gradient
-                    fresh = (input_grad is not g and input_grad.base is None and id(input_grad) not in given
-                             and sum(other is input_grad for other in input_grads) == 1)
-                    given.add(id(input_grad))
-                    _accumulate_leaf(parent, input_grad, owned=fresh)
-                    if hooked.get(id(parent)) == 0:
-                        _run_grad_hooks(parent)
-                    continue
-                key = id(parent)
-                if key not in grads:
-                    grads[key] = input_grad
-                elif key in owned:
-                    grads[key] += input_grad
-                else:
-                    grads[key] = grads[key] + input_grad
-                    owned.add(key)
-            if not retain_graph:
-                fn.release()
+            backpropagate(self._ctx, grad, retain_graph)
 
     # Arithmetic operators and array methods (+, @, [], reshape, sum, exp, to, ...) are
     # installed by minisft.ops, which defines the ops they call.
@@ -298,6 +258,54 @@ class Tensor:
         return self._compare(other, "__ne__")
 
     __hash__ = object.__hash__
+
+
+def backpropagate(node, grad, retain_graph=False):
+    """Call each Function's backward in reverse topological order, from `grad` at the output
+    of `node` (the Function that made it), accumulating into the leaves' `.grad`s: the walk
+    of Tensor.backward, for a caller that has let the output tensor go (its values are not
+    needed, only its gradient)."""
+    grads = {id(node): grad}
+    owned = set()  # ids whose array we created here, safe to add into in place
+    given = {}  # id of an array given to a leaf in this pass -> that leaf (whose .grad it is while alive)
+    order = _topological_order(node)
+    hooked = _hooked_leaf_uses(order)
+    for fn in reversed(order):
+        g = grads.pop(id(fn), None)
+        fn.last_backward = not retain_graph
+        input_grads = fn.backward(g) if g is not None else (None,) * len(fn.parents)
+        for parent, input_grad in zip(fn.parents, input_grads):
+            if id(parent) in hooked:
+                hooked[id(parent)] -= 1
+            if input_grad is None or parent is None:
+                if hooked.get(id(parent)) == 0:
+                    _run_grad_hooks(parent)
+                continue
+            if isinstance(parent, Tensor):
+                # an array the op just made for this input alone (not g, not a view, not
+                # returned twice, not another leaf's .grad) is taken as it is; anything else
+                # is copied, so that adding into one .grad never changes another gradient. (An
+                # id alone would not do: an array added into a .grad is freed, and a later
+                # array may get its id.)
+                holder = given.get(id(input_grad))
+                fresh = (input_grad is not g and input_grad.base is None
+                         and (holder is None or holder.grad is not input_grad)
+                         and sum(other is input_grad for other in input_grads) == 1)
+                given[id(input_grad)] = parent
+                _accumulate_leaf(parent, input_grad, owned=fresh)
+                if hooked.get(id(parent)) == 0:
+                    _run_grad_hooks(parent)
+                continue
+            key = id(parent)
+            if key not in grads:
+                grads[key] = input_grad
+            elif key in owned:
+                grads[key] += input_grad
+            else:
+                grads[key] = grads[key] + input_grad
+                owned.add(key)
+        if not retain_graph:
+            fn.release()
 
 
 def _given_grad(tensor, grad):

@@ -188,3 +188,20 @@ def test_twenty_multiple_choice_steps_give_transformers_losses(name):
     # rounding in tiny gradients into small differences of the weights: 1.6e-5 at most here
     np.testing.assert_allclose(losses[0], ref["step_losses"][0], rtol=1e-6)
     np.testing.assert_allclose(losses, ref["step_losses"], rtol=5e-5, atol=0)
+
+
+def test_gradient_checkpointing_gives_every_family_the_same_gradients(family):
+    """ELECTRA's embeddings projection and DistilBERT's own embeddings recompute too."""
+    _, directory, ref, _ = family
+    grads = []
+    for checkpointing in (False, True):
+        model = AutoModelForSequenceClassification.from_pretrained(directory).train()  # dropout on
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        minisft.manual_seed(3)
+        model(**inputs(ref), labels=ref["labels"]).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        assert np.array_equal(grad, checkpointed[name]), name

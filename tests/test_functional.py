@@ -1,5 +1,6 @@
 """What the shared op cases do not cover: erf accuracy, dropout, loss edge cases."""
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -151,8 +152,6 @@ def test_the_last_backward_frees_what_forward_kept_as_it_goes():
     """On the graph's last walk the second Linear makes dW, drops its input (GELU's output),
     then makes dx, and GELU makes its gradient in its own slope: no (rows, inner) array is
     made beside the two that forward kept."""
-    import tracemalloc
-
     inner_bytes = 256 * 64 * 4
     tracemalloc.start()  # before forward: the frees of what it kept are counted
     try:
@@ -234,8 +233,6 @@ def test_dropout_and_add_in_place_write_over_their_first_input(device):
 def test_gelu_in_place_makes_one_array_fewer_at_its_peak():
     """Linear -> GELU in place: the forward's peak holds the product (becoming GELU's output)
     and the slope, one (rows, inner) array fewer than out of place."""
-    import tracemalloc
-
     rng = np.random.default_rng(7)
     rows, inner = 1024, 1024
     x = minisft.tensor(rng.standard_normal((rows, 16)).astype(np.float32))
@@ -263,20 +260,25 @@ def _feed_forward_inputs(rng, trainable, rows=2500, features=8, inner=32, dtype=
             tensor((features, inner), trainable[2], 0.3), tensor((features,), trainable[2])]
 
 
+@pytest.mark.parametrize("lean", [False, True])
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("trainable", [(True, True, True), (True, False, False), (False, True, False),
                                        (False, False, True), (True, False, True)])
-def test_feed_forward_is_linear_gelu_linear_to_the_bit(kernel_set, trainable, approximate):
-    """F.feed_forward gives the output and every gradient of linear, gelu and linear, bit for
-    bit (the same products over the same rows), whatever needs a gradient; a retained graph
-    walked twice gives the same gradients."""
+def test_feed_forward_is_linear_gelu_linear_to_the_bit(kernel_set, trainable, approximate, lean):
+    """F.feed_forward gives the output and every gradient of linear, gelu and linear, whatever
+    needs a gradient; a retained graph walked twice gives the same gradients. With the fast
+    kernels bit for bit: their products go by fixed tiles of rows, so chunks of rows give the
+    same products. The reference kernels' whole-array products may round differently for
+    fewer rows (BLAS blocks by size), and so may W2's gradient under lean_activations (a sum
+    over chunks of rows): those within 1e-6 of the largest element."""
     tensors = _feed_forward_inputs(np.random.default_rng(8), trainable)
     v = minisft.tensor(np.random.default_rng(9).standard_normal((2, 1250, 8)).astype(np.float32))
     results = []
     for fused in (True, False):
         x, w1, b1, w2, b2 = tensors
-        out = (F.feed_forward(x, w1, b1, w2, b2, approximate) if fused
-               else F.linear(F.gelu(F.linear(x, w1, b1), approximate), w2, b2))
+        with F.lean_activations(lean):
+            out = (F.feed_forward(x, w1, b1, w2, b2, approximate) if fused
+                   else F.linear(F.gelu(F.linear(x, w1, b1), approximate), w2, b2))
         loss = (out * v).sum()
         walks = []
         for retain in ((True, False) if fused else (False,)):
@@ -286,10 +288,17 @@ def test_feed_forward_is_linear_gelu_linear_to_the_bit(kernel_set, trainable, ap
                 t.grad = None
         results.append((out.numpy(), walks))
     (fused_out, fused_walks), (plain_out, (plain_grads,)) = results
-    assert np.array_equal(fused_out, plain_out)
+
+    def same(actual, expected, exact):
+        assert np.array_equal(actual, expected) if exact else (
+            np.abs(actual - expected).max() <= 1e-6 * np.abs(expected).max())
+
+    same(fused_out, plain_out, kernel_set == "fast")
     for grads in fused_walks:
-        for grad, expected, tensor in zip(grads, plain_grads, tensors):
-            assert (grad is None) == (not tensor.requires_grad) and (grad is None or np.array_equal(grad, expected))
+        for index, (grad, expected, tensor) in enumerate(zip(grads, plain_grads, tensors)):
+            assert (grad is None) == (not tensor.requires_grad)
+            if grad is not None:
+                same(grad, expected, kernel_set == "fast" and not (lean and index == 3))
 
 
 def test_feed_forward_gradcheck_and_shape_errors():
@@ -297,10 +306,38 @@ def test_feed_forward_gradcheck_and_shape_errors():
                                              inner=5, dtype=np.float64)
     minisft.gradcheck(lambda *a: F.feed_forward(*a), [x, w1, b1, w2, b2])
     minisft.gradcheck(lambda *a: F.feed_forward(*a, approximate="tanh"), [x, w1, b1, w2, b2])
+    with F.lean_activations():
+        minisft.gradcheck(lambda *a: F.feed_forward(*a), [x, w1, b1, w2, b2])
     with pytest.raises(ValueError, match="do not chain"):
         F.feed_forward(x, w1, b1, w1, b1)
     with pytest.raises(ValueError, match="approximate"):
         F.feed_forward(x, w1, b1, w2, b2, approximate="erf")
+
+
+FEED_FORWARD_INNER_BYTES = 4096 * 1024 * 4  # one (rows, inner) float32 array of _feed_forward_peaks
+
+
+def _feed_forward_peaks(trainable, seed, runs):
+    """{name: (kept, forward peak, backward peak)} in bytes (tracemalloc) of each of `runs`,
+    {name: run(x, w1, b1, w2, b2) -> output}, on 4096 rows of 16 features, 1024 inner."""
+    tensors = _feed_forward_inputs(np.random.default_rng(seed), trainable, rows=4096, features=16, inner=1024)
+    g = np.random.default_rng(seed + 1).standard_normal(tensors[0].shape).astype(np.float32)
+    peaks = {}
+    for name, run in runs.items():
+        tracemalloc.start()
+        try:
+            start = tracemalloc.get_traced_memory()[0]
+            out = run(*tensors)
+            kept, forward = (value - start for value in tracemalloc.get_traced_memory())
+            tracemalloc.reset_peak()
+            out.backward(minisft.tensor(g))
+            peaks[name] = kept, forward, tracemalloc.get_traced_memory()[1] - start
+        finally:
+            tracemalloc.stop()
+        del out
+        for t in tensors:
+            t.grad = None
+    return peaks
 
 
 def test_feed_forward_with_frozen_weights_keeps_only_the_slope_and_makes_no_inner_array_beside_it():
@@ -308,30 +345,27 @@ def test_feed_forward_with_frozen_weights_keeps_only_the_slope_and_makes_no_inne
     is about one (rows, inner) array (the slope it keeps) below linear, gelu and linear's;
     backward makes the gradient at the pre-activation inside the slope, again about one
     (rows, inner) array below."""
-    import tracemalloc
+    peaks = _feed_forward_peaks((True, False, False), 11, {
+        "fused": F.feed_forward,
+        "plain": lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1), inplace=True), w2, b2)})
+    (kept, forward, backward), (_, plain_forward, plain_backward) = peaks["fused"], peaks["plain"]
+    assert FEED_FORWARD_INNER_BYTES <= kept < 1.5 * FEED_FORWARD_INNER_BYTES, peaks
+    assert forward <= plain_forward - 0.5 * FEED_FORWARD_INNER_BYTES, peaks
+    assert backward <= plain_backward - 0.5 * FEED_FORWARD_INNER_BYTES, peaks
 
-    inner_bytes = 4096 * 1024 * 4
-    x, w1, b1, w2, b2 = _feed_forward_inputs(np.random.default_rng(11), (True, False, False), rows=4096,
-                                             features=16, inner=1024)
-    g = np.random.default_rng(12).standard_normal(x.shape).astype(np.float32)
-    peaks = {}
-    for fused in (True, False):
-        tracemalloc.start()
-        try:
-            start = tracemalloc.get_traced_memory()[0]
-            out = F.feed_forward(x, w1, b1, w2, b2) if fused else F.linear(F.gelu(F.linear(x, w1, b1), inplace=True), w2, b2)
-            kept, forward = (value - start for value in tracemalloc.get_traced_memory())
-            tracemalloc.reset_peak()
-            out.backward(minisft.tensor(g))
-            peaks[fused] = kept, forward, tracemalloc.get_traced_memory()[1] - start
-        finally:
-            tracemalloc.stop()
-        del out
-        x.grad = None
-    (kept, forward, backward), (_, plain_forward, plain_backward) = peaks[True], peaks[False]
-    assert inner_bytes <= kept < 1.5 * inner_bytes, peaks
-    assert forward <= plain_forward - 0.5 * inner_bytes, peaks
-    assert backward <= plain_backward - 0.5 * inner_bytes, peaks
+
+def test_lean_feed_forward_keeps_its_pre_activation_alone():
+    """Under lean_activations, with every weight trainable, the feed-forward keeps one
+    (rows, inner) array (h) where it keeps two (GELU's output and slope); backward, which
+    remakes them chunk by chunk, peaks within a quarter of such an array of the plain one's
+    (a chunk is a quarter of these rows)."""
+    def lean(*tensors):
+        with F.lean_activations():
+            return F.feed_forward(*tensors)
+    peaks = _feed_forward_peaks((True, True, True), 13, {"lean": lean, "plain": F.feed_forward})
+    (kept, _, backward), (plain_kept, _, plain_backward) = peaks["lean"], peaks["plain"]
+    assert FEED_FORWARD_INNER_BYTES <= kept < 1.2 * FEED_FORWARD_INNER_BYTES <= 0.6 * plain_kept, peaks
+    assert backward <= plain_backward + 0.25 * FEED_FORWARD_INNER_BYTES, peaks
 
 
 def test_add_columns_adds_each_part_into_its_columns_in_place(device):

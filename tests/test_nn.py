@@ -146,3 +146,35 @@ def test_packed_rows_concatenates_once_then_reads_the_parameters_in_place(device
     assert_close(params[1].grad, np.repeat(np.arange(2, 6, dtype=np.float32)[:, None], 3, axis=1))
     params[0].data = minisft.Device(device).put(np.zeros((2, 3), np.float32))  # replaced (a load): packed again
     assert_close(nn.packed_rows(params)[:2], np.zeros((2, 3)))
+
+
+def test_a_checkpoint_recomputes_without_its_output_and_hands_freed_memory_back(monkeypatch):
+    import weakref
+
+    from minisft.tensor import Function
+
+    outputs, alive_in_backward, released = [], [], []
+
+    class Probe(Function):  # the block's last op: its backward runs first in the recomputation
+        def forward(self, x):
+            return x * 2
+
+        def backward(self, g):
+            alive_in_backward.append(outputs[-1]() is not None)
+            return (g * 2,)
+
+    def block(x):
+        out = Probe.apply(layer(x))
+        outputs.append(weakref.ref(out.data))
+        return out
+
+    monkeypatch.setattr(nn, "release_free_memory", lambda: released.append(True))
+    layer = nn.Linear(3, 3)
+    x = minisft.Tensor(np.random.default_rng(0).standard_normal((2, 3), dtype=np.float32), requires_grad=True)
+    nn.checkpoint(block, x, layer.parameters()).sum().backward()
+    assert len(outputs) == 2 and alive_in_backward == [False]  # the recomputed output was let go
+    assert len(released) == 2  # as the forward ended, and as the recomputation's backward ended
+    checkpointed = x.grad
+    x.grad = None
+    block(x).sum().backward()
+    assert np.array_equal(x.grad, checkpointed)

@@ -178,8 +178,9 @@ def test_an_adapter_whose_base_is_gone_is_named(tmp_path, capsys):
     shutil.rmtree(tmp_path / "lora")
 
 
+@pytest.mark.parametrize("frozen_embeddings", [True, False])
 @pytest.mark.parametrize("name", ["bert", "distilbert"])
-def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_and_keeps_less(name):
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_and_keeps_less(name, frozen_embeddings):
     from minisft import summary
 
     ids, mask = _batch()
@@ -188,13 +189,15 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_and_keeps_
         model = _classifier(name).train()  # dropout on: the recomputation must draw the same masks
         if checkpointing:
             model.gradient_checkpointing_enable()
-        peft.freeze(model, embeddings=True)  # layer 0's input then needs no gradient
+        if frozen_embeddings:  # layer 0's input then needs no gradient
+            peft.freeze(model, embeddings=True)
         manual_seed(5)
         inputs = {"input_ids": ids, "attention_mask": mask, "labels": np.array([0, 1, 2])}
         rows = summary.summarize(model, inputs)
         layers = [row.activation_bytes for row in rows if re.fullmatch(r".*\.layer\.\d+", row.path)]
-        results.append((rows[0].activation_bytes, layers, {n: p.grad for n, p in model.named_parameters()}))
-    (kept, layers, plain), (kept_checkpointed, layers_checkpointed, checkpointed) = results
+        embedded = next(row.activation_bytes for row in rows if re.fullmatch(r"\w+\.embeddings", row.path))
+        results.append((rows[0].activation_bytes, layers, embedded, {n: p.grad for n, p in model.named_parameters()}))
+    (kept, layers, embedded, plain), (kept_checkpointed, layers_checkpointed, embedded_checkpointed, checkpointed) = results
     assert set(plain) == set(checkpointed)
     for n, grad in plain.items():
         assert (grad is None and checkpointed[n] is None) or np.array_equal(grad, checkpointed[n]), n
@@ -202,3 +205,5 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_and_keeps_
     # the last keeps what it keeps without checkpointing: its backward comes right away
     assert len(layers) >= 2 and all(layers) and layers_checkpointed == [0] * (len(layers) - 1) + layers[-1:]
     assert kept_checkpointed < kept - 0.5 * sum(layers[:-1])
+    if not frozen_embeddings:  # the embeddings are a checkpoint too: their LayerNorm and dropout keep nothing
+        assert embedded > 0 and embedded_checkpointed == 0

@@ -138,3 +138,9 @@ def test_the_blas_runs_on_one_thread_inside_the_fast_kernels_and_is_restored(thr
         assert get_threads() == 2
     finally:
         set_threads(before)
+
+
+def test_free_memory_goes_back_to_the_os_under_glibc():
+    import platform
+
+    assert runtime.release_free_memory() is (platform.libc_ver()[0] == "glibc")

@@ -217,3 +217,29 @@ def test_one_gradient_array_returned_for_two_inputs_is_not_shared():
     out.sum().backward()
     assert_close(a.grad, [1.0 + 2.0])  # 1 + x
     assert_close(c.grad, [1.0 + 1.0])  # 1 + a
+
+
+def test_a_fresh_gradient_is_taken_even_with_the_id_of_one_freed_before(monkeypatch):
+    """A leaf's second gradient is added into its .grad and freed; the next array made may
+    get its id. That array is still fresh: the leaf it goes to takes it, with no copy (a
+    copy of a word embedding's gradient is 45 MB)."""
+    import sys
+
+    from minisft.tensor import Function
+
+    tensor_module = sys.modules["minisft.tensor"]  # the module: minisft.tensor is also the function
+
+    class Fresh(Function):  # y = x; backward hands x a new array
+        def forward(self, x):
+            return x.copy()
+
+        def backward(self, g):
+            return (g * 1,)
+
+    taken, accumulate = [], tensor_module._accumulate_leaf
+    monkeypatch.setattr(tensor_module, "_accumulate_leaf",
+                        lambda leaf, grad, owned: (taken.append(owned), accumulate(leaf, grad, owned)))
+    a, b = (minisft.tensor(np.ones(3, np.float32), requires_grad=True) for _ in range(2))
+    ((Fresh.apply(a) + Fresh.apply(a)).sum() + Fresh.apply(b).sum()).backward()
+    assert taken == [True, True, True]
+    assert np.array_equal(a.grad, [2, 2, 2]) and np.array_equal(b.grad, [1, 1, 1])

@@ -239,13 +239,15 @@ class BertEncoder(nn.Module):
                 output_attentions=False):
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
-        recompute = self.gradient_checkpointing and self.training and is_grad_enabled() and not output_attentions
+        recompute = self.recomputes() and not output_attentions
         for index, layer in enumerate(self.layer):
             # the last layer keeps its activations: its backward starts as soon as the forward
             # ends, so recomputing it would cost time and lower no peak
             if recompute and index < len(self.layer) - 1:
                 hidden_states, probs = nn.checkpoint(
-                    lambda x, layer=layer: layer(x, attention_bias)[0], hidden_states, layer.parameters()), None
+                    lambda x, layer=layer: _lean(layer, x, attention_bias)[0], hidden_states, layer.parameters()), None
+            elif recompute:
+                hidden_states, probs = _lean(layer, hidden_states, attention_bias)
             else:
                 hidden_states, probs = layer(hidden_states, attention_bias, output_attentions)
             if output_hidden_states:
@@ -255,6 +257,28 @@ class BertEncoder(nn.Module):
         return (hidden_states,
                 tuple(all_hidden) if all_hidden is not None else None,
                 tuple(all_attentions) if all_attentions is not None else None)
+
+
+    def recomputes(self):
+        """Whether this forward keeps checkpoints only: gradient checkpointing on, in training,
+        with gradients recorded."""
+        return self.gradient_checkpointing and self.training and is_grad_enabled()
+
+    def embeddings_input(self, embed, input_ids, parameters):
+        """embed(input_ids), the encoder's input; under gradient checkpointing a checkpoint of
+        its own that keeps only the ids, so that the embeddings' LayerNorm and dropout keep
+        nothing through the encoder's backward (remade, same mask, as it ends). `parameters`:
+        embed's."""
+        if not self.recomputes():
+            return embed(input_ids)
+        return nn.checkpoint(lambda ids: embed(ids.data), Tensor(input_ids), parameters)
+
+
+def _lean(layer, hidden_states, attention_bias):
+    """A layer under gradient checkpointing: its feed-forward keeps its pre-activation alone
+    (F.lean_activations), in the recomputed layers and the last, whose backward follows."""
+    with F.lean_activations():
+        return layer(hidden_states, attention_bias)
 
 
 class BertPooler(nn.Module):
@@ -368,7 +392,9 @@ class BertModel(BertPreTrainedModel):
         input_ids = _as_ids("input_ids", input_ids)
         token_type_ids = _as_ids("token_type_ids", token_type_ids, input_ids.shape)
         attention_mask = _as_ids("attention_mask", attention_mask, input_ids.shape)
-        hidden = self.embed(input_ids, token_type_ids, position_ids)
+        embedding_parameters = [p for name, p in self.named_parameters() if not name.startswith(("encoder.", "pooler."))]
+        hidden = self.encoder.embeddings_input(lambda ids: self.embed(ids, token_type_ids, position_ids), input_ids,
+                                               embedding_parameters)
         bias = attention_bias(attention_mask, hidden)
         sequence, all_hidden, attentions = self.encoder(hidden, bias, output_hidden_states,
                                                         output_attentions)
