@@ -157,8 +157,8 @@ class _FeedForward(Function):
     """out = gelu(x W1^T + b1) W2^T + b2, a transformer layer's feed-forward, as one node, so
     that its (rows, inner) arrays are its own and live no longer than they must. Kept for
     backward: GELU's slope, y = gelu(h) when W2 needs its gradient, x when W1 does; or, with
-    `remake` (lean_activations), the pre-activation h alone, from which backward remakes y
-    and the slope chunk by chunk.
+    `remake` (lean_activations) where both y and the slope would be kept, the pre-activation
+    h alone, from which backward remakes them chunk by chunk.
     - Forward: where y is kept, it is made over h (GELU in place); where not (W2 frozen, as
       under LoRA, or remade), the rows go in chunks and y is chunk-sized.
     - Backward: the gradient at h, (g W2) * slope, is made chunk by chunk inside the slope
@@ -173,7 +173,7 @@ class _FeedForward(Function):
         x2 = x.reshape(-1, x.shape[-1])
         needs = self.needs_input_grad  # x, W1, b1, W2, b2
         keep_slope, keep_y = self.recording and any(needs[:3]), self.recording and needs[3]
-        keep_h = remake and (keep_slope or keep_y)
+        keep_h = remake and keep_slope and keep_y  # one (rows, inner) array where two would be kept
         xp = get_array_module(x)
         slope = xp.empty((len(x2), w1.shape[0]), dtype=x2.dtype) if keep_slope and not keep_h else None
         h = self.kernels.linear_forward(x2, w1, b1) if keep_h else None
@@ -212,22 +212,17 @@ class _FeedForward(Function):
     def _backward_remaking(self, g, x2, w1, w2, h):
         """backward from the kept pre-activation: y and the slope remade chunk by chunk, W2's
         gradient summed over the chunks, the gradient at h written inside h."""
-        needs = self.needs_input_grad
-        gb2 = self.kernels.linear_backward(g, None, None, (False, False, True))[2] if needs[4] else None
-        gw2, gh = None, (None if w2 is None else h if self.last_backward else get_array_module(h).empty_like(h))
+        gb2 = self.kernels.linear_backward(g, None, None, (False, False, True))[2] if self.needs_input_grad[4] else None
+        gw2, gh = None, h if self.last_backward else get_array_module(h).empty_like(h)
         for rows in _chunks(len(g)):
-            y_rows, slope_rows = self.gelu(h[rows], slope=True) if gh is not None else (self.gelu(h[rows]), None)
-            if needs[3]:
-                part = self.kernels.linear_backward(g[rows], y_rows, None, (False, True, False))[1]
-                if gw2 is None:
-                    gw2 = part
-                else:
-                    gw2 += part
-            if gh is not None:
-                self._gradient_at_h(g[rows], w2, slope_rows, gh[rows])
+            y_rows, slope_rows = self.gelu(h[rows], slope=True)
+            part = self.kernels.linear_backward(g[rows], y_rows, None, (False, True, False))[1]
+            if gw2 is None:
+                gw2 = part
+            else:
+                gw2 += part
+            self._gradient_at_h(g[rows], w2, slope_rows, gh[rows])
             del y_rows, slope_rows  # before the next chunk's are made
-        if gh is None:
-            return None, None, None, gw2, gb2
         return self._backward_first(gh, x2, w1) + (gw2, gb2)
 
     def _gradient_at_h(self, g_rows, w2, slope_rows, into):
