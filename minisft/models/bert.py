@@ -258,7 +258,6 @@ class BertEncoder(nn.Module):
                 tuple(all_hidden) if all_hidden is not None else None,
                 tuple(all_attentions) if all_attentions is not None else None)
 
-
     def recomputes(self):
         """Whether this forward keeps checkpoints only: gradient checkpointing on, in training,
         with gradients recorded."""
