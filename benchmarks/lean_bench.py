@@ -21,7 +21,7 @@ def run(env, quick):
     figures = _compare(env, ours, theirs, ("full", "lora", "frozen-embeddings", "lora-checkpointing"),
                        *((4, 32) if quick else (32, 128)),
                        quick)
-    return figures + long_inputs(env, quick, ("full", "checkpointing", "whole-attention"), (ours, theirs))
+    return figures + long_inputs(env, quick, ("full", "checkpointing", "whole-attention"), ours, theirs)
 
 
 def libraries(env):
@@ -29,9 +29,9 @@ def libraries(env):
     return Minisft(env.model_dir), Reference(env.model_dir) if env.reference else None
 
 
-def long_inputs(env, quick, modes, libraries_=None):
+def long_inputs(env, quick, modes, ours, theirs):
     """_compare's figures for `modes` at 8x512, the longest input MiniLM takes (2x512 quick)."""
-    return _compare(env, *(libraries_ or libraries(env)), modes, *((2, 512) if quick else (8, 512)), quick)
+    return _compare(env, ours, theirs, modes, *((2, 512) if quick else (8, 512)), quick)
 
 
 def _compare(env, ours, theirs, modes, batch, length, quick):

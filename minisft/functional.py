@@ -100,7 +100,6 @@ def relu(x, inplace=False):
     return _ReLU.apply(in_place_target(x, "relu") if inplace else x, inplace=inplace)
 
 
-
 def tanh(x):
     return x.tanh()
 
@@ -196,14 +195,13 @@ class _FeedForward(Function):
         x2, w1, w2, y, slope, h = self.take_saved()
         needs = self.needs_input_grad
         g = g.reshape(-1, g.shape[-1])
-        xp = get_array_module(g)
         if h is not None:
             return self._backward_remaking(g, x2, w1, w2, h)
         gw2, gb2 = self.kernels.linear_backward(g, y, None, (False, needs[3], needs[4]))[1:]
         del y
         if slope is None:
             return None, None, None, gw2, gb2
-        gh = slope if self.last_backward else xp.empty_like(slope)  # the slope is this node's alone
+        gh = slope if self.last_backward else get_array_module(g).empty_like(slope)  # the slope is this node's alone
         for rows in _chunks(len(g)):
             self._gradient_at_h(g[rows], w2, slope[rows], gh[rows])
         del slope

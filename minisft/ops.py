@@ -53,18 +53,16 @@ class Add(_Binary):
         return self.reduce(g, g)
 
 
-class AddInPlace(_Binary):
+class AddInPlace(Add):
     """a + b written over a's array, which becomes the output (b broadcasting to a's shape):
-    for a product just made and held by nothing else, as a residual connection's."""
+    for a product just made and held by nothing else, as a residual connection's. Add's
+    backward."""
 
     def compute(self, a, b):
         if _broadcast_shape("add_", a, b) != a.shape:
             raise ValueError(f"add_: b's shape {tuple(b.shape)} would widen a's {tuple(a.shape)}")
         a += b
         return a
-
-    def backward(self, g):
-        return self.reduce(g, g)
 
 
 class Sub(_Binary):

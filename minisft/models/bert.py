@@ -263,13 +263,14 @@ class BertEncoder(nn.Module):
         with gradients recorded."""
         return self.gradient_checkpointing and self.training and is_grad_enabled()
 
-    def embeddings_input(self, embed, input_ids, parameters):
+    def embeddings_input(self, embed, input_ids, modules):
         """embed(input_ids), the encoder's input; under gradient checkpointing a checkpoint of
         its own that keeps only the ids, so that the embeddings' LayerNorm and dropout keep
-        nothing through the encoder's backward (remade, same mask, as it ends). `parameters`:
-        embed's."""
+        nothing through the encoder's backward (remade, same mask, as it ends). `modules`:
+        those embed runs."""
         if not self.recomputes():
             return embed(input_ids)
+        parameters = [p for module in modules for p in module.parameters()]
         return nn.checkpoint(lambda ids: embed(ids.data), Tensor(input_ids), parameters)
 
 
@@ -391,9 +392,8 @@ class BertModel(BertPreTrainedModel):
         input_ids = _as_ids("input_ids", input_ids)
         token_type_ids = _as_ids("token_type_ids", token_type_ids, input_ids.shape)
         attention_mask = _as_ids("attention_mask", attention_mask, input_ids.shape)
-        embedding_parameters = [p for name, p in self.named_parameters() if not name.startswith(("encoder.", "pooler."))]
         hidden = self.encoder.embeddings_input(lambda ids: self.embed(ids, token_type_ids, position_ids), input_ids,
-                                               embedding_parameters)
+                                               [m for m in self.children() if m not in (self.encoder, self.pooler)])
         bias = attention_bias(attention_mask, hidden)
         sequence, all_hidden, attentions = self.encoder(hidden, bias, output_hidden_states,
                                                         output_attentions)

@@ -161,7 +161,7 @@ class DistilBertModel(DistilBertPreTrainedModel):
         are accepted for a common signature and ignored: DistilBERT has no token types."""
         input_ids = _as_ids("input_ids", input_ids)
         attention_mask = _as_ids("attention_mask", attention_mask, input_ids.shape)
-        hidden = self.transformer.embeddings_input(self.embeddings, input_ids, self.embeddings.parameters())
+        hidden = self.transformer.embeddings_input(self.embeddings, input_ids, [self.embeddings])
         bias = attention_bias(attention_mask, hidden)
         sequence, all_hidden, attentions = self.transformer(hidden, bias, output_hidden_states, output_attentions)
         return BaseModelOutputWithPooling(sequence, None, all_hidden, attentions)
