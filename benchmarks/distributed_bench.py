@@ -17,7 +17,7 @@ WORKER = """
 import json, statistics, sys, time
 import minisft
 sys.path.insert(0, {root!r})
-from minisft import distributed
+from minisft import distributed, lean
 from minisft.models.bert import BertForSequenceClassification
 from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
 from minisft.runtime import keep_freed_memory
@@ -25,7 +25,7 @@ from benchmarks.workloads import inputs
 
 keep_freed_memory()
 comm = distributed.world()
-model = BertForSequenceClassification.from_pretrained({model!r}, num_labels=2).train()
+model = lean.apply(BertForSequenceClassification.from_pretrained({model!r}, num_labels=2).train())
 optimizer = AdamW(parameter_groups(model, 0.01), lr=2e-5)
 ids, mask, labels = inputs({batch}, {length})
 mine = distributed.shard(list(range({batch})), comm.rank, comm.size)

@@ -33,9 +33,10 @@ class Minisft:
 
     def forward(self, batch, length):
         import minisft
+        from minisft import lean
         from minisft.models.bert import BertModel
 
-        model = BertModel.from_pretrained(self.model_dir).eval().to(self.device)
+        model = lean.apply(BertModel.from_pretrained(self.model_dir).eval().to(self.device))  # minisft's defaults
         ids, mask, _ = inputs(batch, length)
 
         def run():
@@ -50,25 +51,22 @@ class Minisft:
         every weight with attention over whole (L, L) score matrices however long the input
         ("whole-attention", as before block attention), or every weight in mixed precision
         ("fp16": float16 products, loss scaling; minisft.amp)."""
-        import minisft.functional as F
-        from minisft import amp, peft
+        from minisft import amp, lean, peft
         from minisft.models.bert import BertForSequenceClassification
         from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
 
         model = BertForSequenceClassification.from_pretrained(self.model_dir, num_labels=2).train().to(self.device)
-        if mode.endswith("checkpointing"):
-            model.gradient_checkpointing_enable()
+        lean.apply(model, block_attention_from=None if mode == "whole-attention" else lean.BLOCK_ATTENTION_FROM,
+                   checkpointing=mode.endswith("checkpointing"))  # minisft train's passes
         if mode.startswith("lora"):
             model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA))
         elif mode == "frozen-embeddings":
             peft.freeze(model, embeddings=True)
-        blocked_from = 10 ** 9 if mode == "whole-attention" else F.BLOCKED_FROM_DEFAULT
         optimizer = AdamW(parameter_groups(model, 0.01), lr=2e-5)
         ids, mask, labels = inputs(batch, length)
         scaler = amp.GradScaler() if mode == "fp16" else None
 
         def run():
-            F.BLOCKED_FROM = blocked_from  # each run its own: steps of several modes may alternate
             with amp.autocast(enabled=scaler is not None):
                 loss = model(ids, attention_mask=mask, labels=labels).loss
             (loss if scaler is None else scaler.scale(loss)).backward()

@@ -5,16 +5,13 @@ set's kernel (minisft.kernels: `reference`, plain formulas, or `fast`). The kern
 chosen at forward time and the same set runs the backward. Shapes follow torch: `x` is
 (..., features) unless said otherwise.
 """
-import contextlib
 import math
-import threading
 
 import numpy
 
 from minisft import amp, kernels, random
 from minisft.backend import device_of, get_array_module, read_back
 from minisft.ops import in_place_target, unbroadcast
-from minisft.runtime import get_num_threads
 from minisft.tensor import Function, Tensor, array_of
 
 
@@ -148,135 +145,6 @@ def linear(x, weight, bias=None):
     return _Linear.apply(x, weight) if bias is None else _Linear.apply(x, weight, bias)
 
 
-# --- feed-forward: Linear -> GELU -> Linear in one node ------------------------------------
-FEED_FORWARD_CHUNK = 1024  # rows per chunk: a multiple of the fast kernels' GEMM tile, so the same products
-
-
-class _FeedForward(Function):
-    """out = gelu(x W1^T + b1) W2^T + b2, a transformer layer's feed-forward, as one node, so
-    that its (rows, inner) arrays are its own and live no longer than they must. Kept for
-    backward: GELU's slope, y = gelu(h) when W2 needs its gradient, x when W1 does; or, with
-    `remake` (lean_activations) where both y and the slope would be kept, the pre-activation
-    h alone, from which backward remakes them chunk by chunk.
-    - Forward: where y is kept, it is made over h (GELU in place); where not (W2 frozen, as
-      under LoRA, or remade), the rows go in chunks and y is chunk-sized.
-    - Backward: the gradient at h, (g W2) * slope, is made chunk by chunk inside the slope
-      (or inside h).
-    No (rows, inner) array beside what is kept; the same products and results as linear,
-    gelu and linear, except that a remade y gives W2's gradient as a sum over chunks of rows
-    (within float32 rounding of the one product's)."""
-
-    def forward(self, x, w1, b1, w2, b2, *, approximate, remake):
-        self.kernels, self.shape = kernels.for_array(x), x.shape
-        self.gelu = getattr(self.kernels, "gelu_tanh_forward" if approximate == "tanh" else "gelu_forward")
-        x2 = x.reshape(-1, x.shape[-1])
-        needs = self.needs_input_grad  # x, W1, b1, W2, b2
-        keep_slope, keep_y = self.recording and any(needs[:3]), self.recording and needs[3]
-        keep_h = remake and keep_slope and keep_y  # one (rows, inner) array where two would be kept
-        xp = get_array_module(x)
-        slope = xp.empty((len(x2), w1.shape[0]), dtype=x2.dtype) if keep_slope and not keep_h else None
-        h = self.kernels.linear_forward(x2, w1, b1) if keep_h else None
-        if keep_y and not keep_h:
-            y = _gelu_over(self.gelu, self.kernels.linear_forward(x2, w1, b1), slope)
-            out = self.kernels.linear_forward(y, w2, b2)
-        else:
-            y, out = None, xp.empty((len(x2), w2.shape[0]), dtype=x2.dtype)
-            for rows in _chunks(len(x2)):
-                y_rows = (self.gelu(h[rows]) if keep_h else
-                          _gelu_over(self.gelu, self.kernels.linear_forward(x2[rows], w1, b1),
-                                     None if slope is None else slope[rows]))
-                out[rows] = self.kernels.linear_forward(y_rows, w2, b2)
-                del y_rows  # before the next chunk's is made
-        self.save_for_backward(x2 if needs[1] else None, w1 if needs[0] else None, w2 if keep_slope else None, y,
-                               slope, h)
-        return out.reshape(*x.shape[:-1], w2.shape[0])
-
-    def backward(self, g):
-        x2, w1, w2, y, slope, h = self.take_saved()
-        needs = self.needs_input_grad
-        g = g.reshape(-1, g.shape[-1])
-        if h is not None:
-            return self._backward_remaking(g, x2, w1, w2, h)
-        gw2, gb2 = self.kernels.linear_backward(g, y, None, (False, needs[3], needs[4]))[1:]
-        del y
-        if slope is None:
-            return None, None, None, gw2, gb2
-        gh = slope if self.last_backward else get_array_module(g).empty_like(slope)  # the slope is this node's alone
-        for rows in _chunks(len(g)):
-            self._gradient_at_h(g[rows], w2, slope[rows], gh[rows])
-        del slope
-        return self._backward_first(gh, x2, w1) + (gw2, gb2)
-
-    def _backward_remaking(self, g, x2, w1, w2, h):
-        """backward from the kept pre-activation: y and the slope remade chunk by chunk, W2's
-        gradient summed over the chunks, the gradient at h written inside h."""
-        gb2 = self.kernels.linear_backward(g, None, None, (False, False, True))[2] if self.needs_input_grad[4] else None
-        gw2, gh = None, h if self.last_backward else get_array_module(h).empty_like(h)
-        for rows in _chunks(len(g)):
-            y_rows, slope_rows = self.gelu(h[rows], slope=True)
-            part = self.kernels.linear_backward(g[rows], y_rows, None, (False, True, False))[1]
-            if gw2 is None:
-                gw2 = part
-            else:
-                gw2 += part
-            self._gradient_at_h(g[rows], w2, slope_rows, gh[rows])
-            del y_rows, slope_rows  # before the next chunk's are made
-        return self._backward_first(gh, x2, w1) + (gw2, gb2)
-
-    def _gradient_at_h(self, g_rows, w2, slope_rows, into):
-        """(g W2) * slope for a chunk of rows, written into `into`."""
-        product = self.kernels.linear_backward(g_rows, None, w2, (True, False, False))[0]
-        get_array_module(product).multiply(product, slope_rows, out=into)
-
-    def _backward_first(self, gh, x2, w1):
-        """(gx, gW1, gb1) from the gradient at h."""
-        gx, gw1, gb1 = self.kernels.linear_backward(gh, x2, w1, self.needs_input_grad[:3])
-        return None if gx is None else gx.reshape(self.shape), gw1, gb1
-
-
-_lean = threading.local()
-
-
-@contextlib.contextmanager
-def lean_activations(enabled=True):
-    """Inside, ops that can remake an activation in backward keep less for it: feed_forward
-    keeps its pre-activation alone and remakes GELU's output and slope in backward (GELU's
-    work twice). For gradient checkpointing, which trades compute for memory. Per thread."""
-    previous = getattr(_lean, "enabled", False)
-    _lean.enabled = enabled
-    try:
-        yield
-    finally:
-        _lean.enabled = previous
-
-
-def _gelu_over(kernel, h, slope):
-    """GELU of h written over h; its slope written into `slope` when given."""
-    return kernel(h, into=h) if slope is None else kernel(h, slope=True, into=h, slope_into=slope)[0]
-
-
-def _chunks(rows):
-    return _slices(rows, FEED_FORWARD_CHUNK)
-
-
-def _slices(length, size):
-    """range(length) in slices of `size` (the last one may be shorter)."""
-    return [slice(start, min(start + size, length)) for start in range(0, length, size)]
-
-
-def feed_forward(x, w1, b1, w2, b2, approximate="none"):
-    """gelu(x W1^T + b1) W2^T + b2 (approximate: GELU's form, as in gelu) as one node, which
-    keeps less than linear, gelu and linear do (see _FeedForward), with the same results;
-    under lean_activations, less again (its pre-activation alone).
-    x: (..., in), w1: (inner, in), b1: (inner,), w2: (out, inner), b2: (out,) -> (..., out)."""
-    if x.shape[-1] != w1.shape[1] or w2.shape[1] != w1.shape[0]:
-        raise ValueError(f"feed_forward: input shape {tuple(x.shape)}, w1 {tuple(w1.shape)} and w2 "
-                         f"{tuple(w2.shape)} do not chain: need (..., in), (inner, in), (out, inner)")
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"feed_forward: approximate must be 'none' or 'tanh', not {approximate!r}")
-    return _FeedForward.apply(x, w1, b1, w2, b2, approximate=approximate, remake=getattr(_lean, "enabled", False))
-
-
 # --- softmax family ---------------------------------------------------------------------
 class _LastAxisOp(Function):
     """An op along one axis, run by kernels along the last: other axes are moved there and
@@ -333,106 +201,28 @@ class _AttentionBase(Function):
     P = softmax(S), S = q k^T scale + bias, D = P * keep / (1 - p):
         dv = D^T g,  dD = g v^T,  dP = dD * keep / (1 - p),
         dS = P * (dP - rowsum(dP * P)),  dq = dS k scale,  dk = dS^T q scale,  dbias = dS.
-    Backward keeps only what the kernel's forward returned and the dropout mask (the
-    dropped-out probabilities are remade rather than kept: a (..., L, L) array per layer).
-    Subclasses lay out the inputs and outputs.
+    Saved for backward: what the kernel's forward returned, (q, k, v, P), and the dropout
+    mask (the dropped-out probabilities are remade rather than kept: a (..., L, L) array per
+    layer). Subclasses lay out the inputs and outputs; minisft.lean.attention's block
+    attention replaces attend and attend_backward.
     """
 
     def attend(self, q, k, v, bias, out, *, scale, dropout_p, keep_probs):
         """Fill `out` (batch..., Lq, dv) with the context of q, k, v (batch..., L, d) and
-        bias (broadcasting to the scores), keeping what backward needs. From BLOCKED_FROM
-        keys on (and when the probabilities are not asked for and bias needs no gradient),
-        query rows go in blocks of QUERY_BLOCK and nothing of size (..., Lq, Lk) is kept:
-        backward recomputes each block's probabilities (and its dropout mask, from the random
-        state it was drawn with), as flash attention does. On a GPU attention stays whole:
-        CuPy's generator state cannot be read back, so a mask could not be remade."""
-        xp = get_array_module(q)
-        scores_shape = q.shape[:-1] + (k.shape[-2],)
-        bias = None if bias is None else xp.broadcast_to(bias, scores_shape)
+        bias (broadcasting to the scores), keeping what backward needs."""
+        self.scores_shape = q.shape[:-1] + (k.shape[-2],)
+        bias = None if bias is None else get_array_module(q).broadcast_to(bias, self.scores_shape)
         self.kernels = kernels.for_array(q)
         self.scale, self.dropout_scale, self.dropout_p = scale, 1 / (1 - dropout_p), dropout_p
-        self.blocks = None
-        bias_grad = len(self.needs_input_grad) > 1 and self.needs_input_grad[-1] and bias is not None
-        if k.shape[-2] >= BLOCKED_FROM and not keep_probs and not bias_grad and xp is numpy:
-            self.probs, self.blocks = None, []
-            for rows in _query_blocks(q.shape[-2]):
-                self.blocks.append((rows, random.get_rng_state() if dropout_p else None))
-                keep = self._block_mask(q, k, rows)
-                for batch in _batch_chunks(len(q)):  # what a block makes is then chunk-sized
-                    self._attend_block(q, k, v, bias, keep, rows, out[batch, ..., rows, :], items=batch)
-            self.save_for_backward((q, k, v, bias), None)
-            return
-        keep = random.keep_mask(scores_shape, dropout_p, device_of(q)) if dropout_p else None
+        keep = random.keep_mask(self.scores_shape, dropout_p, device_of(q)) if dropout_p else None
         saved = self.kernels.attention_forward(q, k, v, bias, keep, scale, self.dropout_scale, out)
         self.probs = saved[-1] if keep_probs else None
         self.save_for_backward(saved, keep)
 
-    def _block_mask(self, q, k, rows):
-        """The dropout mask of a block of query rows, drawn from the random state as it is."""
-        if not self.dropout_p:
-            return None
-        return random.keep_mask(q.shape[:-2] + (rows.stop - rows.start, k.shape[-2]), self.dropout_p, device_of(q))
-
-    def _attend_block(self, q, k, v, bias, keep, rows, out, items=slice(None)):
-        """The context of query rows `rows` of batch items `items` (of the first axis) into
-        `out` (items, ..., len(rows), dv); returns what the kernel keeps for backward."""
-        return self.kernels.attention_forward(q[items, ..., rows, :], k[items], v[items],
-                                              None if bias is None else bias[items, ..., rows, :],
-                                              None if keep is None else keep[items],
-                                              self.scale, self.dropout_scale, out)
-
     def attend_backward(self, g, gq, gk, gv, g_scores):
         """Fill the gradients given (None: not needed) from g, the context's gradient."""
-        if self.blocks is None:
-            saved, keep = self.saved
-            self.kernels.attention_backward(g, saved, keep, self.scale, self.dropout_scale, gq, gk, gv, g_scores)
-            return
-        (q, k, v, bias), _ = self.saved
-        xp = get_array_module(q)
-        resumed = random.get_rng_state()
-        # a block's probabilities are remade for a few batch items at a time, one per thread;
-        # the first block writes gk and gv, each later one adds its share from part_k, part_v
-        batches, block_rows = _batch_chunks(len(q)), self.blocks[0][0].stop
-        chunk = batches[0].stop
-        scratch = xp.empty((chunk,) + g.shape[1:-2] + (block_rows, g.shape[-1]), dtype=g.dtype)  # their context
-        part_k, part_v = (None if a is None or len(self.blocks) == 1 else xp.empty((chunk,) + a.shape[1:], dtype=a.dtype)
-                          for a in (gk, gv))
-        try:
-            for index, (rows, state) in enumerate(self.blocks):
-                if state is not None:
-                    random.set_rng_state(state)
-                keep = self._block_mask(q, k, rows)
-                for batch in batches:
-                    n = batch.stop - batch.start
-                    saved = self._attend_block(q, k, v, bias, keep, rows, items=batch,
-                                               out=scratch[:n, ..., :rows.stop - rows.start, :])
-                    into = (gk, gv) if index == 0 else (part_k, part_v)
-                    into_k, into_v = (None if a is None else a[batch if index == 0 else slice(n)] for a in into)
-                    self.kernels.attention_backward(g[batch, ..., rows, :], saved,
-                                                    None if keep is None else keep[batch], self.scale,
-                                                    self.dropout_scale,
-                                                    None if gq is None else gq[batch, ..., rows, :], into_k, into_v, None)
-                    del saved  # freed before the next items' are made
-                    if index:
-                        for total, part in ((gk, into_k), (gv, into_v)):
-                            if total is not None:
-                                total[batch] += part
-                del keep
-        finally:
-            random.set_rng_state(resumed)
-
-
-BLOCKED_FROM, QUERY_BLOCK = 128, 128  # block attention from 128 keys on, 128 query rows at a time
-BLOCKED_FROM_DEFAULT = BLOCKED_FROM
-
-
-def _batch_chunks(items):
-    """The batch in slices of as many items as threads: a block's work, one item per thread."""
-    return _slices(items, min(items, get_num_threads()))
-
-
-def _query_blocks(length):
-    return _slices(length, QUERY_BLOCK)
+        saved, keep = self.take_saved()
+        self.kernels.attention_backward(g, saved, keep, self.scale, self.dropout_scale, gq, gk, gv, g_scores)
 
 
 class _Attention(_AttentionBase):
@@ -448,20 +238,19 @@ class _Attention(_AttentionBase):
         self.input_shapes = [a.shape for a in (q, k, v)] + [None if bias is None else bias.shape]
         batch = numpy.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
         q, k, v = (xp.broadcast_to(a, batch + a.shape[-2:]) for a in (q, k, v))
-        self.orders = [_axis_order(a) for a in (q, k, v)]
-        out = _empty_in_order(xp, batch + (q.shape[-2], v.shape[-1]), self.orders[0], q.dtype)
+        self.layouts = [(a.shape, _axis_order(a), a.dtype) for a in (q, k, v)]
+        out = _empty_in_order(xp, batch + (q.shape[-2], v.shape[-1]), self.layouts[0][1], q.dtype)
         self.attend(q, k, v, bias, out, scale=scale, dropout_p=dropout_p, keep_probs=keep_probs)
         if self.unbatched and self.probs is not None:
             self.probs = self.probs[0]
         return out[0] if self.unbatched else out
 
     def backward(self, g):
-        (q, k, v, probs), _ = self.saved  # blocked: (q, k, v, bias), and no bias gradient
         xp = get_array_module(g)
         needs = list(self.needs_input_grad) + [False] * (4 - len(self.needs_input_grad))
-        gq, gk, gv = (_empty_in_order(xp, a.shape, order, a.dtype) if need else None
-                      for a, order, need in zip((q, k, v), self.orders, needs))
-        g_bias = xp.empty_like(probs) if needs[3] else None
+        gq, gk, gv = (_empty_in_order(xp, shape, order, dtype) if need else None
+                      for (shape, order, dtype), need in zip(self.layouts, needs))
+        g_bias = xp.empty(self.scores_shape, dtype=g.dtype) if needs[3] else None
         self.attend_backward(g[None] if self.unbatched else g, gq, gk, gv, g_bias)
         grads = [None if grad is None else unbroadcast(grad, shape)
                  for grad, shape in zip((gq, gk, gv, g_bias), self.input_shapes)]
@@ -470,70 +259,24 @@ class _Attention(_AttentionBase):
         return tuple(grads[:len(self.needs_input_grad)])
 
 
-class _PackedAttention(_AttentionBase):
-    """Multi-head self-attention on packed projections: qkv (B, L, 3 * H), the query, key
-    and value heads side by side, -> context (B, L, H). The heads are views of qkv, the
-    context is made in (B, L, heads, d) memory and qkv's gradient in one (B, L, 3H) array,
-    so that a fused QKV projection's backward is one matrix product."""
-
-    def forward(self, qkv, bias=None, *, num_heads, scale, dropout_p, keep_probs):
-        xp = get_array_module(qkv)
-        batch, length, packed = qkv.shape
-        if packed % (3 * num_heads):
-            raise ValueError(f"multi_head_attention: qkv's last dim {packed} is not 3 x num_heads "
-                             f"({num_heads}) x a head size")
-        self.head_shape = (batch, length, num_heads, packed // (3 * num_heads))
-        q, k, v = self._heads(qkv.reshape(batch, length, 3, *self.head_shape[2:]))
-        out = xp.empty(self.head_shape, dtype=qkv.dtype)
-        self.bias_shape = None if bias is None else bias.shape
-        scale = 1 / math.sqrt(self.head_shape[-1]) if scale is None else scale
-        self.attend(q, k, v, bias, out.transpose(0, 2, 1, 3), scale=scale, dropout_p=dropout_p,
-                    keep_probs=keep_probs)
-        return out.reshape(batch, length, -1)
-
-    @staticmethod
-    def _heads(packed):
-        """(B, L, 3, heads, d) -> three (B, heads, L, d) views."""
-        return [packed[:, :, i].transpose(0, 2, 1, 3) for i in range(3)]
-
-    def backward(self, g):
-        xp = get_array_module(g)
-        batch, length, heads, size = self.head_shape
-        g_qkv = xp.empty((batch, length, 3, heads, size), dtype=g.dtype)
-        needs_bias = len(self.needs_input_grad) > 1 and self.needs_input_grad[1]
-        g_bias = xp.empty_like(self.saved[0][-1]) if needs_bias else None
-        self.attend_backward(g.reshape(self.head_shape).transpose(0, 2, 1, 3), *self._heads(g_qkv), g_bias)
-        grads = (g_qkv.reshape(batch, length, -1), None if g_bias is None else unbroadcast(g_bias, self.bias_shape))
-        return grads[:len(self.needs_input_grad)]
-
-
-def _with_weights(fn, context, need_weights):
+def with_weights(fn, context, need_weights):
+    """An attention op's result: the context, and fn's probabilities as a Tensor too when asked."""
     return (context, Tensor(fn.probs)) if need_weights else context
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, scale=None,
                                  need_weights=False):
-    """Attention over (batch..., L, d) query/key/value; attn_mask is added to the scores
-    (a float bias broadcasting to (batch..., L, L), e.g. the dtype's minimum at padding).
-    Returns the (batch..., L, d) context, and the probabilities too with need_weights."""
+    """softmax(query key^T scale + attn_mask) value, dropout on the probabilities, over
+    (batch..., L, d) query/key/value (scale defaults to 1 / sqrt(d)); attn_mask is added to
+    the scores (a float bias broadcasting to (batch..., L, L), e.g. the dtype's minimum at
+    padding). Returns the (batch..., L, d) context, and the probabilities too with
+    need_weights."""
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
     fn = _Attention()
     inputs = (query, key, value) if attn_mask is None else (query, key, value, attn_mask)
     context = fn(*inputs, scale=scale, dropout_p=dropout_p, keep_probs=need_weights)
-    return _with_weights(fn, context, need_weights)
+    return with_weights(fn, context, need_weights)
 
-
-def multi_head_attention(qkv, num_heads, attn_mask=None, dropout_p=0.0, scale=None, need_weights=False):
-    """Self-attention of `num_heads` heads on packed projections qkv (B, L, 3 * H) (query,
-    key and value side by side, as one linear layer over stacked weights makes them);
-    attn_mask as in scaled_dot_product_attention, broadcasting to (B, heads, L, L). Returns
-    the (B, L, H) context (heads concatenated), and the (B, heads, L, L) probabilities too
-    with need_weights. The same as scaled_dot_product_attention on the split, permuted heads,
-    without the copies."""
-    fn = _PackedAttention()
-    inputs = (qkv,) if attn_mask is None else (qkv, attn_mask)
-    context = fn(*inputs, num_heads=num_heads, scale=scale, dropout_p=dropout_p, keep_probs=need_weights)
-    return _with_weights(fn, context, need_weights)
 
 
 # --- normalisation and regularisation ---------------------------------------------------

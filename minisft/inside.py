@@ -12,9 +12,10 @@ from minisft.options import OptionError
 GRAPH_SENTENCE = "Fine-tuning starts here."
 
 
-def _model(spec, layers=None):
+def _model(spec, layers=None, lean=True):
     """The checkpoint (a directory, or a fetchable name, fetched) as a sequence classifier
-    (a new head where it has none), with its lowest `layers` encoder layers only when given."""
+    (a new head where it has none), with its lowest `layers` encoder layers only when given;
+    lean=False: the plain model, no pass applied."""
     model_dir = resolve_model(spec)
     if not (pathlib.Path(model_dir) / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a checkpoint directory (it has no config.json): give one "
@@ -26,7 +27,7 @@ def _model(spec, layers=None):
         if not 1 <= layers <= total:
             raise OptionError("--layers", layers, f"{model_dir} has {total} layers", f"give 1 to {total}")
         overrides[config.layers_field] = layers
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, strict=False, **overrides)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, strict=False, lean=lean, **overrides)
     return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
@@ -66,8 +67,9 @@ def attention(model_dir, sentence, output="attention.png", layer=None, head=None
 
 
 def model_summary(model_dir, batch_size=32, length=128, profile=False):
-    """The summary table of one training step at batch_size x length (random ids)."""
-    model, tokenizer = _model(model_dir)
+    """The summary table of one training step at batch_size x length (random ids), of the
+    plain model (every module runs its own forward, so every one has a row)."""
+    model, tokenizer = _model(model_dir, lean=False)
     limit = getattr(model.config, "max_position_embeddings", length)
     if length > limit:
         raise OptionError("--length", length, f"{model_dir} takes at most {limit} positions", f"give 1 to {limit}")

@@ -11,10 +11,8 @@ import numpy
 
 from minisft import functional as F
 from minisft import random
-from minisft.backend import Device, get_array_module
-from minisft.ops import CatView
-from minisft.runtime import release_free_memory
-from minisft.tensor import Function, Tensor, backpropagate, no_grad
+from minisft.backend import Device
+from minisft.tensor import Tensor
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
@@ -29,30 +27,6 @@ class Parameter(Tensor):
 
     def __repr__(self):
         return "Parameter containing:\n" + super().__repr__()
-
-
-def _address(array):
-    return array.data.ptr if hasattr(array.data, "ptr") else array.__array_interface__["data"][0]
-
-
-def packed_rows(params):
-    """cat(params) along dim 0, differentiable, copying nothing after the first call: the
-    parameters' arrays are then views of consecutive row blocks of one array, which the
-    optimiser updates in place (as BERT's query/key/value weights, multiplied as one). Arrays
-    replaced since (a load, .to(device)) are packed again."""
-    arrays = [p.data for p in params]
-    whole = arrays[0].base
-    offsets = numpy.cumsum([0] + [a.shape[0] for a in arrays])
-    row_bytes = arrays[0][:1].nbytes
-    packed = (whole is not None and whole.flags.c_contiguous and all(a.flags.c_contiguous for a in arrays)
-              and whole.shape == (offsets[-1],) + arrays[0].shape[1:] and whole.dtype == arrays[0].dtype
-              and all(a.base is whole and _address(a) == _address(whole) + int(o) * row_bytes
-                      for a, o in zip(arrays, offsets)))
-    if not packed:
-        whole = get_array_module(arrays[0]).concatenate(arrays)
-        for param, start, stop in zip(params, offsets, offsets[1:]):
-            param.data = whole[start:stop]
-    return CatView.apply(*params, whole=whole)
 
 
 class Module:
@@ -141,7 +115,7 @@ class Module:
             if name in state_dict:
                 value = state_dict[name]
                 value = value.data if isinstance(value, Tensor) else value
-                param.data = param.device.put(value).astype(param.dtype, copy=True)
+                param.data[...] = param.device.put(value)  # in place: views of it stay views
         return IncompatibleKeys(missing, unexpected)
 
     # --- modes and placement --------------------------------------------------------------
@@ -178,7 +152,13 @@ class Module:
                 param.data = param.data.astype(dtype, copy=False)
             if param.grad is not None:
                 param.grad = target.put(param.grad).astype(param.dtype, copy=False)
+        for module in self.modules():
+            module.after_move()
         return self
+
+    def after_move(self):
+        """Called on every module once `to` has moved the parameters (their arrays are new):
+        a module that keeps views of them makes them again here."""
 
     def extra_repr(self):
         return ""
@@ -288,54 +268,3 @@ class Dropout(Module):
 
     def extra_repr(self):
         return f"p={self.p}" + (", inplace=True" if self.inplace else "")
-
-
-class _Checkpoint(Function):
-    """Runs `block` on x without keeping what it computes inside; backward runs it again
-    from x, with the random state it first ran with (so the same dropout masks), and
-    backpropagates through that recomputed graph: parameter gradients go to the block's
-    parameters, x's gradient is returned. The recomputed output itself is let go before
-    that backward (only its gradient is needed), and as each pass through the block ends,
-    its freed activations are handed back to the OS (runtime.release_free_memory). The
-    block's parameters are inputs too, so that the op records even when x needs no
-    gradient."""
-
-    def forward(self, x, *parameters, block):
-        self.block, self.rng = block, random.get_rng_state()
-        self.save_for_backward(x)
-        with no_grad():
-            out = block(Tensor(x)).data
-        _release_free_memory(x)
-        return out
-
-    def backward(self, g):
-        (x,) = self.saved
-        resumed = random.get_rng_state()
-        random.set_rng_state(self.rng)
-        try:
-            x = Tensor(x, requires_grad=self.needs_input_grad[0])
-            with no_grad(enabled=True):
-                out = self.block(x)
-            node, out = out._ctx, None  # the output's graph, without its array
-            backpropagate(node, g)
-        finally:
-            random.set_rng_state(resumed)
-        gx, x = x.grad if self.needs_input_grad[0] else None, None
-        _release_free_memory(g)
-        return (gx,) + (None,) * (len(self.needs_input_grad) - 1)
-
-
-def _release_free_memory(array):
-    """The recomputed block's freed memory back to the OS, on the CPU (a GPU's memory pool
-    keeps its own)."""
-    if get_array_module(array) is numpy:
-        release_free_memory()
-
-
-def checkpoint(block, x, parameters):
-    """block(x) -> Tensor, keeping only x for backward (gradient checkpointing: the
-    activations inside the block are recomputed in backward). `parameters`: the block's."""
-    trainable = [p for p in parameters if p.requires_grad]
-    if not (x.requires_grad or trainable):
-        return block(x)
-    return _Checkpoint.apply(x, *trainable, block=block)

@@ -22,6 +22,13 @@ import numpy
 from minisft import nn, random
 from minisft.checkpoint import load_safetensors, save_safetensors, write_json_atomic
 
+TARGET_MODULES = {  # peft's default LoRA targets by config.json's model_type
+    "bert": ["query", "value"], "roberta": ["query", "value"], "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+}
+TASK_TYPES = {  # peft's task_type by the head's class name
+    "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",
+}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -131,7 +138,7 @@ class LoraModel(nn.Module):
         self.peft_config = config
         self.base_model_name_or_path = base_model_name_or_path
         if config.target_modules is None:
-            config.target_modules = list(model.lora_target_modules)
+            config.target_modules = list(TARGET_MODULES[model.config.model_type])
         linears = {path: m for path, m in model.named_modules() if isinstance(m, nn.Linear)}
         targets = [path for path in linears
                    if any(path == t or path.endswith("." + t) for t in config.target_modules)]
@@ -205,7 +212,7 @@ class LoraModel(nn.Module):
         model's config.json (its labels) for minisft evaluate/predict."""
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {**asdict(self.peft_config), "peft_type": "LORA", "task_type": self.model.peft_task_type,
+        config = {**asdict(self.peft_config), "peft_type": "LORA", "task_type": task_type(self.model),
                   "base_model_name_or_path": self.base_model_name_or_path, "fan_in_fan_out": False,
                   "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
                   "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
@@ -234,6 +241,13 @@ class LoraModel(nn.Module):
                 raise ValueError(f"{source}: {PEFT_PREFIX}{name} has shape {tuple(value.shape)}, the model's is "
                                  f"{tuple(param.shape)}")
             param.data = param.device.put(value).astype(param.dtype, copy=True)
+
+
+def task_type(model):
+    """peft's task_type for a task model (None for multiple choice, which peft has no name for)."""
+    name = type(model).__name__
+    return getattr(model, "peft_task_type", None) or next(
+        (kind for suffix, kind in TASK_TYPES.items() if name.endswith(suffix)), None)
 
 
 def _short_names(paths):
@@ -274,10 +288,7 @@ def load_adapter(model, directory, base_model_name_or_path=None):
 
 
 def prepare(model, args, base_model_name_or_path):
-    """The model as TrainingArguments ask: gradient checkpointing, frozen parts, then LoRA
-    adapters (lora_r > 0)."""
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    """The model as TrainingArguments ask: frozen parts, then LoRA adapters (lora_r > 0)."""
     freeze(model, args.freeze_embeddings, args.freeze_layers)
     if not args.lora_r:
         return model

@@ -70,19 +70,11 @@ class SentenceEmbedder(nn.Module):
     def config(self):
         return self.model.config
 
-    @property
-    def lora_target_modules(self):
-        return self.model.lora_target_modules
-
     def base_model(self):
         return self.model
 
     def encoder_layers(self):
         return self.model.encoder_layers()
-
-    def gradient_checkpointing_enable(self):
-        self.model.gradient_checkpointing_enable()
-        return self
 
     def loading_report(self):
         return self.model.loading_report()

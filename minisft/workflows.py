@@ -8,7 +8,7 @@ import sys
 
 import numpy
 
-from minisft import distributed, peft, random, runtime, tasks
+from minisft import distributed, lean, peft, random, runtime, tasks
 from minisft.backend import Device
 from minisft.data import DataError, LabelVocab
 from minisft.fetch import FetchError, resolve_data, resolve_model
@@ -81,7 +81,10 @@ def train(options):
     eval_features = features(resolve_data(eval_spec, "dev")[0]) if eval_spec else None
     test_path = resolve_data(options.test, "test")[0] if options.test else None
     device = distributed.rank_device(comm, options.device)
-    model = _placed(peft.prepare(task.model(model_dir, labels), args, _base_name(options.model, model_dir)), device)
+    model = task.model(model_dir, labels)  # the lean passes' defaults applied (models.auto)
+    if args.gradient_checkpointing:
+        lean.gradient_checkpointing(model)
+    model = _placed(peft.prepare(model, args, _base_name(options.model, model_dir)), device)
     resume = None
     if options.resume:
         resume = latest_checkpoint(output) if options.resume == "latest" else pathlib.Path(options.resume)

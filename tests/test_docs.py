@@ -39,3 +39,30 @@ def test_every_code_reference_names_a_function_that_exists():
             for part in name.split("."):
                 assert hasattr(target, part), f"{path}.py has no {name}"
                 target = getattr(target, part)
+
+
+def test_the_walk_names_exactly_the_nodes_of_the_plain_model_s_step():
+    """The "Nodes" lines of the walk, together, are the Functions in the graph of one
+    training step of the plain BertForSequenceClassification on the reference kernels."""
+    import numpy as np
+
+    import minisft
+    from minisft.models.bert import BertForSequenceClassification
+    from minisft.tensor import _topological_order
+    from conftest import FIXTURES
+
+    named = set()
+    for line in re.findall(r"^- Nodes: (.*(?:\n  .*)*)", DOCUMENT.read_text(encoding="utf-8"), re.M):
+        named.update(re.findall(r"`(\w+)`", line))
+    before = minisft.get_kernels()
+    minisft.set_kernels("reference")
+    try:
+        minisft.manual_seed(0)
+        model = BertForSequenceClassification.from_pretrained(FIXTURES / "tiny-bert", num_labels=2).train()
+        ids = np.random.default_rng(0).integers(5, 60, (2, 7))
+        mask = np.ones_like(ids)
+        mask[1, 5:] = 0
+        loss = model(ids, attention_mask=mask, labels=np.array([0, 1])).loss
+    finally:
+        minisft.set_kernels(before)
+    assert {type(node).__name__ for node in _topological_order(loss._ctx)} == named

@@ -7,6 +7,7 @@ import pytest
 
 import minisft
 import minisft.functional as F
+from minisft.lean import attention, feed_forward
 from conftest import assert_close
 
 
@@ -119,7 +120,7 @@ def test_multi_head_attention_equals_attention_on_the_split_heads(device):
     batch, length, heads, size = 2, 5, 3, 4
     qkv = minisft.tensor(rng.standard_normal((batch, length, 3 * heads * size)), requires_grad=True, device=device)
     bias = minisft.tensor(rng.standard_normal((batch, 1, 1, length)), requires_grad=True, device=device)
-    context, probs = F.multi_head_attention(qkv, heads, bias, need_weights=True)
+    context, probs = attention.multi_head_attention(qkv, heads, bias, need_weights=True)
     split = qkv.reshape(batch, length, 3, heads, size)
     q, k, v = (split[:, :, i].permute(0, 2, 1, 3) for i in range(3))
     expected, expected_probs = F.scaled_dot_product_attention(q, k, v, bias, need_weights=True)
@@ -133,12 +134,12 @@ def test_multi_head_attention_equals_attention_on_the_split_heads(device):
     expected.backward(g)
     assert_close(ours[0], qkv.grad, atol=1e-6)
     assert_close(ours[1], bias.grad, atol=1e-6)
-    minisft.gradcheck(_seeded(lambda x, b: F.multi_head_attention(x, heads, b, dropout_p=0.2)), [qkv, bias])
+    minisft.gradcheck(_seeded(lambda x, b: attention.multi_head_attention(x, heads, b, dropout_p=0.2)), [qkv, bias])
 
 
 def test_multi_head_attention_rejects_a_size_that_is_not_three_heads():
     with pytest.raises(ValueError, match=r"last dim 10 is not 3 x num_heads \(2\)"):
-        F.multi_head_attention(minisft.tensor(np.zeros((1, 2, 10))), 2)
+        attention.multi_head_attention(minisft.tensor(np.zeros((1, 2, 10))), 2)
 
 
 def _linear_gelu_linear(rng, rows=256, features=16, inner=64):
@@ -265,7 +266,7 @@ def _feed_forward_inputs(rng, trainable, rows=2500, features=8, inner=32, dtype=
 @pytest.mark.parametrize("trainable", [(True, True, True), (True, False, False), (False, True, False),
                                        (False, False, True), (True, False, True)])
 def test_feed_forward_is_linear_gelu_linear_to_the_bit(kernel_set, trainable, approximate, lean):
-    """F.feed_forward gives the output and every gradient of linear, gelu and linear, whatever
+    """feed_forward.feed_forward gives the output and every gradient of linear, gelu and linear, whatever
     needs a gradient; a retained graph walked twice gives the same gradients. With the fast
     kernels bit for bit: their products go by fixed tiles of rows, so chunks of rows give the
     same products. The reference kernels' whole-array products may round differently for
@@ -279,8 +280,8 @@ def test_feed_forward_is_linear_gelu_linear_to_the_bit(kernel_set, trainable, ap
     results = []
     for fused in (True, False):
         x, w1, b1, w2, b2 = tensors
-        with F.lean_activations(lean):
-            out = (F.feed_forward(x, w1, b1, w2, b2, approximate) if fused
+        with feed_forward.lean_activations(lean):
+            out = (feed_forward.feed_forward(x, w1, b1, w2, b2, approximate) if fused
                    else F.linear(F.gelu(F.linear(x, w1, b1), approximate), w2, b2))
         loss = (out * v).sum()
         walks = []
@@ -327,14 +328,14 @@ def _feed_forward_sum_bounds(tensors, v):
 def test_feed_forward_gradcheck_and_shape_errors():
     x, w1, b1, w2, b2 = _feed_forward_inputs(np.random.default_rng(10), (True, True, True), rows=6, features=3,
                                              inner=5, dtype=np.float64)
-    minisft.gradcheck(lambda *a: F.feed_forward(*a), [x, w1, b1, w2, b2])
-    minisft.gradcheck(lambda *a: F.feed_forward(*a, approximate="tanh"), [x, w1, b1, w2, b2])
-    with F.lean_activations():
-        minisft.gradcheck(lambda *a: F.feed_forward(*a), [x, w1, b1, w2, b2])
+    minisft.gradcheck(lambda *a: feed_forward.feed_forward(*a), [x, w1, b1, w2, b2])
+    minisft.gradcheck(lambda *a: feed_forward.feed_forward(*a, approximate="tanh"), [x, w1, b1, w2, b2])
+    with feed_forward.lean_activations():
+        minisft.gradcheck(lambda *a: feed_forward.feed_forward(*a), [x, w1, b1, w2, b2])
     with pytest.raises(ValueError, match="do not chain"):
-        F.feed_forward(x, w1, b1, w1, b1)
+        feed_forward.feed_forward(x, w1, b1, w1, b1)
     with pytest.raises(ValueError, match="approximate"):
-        F.feed_forward(x, w1, b1, w2, b2, approximate="erf")
+        feed_forward.feed_forward(x, w1, b1, w2, b2, approximate="erf")
 
 
 FEED_FORWARD_INNER_BYTES = 4096 * 1024 * 4  # one (rows, inner) float32 array of _feed_forward_peaks
@@ -369,7 +370,7 @@ def test_feed_forward_with_frozen_weights_keeps_only_the_slope_and_makes_no_inne
     backward makes the gradient at the pre-activation inside the slope, again about one
     (rows, inner) array below."""
     peaks = _feed_forward_peaks((True, False, False), 11, {
-        "fused": F.feed_forward,
+        "fused": feed_forward.feed_forward,
         "plain": lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1), inplace=True), w2, b2)})
     (kept, forward, backward), (_, plain_forward, plain_backward) = peaks["fused"], peaks["plain"]
     assert FEED_FORWARD_INNER_BYTES <= kept < 1.5 * FEED_FORWARD_INNER_BYTES, peaks
@@ -383,9 +384,9 @@ def test_lean_feed_forward_keeps_its_pre_activation_alone():
     remakes them chunk by chunk, peaks within a quarter of such an array of the plain one's
     (a chunk is a quarter of these rows)."""
     def lean(*tensors):
-        with F.lean_activations():
-            return F.feed_forward(*tensors)
-    peaks = _feed_forward_peaks((True, True, True), 13, {"lean": lean, "plain": F.feed_forward})
+        with feed_forward.lean_activations():
+            return feed_forward.feed_forward(*tensors)
+    peaks = _feed_forward_peaks((True, True, True), 13, {"lean": lean, "plain": feed_forward.feed_forward})
     (kept, _, backward), (plain_kept, _, plain_backward) = peaks["lean"], peaks["plain"]
     assert FEED_FORWARD_INNER_BYTES <= kept < 1.2 * FEED_FORWARD_INNER_BYTES <= 0.6 * plain_kept, peaks
     assert backward <= plain_backward + 0.25 * FEED_FORWARD_INNER_BYTES, peaks

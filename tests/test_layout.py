@@ -21,9 +21,11 @@ def readme_order():
     return rooms + ["cli"]  # named on the workflows line: it parses arguments and calls them
 
 
-def room_of(module):
-    """'minisft.kernels.fast' -> 'kernels'; 'minisft.ops' -> 'ops'."""
-    return module.split(".")[1]
+def room_of(module, rooms):
+    """'minisft.kernels.fast' -> 'kernels'; 'minisft.ops' -> 'ops'; 'minisft.models.auto' ->
+    'models/auto' where the README lists that module as a room of its own."""
+    parts = module.split(".")[1:]
+    return "/".join(parts[:2]) if "/".join(parts[:2]) in rooms else parts[0]
 
 
 def minisft_imports(path):
@@ -48,10 +50,10 @@ def test_every_module_imports_only_from_rooms_above_it():
         relative = path.relative_to(PACKAGE)
         if relative.name in ("__init__.py", "__main__.py") and len(relative.parts) == 1:
             continue
-        own = relative.parts[0].removesuffix(".py")
+        own = room_of("minisft." + ".".join(relative.with_suffix("").parts), rank)
         assert own in rank, f"minisft/{relative} is not in the README's list of modules"
         for module in minisft_imports(path):
-            room = room_of(module)
+            room = room_of(module, rank)
             assert room == own or rank[room] < rank[own], \
                 f"minisft/{relative} imports {module}, which is not above it in the README's list"
 
@@ -84,15 +86,16 @@ def _code_names(path):
 
 def test_only_the_registries_and_each_family_s_own_modules_name_a_family_or_a_task():
     """Adding a task touches tasks.py (and its head); adding a family, its module under models/
-    and a registry line in models/auto.py. Its own modules: models/NAME.py, and BERT's
-    config.py and tokenizer.py (WordPiece, which DistilBERT and ELECTRA share)."""
+    and a registry line in models/auto.py (and in peft.py, LoRA's default targets by
+    model_type, as peft keeps them). Its own modules: models/NAME.py, and BERT's config.py
+    and tokenizer.py (WordPiece, which DistilBERT and ELECTRA share)."""
     from minisft import functional, tasks
     from minisft.models import auto
 
     task_names = {name for name in tasks.TASKS if not hasattr(functional, name)}  # F.embedding is an op's name
     family_classes = {getattr(f, role).__name__ for f in auto.FAMILIES.values()
                       for role in ("config", "base", "sequence_classification", "token_classification")}
-    own = {"tasks.py", "models/auto.py", "models/config.py", "tokenizer.py",
+    own = {"tasks.py", "models/auto.py", "peft.py", "models/config.py", "tokenizer.py",
            *(f"models/{name}.py" for name in auto.FAMILIES)}
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE).as_posix()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from minisft import cli, inside, summary, viz
+from minisft.lean.feed_forward import feed_forward
 from minisft.models.auto import AutoModelForSequenceClassification, AutoTokenizer
 from conftest import FIXTURES
 
@@ -136,7 +137,7 @@ def test_without_the_viz_extra_the_commands_name_it(tmp_path, capsys, monkeypatc
 
 
 def test_summary_counts_parameters_flops_and_saved_arrays():
-    model = AutoModelForSequenceClassification.from_pretrained(TINY, strict=False).train()
+    model = AutoModelForSequenceClassification.from_pretrained(TINY, strict=False, lean=False).train()
     ids = np.arange(5, 5 + 2 * 7).reshape(2, 7)
     rows = {row.path: row for row in summary.summarize(model, {"input_ids": ids, "labels": np.array([0, 1])})}
     root = rows[type(model).__name__]
@@ -162,7 +163,7 @@ def test_the_feed_forward_node_counts_its_products():
     x, w1, b1, w2, b2 = (minisft.tensor(rng.standard_normal(shape).astype(np.float32), requires_grad=grad)
                          for shape, grad in (((2, 7, 4), True), ((9, 4), False), ((9,), False), ((3, 9), True),
                                              ((3,), True)))
-    node = F.feed_forward(x, w1, b1, w2, b2)._ctx
+    node = feed_forward(x, w1, b1, w2, b2)._ctx
     first, second = 2 * 14 * 9 * 4, 2 * 14 * 9 * 3
     shapes = [a.shape for a in (x, w1, b1, w2, b2)]
     assert summary.matmul_flops(node, shapes) == (first + second, 2 * second + first)

@@ -9,6 +9,7 @@ import json
 import pathlib
 from dataclasses import dataclass
 
+from minisft import lean as _lean
 from minisft.bpe import ByteLevelBPETokenizer
 from minisft.models import bert, distilbert, electra, roberta
 from minisft.models.config import BertConfig
@@ -96,23 +97,33 @@ class AutoConfig(_Auto):
     role = "config"
 
 
-class AutoModel(_Auto):
+class _AutoModel(_Auto):
+    """A model class's from_pretrained, then the lean passes' defaults (lean.apply: what
+    minisft train runs); lean=False: the plain model."""
+
+    @classmethod
+    def from_pretrained(cls, directory, lean=True, **kwargs):
+        model = super().from_pretrained(directory, **kwargs)
+        return _lean.apply(model) if lean else model
+
+
+class AutoModel(_AutoModel):
     role = "base"
 
 
-class AutoModelForSequenceClassification(_Auto):
+class AutoModelForSequenceClassification(_AutoModel):
     role = "sequence_classification"
 
 
-class AutoModelForTokenClassification(_Auto):
+class AutoModelForTokenClassification(_AutoModel):
     role = "token_classification"
 
 
-class AutoModelForQuestionAnswering(_Auto):
+class AutoModelForQuestionAnswering(_AutoModel):
     role = "question_answering"
 
 
-class AutoModelForMultipleChoice(_Auto):
+class AutoModelForMultipleChoice(_AutoModel):
     role = "multiple_choice"
 
 

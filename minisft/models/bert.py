@@ -9,34 +9,21 @@ from dataclasses import dataclass
 
 import numpy
 
-from minisft import amp
 from minisft import functional as F
 from minisft import nn, random
 from minisft.backend import get_array_module, read_back
 from minisft.checkpoint import load_checkpoint, load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
-from minisft.ops import add_, add_columns_
-from minisft.tensor import Tensor, array_of, is_grad_enabled
+from minisft.tensor import Tensor, array_of
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
            "BaseModelOutputWithPooling", "SequenceClassifierOutput", "TokenClassifierOutput"]
 
 GELU_FORMS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}  # F.gelu's approximate
-ACTIVATIONS = {  # f(x, inplace=False)
+ACTIVATIONS = {  # f(x)
     **{name: functools.partial(F.gelu, approximate=form) for name, form in GELU_FORMS.items()},
     "relu": F.relu,
 }
-
-
-def fused_feed_forward(x, inner, outer, activation):
-    """outer(activation(inner(x))) as one F.feed_forward node, which keeps less (the (B, L, I)
-    activation is its own), where it can be: both plain Linear layers with biases (not
-    LoRA-wrapped, their forward not replaced, as summary's wrappers do), a GELU, no autocast.
-    None where not: the caller runs the modules."""
-    plain = all(type(m) is nn.Linear and m.bias is not None and "forward" not in vars(m) for m in (inner, outer))
-    if not (plain and activation in GELU_FORMS and amp.compute_dtype() is None):
-        return None
-    return F.feed_forward(x, inner.weight, inner.bias, outer.weight, outer.bias, GELU_FORMS[activation])
 
 
 @dataclass
@@ -122,34 +109,39 @@ class BertSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
         self.query = nn.Linear(config.hidden_size, config.hidden_size)
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
-    def forward(self, hidden_states, attention_bias, output_attentions=False):
-        """hidden_states (B, L, H), attention_bias (B, 1, 1, L) additive -> context (B, L, H),
-        and the probabilities (B, nh, L, L) when output_attentions."""
-        return packed_self_attention(hidden_states, (self.query, self.key, self.value), self.num_attention_heads,
-                                     attention_bias, self.dropout.p if self.training else 0.0, output_attentions)
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        """hidden_states (B, L, H), attention_mask (B, 1, 1, L) additive -> context (B, L, H),
+        and the probabilities (B, nh, L, L) when output_attentions (else None)."""
+        query = split_heads(self.query(hidden_states), self.num_attention_heads)  # (B, nh, L, dh)
+        key = split_heads(self.key(hidden_states), self.num_attention_heads)
+        value = split_heads(self.value(hidden_states), self.num_attention_heads)
+        context, probs = self.attention(query, key, value, attention_mask, output_attentions)
+        return merge_heads(context), probs
+
+    def attention(self, query, key, value, attention_mask, output_attentions):
+        """dropout(softmax(query key^T / sqrt(dh) + attention_mask)) value: (B, nh, L, dh) ->
+        (B, nh, L, dh), and the probabilities (B, nh, L, L) or None."""
+        out = F.scaled_dot_product_attention(query, key, value, attention_mask, self.dropout.p if self.training else 0.0,
+                                             need_weights=output_attentions)
+        return out if output_attentions else (out, None)
 
 
-def packed_self_attention(hidden_states, projections, num_heads, attention_bias, dropout_p, output_attentions):
-    """Self-attention whose query, key and value Linear `projections` run as one product over
-    their stacked weights, (B, L, 3H), whose heads the attention reads in place. Returns the
-    context (B, L, H) and the probabilities (B, nh, L, L) or None."""
-    weight = nn.packed_rows([projection.weight for projection in projections])
-    bias = nn.packed_rows([projection.bias for projection in projections])
-    qkv = F.linear(hidden_states, weight, bias)
-    width, deltas = qkv.shape[-1] // 3, {}  # LoRA adapters' low-rank updates (minisft.peft) by first column
-    for index, projection in enumerate(projections):
-        delta = projection.delta(hidden_states) if hasattr(projection, "delta") else None
-        if delta is not None:
-            deltas[index * width] = delta
-    if deltas:  # added into the product's columns: qkv is this function's own
-        qkv = add_columns_(qkv, list(deltas.values()), list(deltas))
-    out = F.multi_head_attention(qkv, num_heads, attention_bias, dropout_p, need_weights=output_attentions)
-    return out if output_attentions else (out, None)
+def split_heads(x, num_heads):
+    """(B, L, H) -> (B, nh, L, H / nh), a view."""
+    batch, length, width = x.shape
+    return x.reshape(batch, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def merge_heads(x):
+    """(B, nh, L, dh) -> (B, L, nh * dh)."""
+    batch, heads, length, size = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * size)
 
 
 class _ResidualLayerNorm(nn.Module):
@@ -159,19 +151,14 @@ class _ResidualLayerNorm(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob, inplace=True)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, input_tensor):
-        return self.add_and_norm(self.dense(hidden_states), input_tensor)
-
-    def add_and_norm(self, projected, input_tensor):
-        """LayerNorm(dropout(projected) + input_tensor), dense's product given: the dropout
-        and the sum are written over `projected` (one (B, L, H) array, not three)."""
-        return self.LayerNorm(add_(self.dropout(projected), input_tensor))
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
 
 
 class BertSelfOutput(_ResidualLayerNorm):
-    """Project the attention context and add it to the block's input, then LayerNorm."""
+    """Project the attention context and add it to the layer's input, then LayerNorm."""
 
     def __init__(self, config):
         super().__init__(config, config.hidden_size)
@@ -183,8 +170,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, attention_bias, output_attentions=False):
-        context, probs = self.self(hidden_states, attention_bias, output_attentions)
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        context, probs = self.self(hidden_states, attention_mask, output_attentions)
         return self.output(context, hidden_states), probs
 
 
@@ -198,7 +185,7 @@ class BertIntermediate(nn.Module):
         self.intermediate_act_fn = ACTIVATIONS[config.hidden_act]
 
     def forward(self, hidden_states):
-        return self.intermediate_act_fn(self.dense(hidden_states), inplace=True)  # the product is its alone
+        return self.intermediate_act_fn(self.dense(hidden_states))
 
 
 class BertOutput(_ResidualLayerNorm):
@@ -209,47 +196,33 @@ class BertOutput(_ResidualLayerNorm):
 
 
 class BertLayer(nn.Module):
+    """Attention, then the feed-forward, each with its residual sum and LayerNorm."""
+
     def __init__(self, config):
         super().__init__()
         self.attention = BertAttention(config)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, attention_bias, output_attentions=False):
-        attention_output, probs = self.attention(hidden_states, attention_bias, output_attentions)
-        return self.feed_forward(attention_output), probs
-
-    def feed_forward(self, attention_output):
-        """output(intermediate(attention_output), attention_output), the dense layers and GELU
-        as one node where fused_feed_forward can."""
-        projected = fused_feed_forward(attention_output, self.intermediate.dense, self.output.dense,
-                                       self.intermediate.hidden_act)
-        if projected is None:
-            return self.output(self.intermediate(attention_output), attention_output)
-        return self.output.add_and_norm(projected, attention_output)
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        attention_output, probs = self.attention(hidden_states, attention_mask, output_attentions)
+        layer_output = self.output(self.intermediate(attention_output), attention_output)
+        return layer_output, probs
 
 
 class BertEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
-        self.gradient_checkpointing = False  # recompute each layer but the last in backward (nn.checkpoint)
 
-    def forward(self, hidden_states, attention_bias, output_hidden_states=False,
+    def forward(self, hidden_states, attention_mask=None, output_hidden_states=False,
                 output_attentions=False):
+        """(B, L, H) -> (last hidden state, every layer's input and the output or None,
+        every layer's probabilities or None)."""
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
-        recompute = self.recomputes() and not output_attentions
-        for index, layer in enumerate(self.layer):
-            # the last layer keeps its activations: its backward starts as soon as the forward
-            # ends, so recomputing it would cost time and lower no peak
-            if recompute and index < len(self.layer) - 1:
-                hidden_states, probs = nn.checkpoint(
-                    lambda x, layer=layer: _lean(layer, x, attention_bias)[0], hidden_states, layer.parameters()), None
-            elif recompute:
-                hidden_states, probs = _lean(layer, hidden_states, attention_bias)
-            else:
-                hidden_states, probs = layer(hidden_states, attention_bias, output_attentions)
+        for layer in self.layer:
+            hidden_states, probs = layer(hidden_states, attention_mask, output_attentions)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             if output_attentions:
@@ -257,28 +230,6 @@ class BertEncoder(nn.Module):
         return (hidden_states,
                 tuple(all_hidden) if all_hidden is not None else None,
                 tuple(all_attentions) if all_attentions is not None else None)
-
-    def recomputes(self):
-        """Whether this forward keeps checkpoints only: gradient checkpointing on, in training,
-        with gradients recorded."""
-        return self.gradient_checkpointing and self.training and is_grad_enabled()
-
-    def embeddings_input(self, embed, input_ids, modules):
-        """embed(input_ids), the encoder's input; under gradient checkpointing a checkpoint of
-        its own that keeps only the ids, so that the embeddings' LayerNorm and dropout keep
-        nothing through the encoder's backward (remade, same mask, as it ends). `modules`:
-        those embed runs."""
-        if not self.recomputes():
-            return embed(input_ids)
-        parameters = [p for module in modules for p in module.parameters()]
-        return nn.checkpoint(lambda ids: embed(ids.data), Tensor(input_ids), parameters)
-
-
-def _lean(layer, hidden_states, attention_bias):
-    """A layer under gradient checkpointing: its feed-forward keeps its pre-activation alone
-    (F.lean_activations), in the recomputed layers and the last, whose backward follows."""
-    with F.lean_activations():
-        return layer(hidden_states, attention_bias)
 
 
 class BertPooler(nn.Module):
@@ -297,7 +248,6 @@ class BertPreTrainedModel(nn.Module):
 
     config_class = BertConfig
     base_model_prefix = "bert."        # a task model's base: stripped or added when loading
-    lora_target_modules = ("query", "value")  # peft's default LoRA targets for the family
     allowed_missing_keys = ()          # parameters a base checkpoint lacks (new heads)
     ignored_unexpected_keys = ("cls.",)  # heads of other tasks (masked LM, NSP)
 
@@ -350,13 +300,6 @@ class BertPreTrainedModel(nn.Module):
         base = self.base_model()
         return list(self.encoder.layer) if base is self else base.encoder_layers()
 
-    def gradient_checkpointing_enable(self):
-        """Recompute each encoder layer but the last in backward instead of keeping its activations."""
-        for module in self.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = True
-        return self
-
     def load_saved(self, directory):
         """Restore the parameters save_pretrained wrote into `directory` (a checkpoint)."""
         self.load_state_dict(load_safetensors(pathlib.Path(directory) / "model.safetensors"))
@@ -392,11 +335,10 @@ class BertModel(BertPreTrainedModel):
         input_ids = _as_ids("input_ids", input_ids)
         token_type_ids = _as_ids("token_type_ids", token_type_ids, input_ids.shape)
         attention_mask = _as_ids("attention_mask", attention_mask, input_ids.shape)
-        hidden = self.encoder.embeddings_input(lambda ids: self.embed(ids, token_type_ids, position_ids), input_ids,
-                                               [m for m in self.children() if m not in (self.encoder, self.pooler)])
-        bias = attention_bias(attention_mask, hidden)
-        sequence, all_hidden, attentions = self.encoder(hidden, bias, output_hidden_states,
-                                                        output_attentions)
+        embedding_output = self.embed(input_ids, token_type_ids, position_ids)
+        extended_attention_mask = attention_bias(attention_mask, embedding_output)
+        sequence, all_hidden, attentions = self.encoder(embedding_output, extended_attention_mask,
+                                                        output_hidden_states, output_attentions)
         pooled = self.pooler(sequence) if self.pooler is not None else None
         return BaseModelOutputWithPooling(sequence, pooled, all_hidden, attentions)
 
@@ -452,176 +394,25 @@ def classifier_dropout(config):
     return nn.Dropout(config.hidden_dropout_prob if p is None else p)
 
 
-class _BertWithClassifier(BertPreTrainedModel):
-    """BertModel, dropout (classifier_dropout, else hidden_dropout_prob) and a linear
-    classifier: the common body of the task heads."""
-
-    allowed_missing_keys = ("classifier.",)
-
-    def _build(self, config, add_pooling_layer):
-        self.config = config
-        self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=add_pooling_layer)
-        self.dropout = classifier_dropout(config)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.init_weights()
-
-
-class SequenceClassificationLoss:
-    """The loss of a sequence classification head, for any family: it follows
-    config.problem_type, or is inferred as transformers does: regression (MSE) when
-    num_labels == 1, single-label classification (cross-entropy) for integer labels,
-    multi-label classification (BCE with logits) for float label vectors."""
-
-    def problem_type(self, labels):
-        if self.config.problem_type:
-            return self.config.problem_type
-        if self.num_labels == 1:
-            return "regression"
+def sequence_classification_loss(config, logits, labels):
+    """The loss of a sequence classification head, for any family: config.problem_type's, or
+    inferred as transformers does: regression (MSE) when num_labels == 1, single-label
+    classification (cross-entropy) for integer labels, multi-label classification (BCE with
+    logits) for float label vectors. logits (B, num_labels); labels (B,) ints, (B,) floats,
+    or (B, num_labels) floats."""
+    problem = config.problem_type
+    if not problem:
         kind = array_of(labels).dtype.kind
-        return "single_label_classification" if kind in "iu" else "multi_label_classification"
-
-    def loss(self, logits, labels):
-        """logits (B, num_labels); labels (B,) ints, (B,) floats, or (B, num_labels) floats."""
-        problem = self.problem_type(labels)
-        if problem == "regression":
-            return F.mse_loss(logits.reshape(-1), _as_float(labels, logits).reshape(-1))
-        if problem == "single_label_classification":
-            return F.cross_entropy(logits, labels.reshape(-1) if hasattr(labels, "reshape") else labels)
-        if problem == "multi_label_classification":
-            return F.binary_cross_entropy_with_logits(logits, _as_float(labels, logits))
-        raise ValueError(f"config.json: unknown problem_type {problem!r}; use regression, "
-                         "single_label_classification or multi_label_classification")
-
-
-class TaskHead:
-    """What every family's task heads share: the base model is the attribute that
-    base_model_prefix names (self.bert, self.distilbert, ...), and forward runs it, then the
-    head (`head(out) -> logits`), then the loss (`loss(logits, labels)`)."""
-    output_class = None
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False):
-        base = getattr(self, self.base_model_prefix.rstrip("."))
-        out = base(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                   output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        logits = self.head(out)
-        loss = None if labels is None else self.loss(logits, labels)
-        return self.output_class(loss, logits, out.hidden_states, out.attentions)
-
-
-class SequenceClassifierHead(SequenceClassificationLoss, TaskHead):
-    output_class = SequenceClassifierOutput
-    peft_task_type = "SEQ_CLS"  # peft's name for the task (adapter_config.json)
-
-
-class TokenClassifierHead(TaskHead):
-    """A linear classifier on every token's hidden state (NER); labels -100 are ignored."""
-    output_class = TokenClassifierOutput
-    peft_task_type = "TOKEN_CLS"
-
-    def head(self, out):
-        return self.classifier(self.dropout(out.last_hidden_state))
-
-    def loss(self, logits, labels):
-        return token_classification_loss(logits, labels)
-
-
-class QuestionAnsweringHead(TaskHead):
-    """Extractive question answering, for any family: qa_outputs, a Linear to 2 on every
-    token's hidden state, scores where the answer starts and where it ends. labels (B, 2):
-    the start and end token positions; the loss is the mean of the two cross-entropies, a
-    position past the input ignored (transformers clamps it to the length, then ignores it)."""
-    output_class = QuestionAnsweringModelOutput
-    peft_task_type = "QUESTION_ANS"
-    allowed_missing_keys = ("qa_outputs.",)
-
-    def _build(self, config, base, hidden_size=None):
-        self.config, self.num_labels = config, config.num_labels
-        setattr(self, self.base_model_prefix.rstrip("."), base)
-        self.qa_outputs = nn.Linear(hidden_size or config.hidden_size, config.num_labels)
-        self.init_weights()
-
-    def head(self, out):
-        return self.qa_outputs(out.last_hidden_state)
-
-    def loss(self, logits, labels):
-        labels = logits.device.put(array_of(labels))
-        xp = get_array_module(labels)
-        labels = xp.where(labels >= logits.shape[1], -100, xp.maximum(labels, 0))
-        return (F.cross_entropy(logits[:, :, 0], labels[:, 0]) + F.cross_entropy(logits[:, :, 1], labels[:, 1])) / 2
-
-
-class MultipleChoiceHead(TaskHead):
-    """Multiple choice, for any family: input ids (B, C, L) hold each question beside each of
-    its C choices; the base model runs the B * C rows, the head gives each a score (one
-    logit), and the loss is the cross-entropy over each question's C scores (labels (B,):
-    the right choice)."""
-    output_class = MultipleChoiceModelOutput
-    peft_task_type = None  # peft names no multiple-choice task
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                output_hidden_states=False, output_attentions=False):
-        ids = array_of(input_ids)
-        if ids.ndim != 3:
-            raise ValueError(f"input_ids has shape {tuple(ids.shape)}; expected (batch, num_choices, seq_len)")
-
-        def rows(a):
-            return None if a is None else array_of(a).reshape(-1, ids.shape[-1])
-        out = TaskHead.forward(self, rows(ids), rows(attention_mask), rows(token_type_ids), None,
-                               output_hidden_states, output_attentions)
-        logits = out.logits.reshape(ids.shape[0], ids.shape[1])
-        loss = None if labels is None else F.cross_entropy(logits, array_of(labels))
-        return self.output_class(loss, logits, out.hidden_states, out.attentions)
-
-
-class BertForSequenceClassification(SequenceClassifierHead, _BertWithClassifier):
-    """A linear classifier on the pooled [CLS] output (the loss: SequenceClassificationLoss)."""
-
-    def __init__(self, config):
-        super().__init__()
-        self._build(config, add_pooling_layer=True)
-
-    def head(self, out):
-        return self.classifier(self.dropout(out.pooler_output))
-
-
-class BertForTokenClassification(TokenClassifierHead, _BertWithClassifier):
-    ignored_unexpected_keys = ("cls.", "pooler.", "bert.pooler.")
-
-    def __init__(self, config):
-        super().__init__()
-        self._build(config, add_pooling_layer=False)
-
-
-class BertForQuestionAnswering(QuestionAnsweringHead, BertPreTrainedModel):
-    ignored_unexpected_keys = ("cls.", "pooler.", "bert.pooler.", "classifier.")
-
-    def __init__(self, config):
-        super().__init__()
-        self._build(config, BertModel(config, add_pooling_layer=False))
-
-
-class PooledMultipleChoiceHead(MultipleChoiceHead):
-    """classifier(dropout(the pooled first-token output)): one score per choice (BERT's and
-    RoBERTa's head)."""
-    allowed_missing_keys = ("classifier.",)
-
-    def _build(self, config, base):
-        self.config = config
-        setattr(self, self.base_model_prefix.rstrip("."), base)
-        self.dropout = classifier_dropout(config)
-        self.classifier = nn.Linear(config.hidden_size, 1)
-        self.init_weights()
-
-    def head(self, out):
-        return self.classifier(self.dropout(out.pooler_output))
-
-
-class BertForMultipleChoice(PooledMultipleChoiceHead, BertPreTrainedModel):
-    def __init__(self, config):
-        super().__init__()
-        self._build(config, BertModel(config))
+        problem = ("regression" if config.num_labels == 1 else
+                   "single_label_classification" if kind in "iu" else "multi_label_classification")
+    if problem == "regression":
+        return F.mse_loss(logits.reshape(-1), _as_float(labels, logits).reshape(-1))
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits, labels.reshape(-1) if hasattr(labels, "reshape") else labels)
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, _as_float(labels, logits))
+    raise ValueError(f"config.json: unknown problem_type {problem!r}; use regression, "
+                     "single_label_classification or multi_label_classification")
 
 
 def token_classification_loss(logits, labels):
@@ -629,6 +420,119 @@ def token_classification_loss(logits, labels):
     family; labels -100 are ignored."""
     labels = array_of(labels)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def question_answering_loss(logits, labels):
+    """The mean of the start and the end positions' cross-entropies, for any family: logits
+    (B, L, 2), labels (B, 2) token positions; a position past the input is ignored
+    (transformers clamps it to the length, then ignores it)."""
+    labels = logits.device.put(array_of(labels))
+    xp = get_array_module(labels)
+    labels = xp.where(labels >= logits.shape[1], -100, xp.maximum(labels, 0))
+    return (F.cross_entropy(logits[:, :, 0], labels[:, 0]) + F.cross_entropy(logits[:, :, 1], labels[:, 1])) / 2
+
+
+def choices_as_rows(input_ids, *arrays):
+    """Multiple choice's (B, C, L) ids, mask and token types as B * C rows (B * C, L) each
+    (None stays None), and (B, C)."""
+    ids = array_of(input_ids)
+    if ids.ndim != 3:
+        raise ValueError(f"input_ids has shape {tuple(ids.shape)}; expected (batch, num_choices, seq_len)")
+    rows = [None if a is None else array_of(a).reshape(-1, ids.shape[-1]) for a in (ids,) + arrays]
+    return rows, ids.shape[:2]
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """classifier(dropout(pooled [CLS] output)); loss: sequence_classification_loss."""
+
+    allowed_missing_keys = ("classifier.",)
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.num_labels = config, config.num_labels
+        self.bert = BertModel(config)
+        self.dropout = classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(outputs.pooler_output))
+        loss = None if labels is None else sequence_classification_loss(self.config, logits, labels)
+        return SequenceClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    """classifier(dropout(every token's hidden state)) (NER); labels -100 are ignored."""
+
+    allowed_missing_keys = ("classifier.",)
+    ignored_unexpected_keys = ("cls.", "pooler.", "bert.pooler.")
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.num_labels = config, config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None if labels is None else token_classification_loss(logits, labels)
+        return TokenClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """qa_outputs, a Linear to 2 on every token's hidden state: where the answer starts and
+    where it ends; labels (B, 2), the loss question_answering_loss."""
+
+    allowed_missing_keys = ("qa_outputs.",)
+    ignored_unexpected_keys = ("cls.", "pooler.", "bert.pooler.", "classifier.")
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.num_labels = config, config.num_labels
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.bert(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions)
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        loss = None if labels is None else question_answering_loss(logits, labels)
+        return QuestionAnsweringModelOutput(loss, logits, outputs.hidden_states, outputs.attentions)
+
+
+class BertForMultipleChoice(BertPreTrainedModel):
+    """Input ids (B, C, L): each question beside each of its C choices. The B * C rows run
+    through BERT; classifier(dropout(pooled output)) scores each; the loss is the
+    cross-entropy over each question's C scores (labels (B,): the right choice)."""
+
+    allowed_missing_keys = ("classifier.",)
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.dropout = classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        (ids, mask, types), choices = choices_as_rows(input_ids, attention_mask, token_type_ids)
+        outputs = self.bert(ids, mask, types, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(outputs.pooler_output)).reshape(*choices)
+        loss = None if labels is None else F.cross_entropy(logits, array_of(labels))
+        return MultipleChoiceModelOutput(loss, logits, outputs.hidden_states, outputs.attentions)
 
 
 class FirstTokenClassificationHead(nn.Module):

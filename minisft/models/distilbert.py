@@ -1,5 +1,5 @@
 """DistilBERT, as transformers' modeling_distilbert.py lays it out (same names, so loading is a
-name-for-name copy): BERT's blocks without token types or pooler, its own key names
+name-for-name copy): BERT's layers without token types or pooler, its own key names
 (q_lin, sa_layer_norm, ffn.lin1, ...), and a classification head on the first token through
 pre_classifier. Loading, saving, initialisation and the classification loss are BERT's.
 
@@ -10,11 +10,12 @@ import numpy
 from minisft import functional as F
 from minisft import nn
 from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertEncoder, BertPreTrainedModel,
-                                 MultipleChoiceHead, QuestionAnsweringHead, SequenceClassifierHead,
-                                 TokenClassifierHead, _as_ids,
-                                 _check_range, attention_bias, fused_feed_forward, packed_self_attention)
+                                 BertSelfAttention, MultipleChoiceModelOutput, QuestionAnsweringModelOutput,
+                                 SequenceClassifierOutput, TokenClassifierOutput, _as_ids, _check_range,
+                                 attention_bias, choices_as_rows, merge_heads, question_answering_loss,
+                                 sequence_classification_loss, split_heads, token_classification_loss)
 from minisft.models.config import BertConfig
-from minisft.ops import add_
+from minisft.tensor import array_of
 
 LAYER_NORM_EPS = 1e-12  # fixed in DistilBERT, not a config field
 
@@ -70,8 +71,8 @@ class Embeddings(nn.Module):
 
 
 class MultiHeadSelfAttention(nn.Module):
-    """q_lin, k_lin, v_lin as one product over their stacked weights, attention with dropout
-    on the probabilities, then out_lin: (B, L, D) -> (B, L, D)."""
+    """q_lin, k_lin, v_lin, attention with dropout on the probabilities, then out_lin:
+    (B, L, D) -> (B, L, D)."""
 
     def __init__(self, config):
         super().__init__()
@@ -82,10 +83,14 @@ class MultiHeadSelfAttention(nn.Module):
         self.out_lin = nn.Linear(config.dim, config.dim)
         self.dropout = nn.Dropout(config.attention_dropout)
 
-    def forward(self, hidden_states, bias, output_attentions=False):
-        context, probs = packed_self_attention(hidden_states, (self.q_lin, self.k_lin, self.v_lin), self.n_heads,
-                                               bias, self.dropout.p if self.training else 0.0, output_attentions)
-        return self.out_lin(context), probs
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        query = split_heads(self.q_lin(hidden_states), self.n_heads)  # (B, nh, L, D / nh)
+        key = split_heads(self.k_lin(hidden_states), self.n_heads)
+        value = split_heads(self.v_lin(hidden_states), self.n_heads)
+        context, probs = self.attention(query, key, value, attention_mask, output_attentions)
+        return self.out_lin(merge_heads(context)), probs
+
+    attention = BertSelfAttention.attention  # Copied from BertSelfAttention
 
 
 class FFN(nn.Module):
@@ -97,13 +102,10 @@ class FFN(nn.Module):
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
         self.activation_name = config.activation
         self.activation = ACTIVATIONS[config.activation]
-        self.dropout = nn.Dropout(config.dropout, inplace=True)  # over lin2's product
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        projected = fused_feed_forward(x, self.lin1, self.lin2, self.activation_name)
-        if projected is None:
-            projected = self.lin2(self.activation(self.lin1(x), inplace=True))  # lin1's product is its alone
-        return self.dropout(projected)
+        return self.dropout(self.lin2(self.activation(self.lin1(x))))
 
 
 class TransformerBlock(nn.Module):
@@ -116,10 +118,10 @@ class TransformerBlock(nn.Module):
         self.ffn = FFN(config)
         self.output_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
 
-    def forward(self, hidden_states, bias, output_attentions=False):
-        attended, probs = self.attention(hidden_states, bias, output_attentions)
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        attended, probs = self.attention(hidden_states, attention_mask, output_attentions)
         attended = self.sa_layer_norm(attended + hidden_states)
-        return self.output_layer_norm(add_(self.ffn(attended), attended)), probs  # the sum over ffn's output
+        return self.output_layer_norm(self.ffn(attended) + attended), probs
 
 
 class Transformer(BertEncoder):
@@ -128,14 +130,12 @@ class Transformer(BertEncoder):
     def __init__(self, config):
         nn.Module.__init__(self)
         self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
-        self.gradient_checkpointing = False
 
 
 class DistilBertPreTrainedModel(BertPreTrainedModel):
     """BERT's loading, saving and initialisation with DistilBERT's config and key prefix: a
     base checkpoint loads into a task model and a task checkpoint's base into a base model."""
     config_class = DistilBertConfig
-    lora_target_modules = ("q_lin", "v_lin")
     base_model_prefix = "distilbert."
     ignored_unexpected_keys = ("vocab_transform.", "vocab_layer_norm.", "vocab_projector.")  # the MLM head
 
@@ -161,61 +161,86 @@ class DistilBertModel(DistilBertPreTrainedModel):
         are accepted for a common signature and ignored: DistilBERT has no token types."""
         input_ids = _as_ids("input_ids", input_ids)
         attention_mask = _as_ids("attention_mask", attention_mask, input_ids.shape)
-        hidden = self.transformer.embeddings_input(self.embeddings, input_ids, [self.embeddings])
-        bias = attention_bias(attention_mask, hidden)
-        sequence, all_hidden, attentions = self.transformer(hidden, bias, output_hidden_states, output_attentions)
+        embedding_output = self.embeddings(input_ids)
+        extended_attention_mask = attention_bias(attention_mask, embedding_output)
+        sequence, all_hidden, attentions = self.transformer(embedding_output, extended_attention_mask,
+                                                            output_hidden_states, output_attentions)
         return BaseModelOutputWithPooling(sequence, None, all_hidden, attentions)
 
 
-class _DistilBertWithClassifier(DistilBertPreTrainedModel):
-    allowed_missing_keys = ("classifier.", "pre_classifier.")
-
-    def _build(self, config, dropout):
-        self.config = config
-        self.num_labels = config.num_labels
-        self.distilbert = DistilBertModel(config)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.dim, config.num_labels)
-
-
-class DistilBertForSequenceClassification(SequenceClassifierHead, _DistilBertWithClassifier):
+class DistilBertForSequenceClassification(DistilBertPreTrainedModel):
     """classifier(dropout(relu(pre_classifier(hidden state of the first token))))."""
+
+    allowed_missing_keys = ("classifier.", "pre_classifier.")
 
     def __init__(self, config):
         super().__init__()
-        self._build(config, config.seq_classif_dropout)
+        self.config, self.num_labels = config, config.num_labels
+        self.distilbert = DistilBertModel(config)
+        self.dropout = nn.Dropout(config.seq_classif_dropout)
+        self.classifier = nn.Linear(config.dim, config.num_labels)
         self.pre_classifier = nn.Linear(config.dim, config.dim)
         self.init_weights()
 
-    def head(self, out):
-        return self.classifier(self.dropout(F.relu(self.pre_classifier(out.last_hidden_state[:, 0]))))
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.distilbert(input_ids, attention_mask, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(F.relu(self.pre_classifier(outputs.last_hidden_state[:, 0]))))
+        loss = None if labels is None else sequence_classification_loss(self.config, logits, labels)
+        return SequenceClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
 
 
-class DistilBertForTokenClassification(TokenClassifierHead, _DistilBertWithClassifier):
+class DistilBertForTokenClassification(DistilBertPreTrainedModel):
+    """classifier(dropout(every token's hidden state))."""
+
+    allowed_missing_keys = ("classifier.",)
     ignored_unexpected_keys = DistilBertPreTrainedModel.ignored_unexpected_keys + ("pre_classifier.",)
 
     def __init__(self, config):
         super().__init__()
-        self._build(config, config.dropout)
+        self.config, self.num_labels = config, config.num_labels
+        self.distilbert = DistilBertModel(config)
+        self.dropout = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.dim, config.num_labels)
         self.init_weights()
 
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.distilbert(input_ids, attention_mask, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None if labels is None else token_classification_loss(logits, labels)
+        return TokenClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
 
 
-class DistilBertForQuestionAnswering(QuestionAnsweringHead, DistilBertPreTrainedModel):
+class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
     """qa_outputs(dropout(hidden states)), dropout qa_dropout."""
+
+    allowed_missing_keys = ("qa_outputs.",)
     ignored_unexpected_keys = DistilBertPreTrainedModel.ignored_unexpected_keys + ("pre_classifier.", "classifier.")
 
     def __init__(self, config):
         super().__init__()
+        self.config, self.num_labels = config, config.num_labels
+        self.distilbert = DistilBertModel(config)
+        self.qa_outputs = nn.Linear(config.dim, config.num_labels)
         self.dropout = nn.Dropout(config.qa_dropout)
-        self._build(config, DistilBertModel(config), config.dim)
+        self.init_weights()
 
-    def head(self, out):
-        return self.qa_outputs(self.dropout(out.last_hidden_state))
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.distilbert(input_ids, attention_mask, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions)
+        logits = self.qa_outputs(self.dropout(outputs.last_hidden_state))
+        loss = None if labels is None else question_answering_loss(logits, labels)
+        return QuestionAnsweringModelOutput(loss, logits, outputs.hidden_states, outputs.attentions)
 
 
-class DistilBertForMultipleChoice(MultipleChoiceHead, DistilBertPreTrainedModel):
-    """classifier(dropout(relu(pre_classifier(hidden state of the first token)))): one score per choice."""
+class DistilBertForMultipleChoice(DistilBertPreTrainedModel):
+    """classifier(dropout(relu(pre_classifier(hidden state of the first token)))): one score
+    per choice; the loss the cross-entropy over each question's choices."""
+
     allowed_missing_keys = ("classifier.", "pre_classifier.")
 
     def __init__(self, config):
@@ -227,5 +252,12 @@ class DistilBertForMultipleChoice(MultipleChoiceHead, DistilBertPreTrainedModel)
         self.dropout = nn.Dropout(config.seq_classif_dropout)
         self.init_weights()
 
-    def head(self, out):
-        return self.classifier(self.dropout(F.relu(self.pre_classifier(out.last_hidden_state[:, 0]))))
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        (ids, mask), choices = choices_as_rows(input_ids, attention_mask)
+        outputs = self.distilbert(ids, mask, output_hidden_states=output_hidden_states,
+                                  output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(F.relu(self.pre_classifier(outputs.last_hidden_state[:, 0]))))
+        logits = logits.reshape(*choices)
+        loss = None if labels is None else F.cross_entropy(logits, array_of(labels))
+        return MultipleChoiceModelOutput(loss, logits, outputs.hidden_states, outputs.attentions)

@@ -8,8 +8,9 @@ Shapes: B batch, L sequence length, E embedding_size, H hidden_size.
 from minisft import functional as F
 from minisft import nn
 from minisft.models.bert import (BertEmbeddings, BertEncoder, BertModel, BertPreTrainedModel,
-                                 FirstTokenClassificationHead, QuestionAnsweringHead, SequenceClassifierHead,
-                                 TokenClassifierHead, classifier_dropout)
+                                 FirstTokenClassificationHead, QuestionAnsweringModelOutput, SequenceClassifierOutput,
+                                 TokenClassifierOutput, classifier_dropout, question_answering_loss,
+                                 sequence_classification_loss, token_classification_loss)
 from minisft.models.config import BertConfig
 
 
@@ -54,7 +55,9 @@ class ElectraModel(ElectraPreTrainedModel, BertModel):
         return self.embeddings_project(hidden) if hasattr(self, "embeddings_project") else hidden
 
 
-class ElectraForSequenceClassification(SequenceClassifierHead, ElectraPreTrainedModel):
+class ElectraForSequenceClassification(ElectraPreTrainedModel):
+    """classifier (dense, gelu, out_proj) on the first token."""
+
     allowed_missing_keys = ("classifier.",)
 
     def __init__(self, config):
@@ -65,11 +68,19 @@ class ElectraForSequenceClassification(SequenceClassifierHead, ElectraPreTrained
         self.classifier = FirstTokenClassificationHead(config, F.gelu)  # dense, gelu, out_proj
         self.init_weights()
 
-    def head(self, out):
-        return self.classifier(out.last_hidden_state)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.electra(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
+        logits = self.classifier(outputs.last_hidden_state)
+        loss = None if labels is None else sequence_classification_loss(self.config, logits, labels)
+        return SequenceClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
 
 
-class ElectraForTokenClassification(TokenClassifierHead, ElectraPreTrainedModel):
+class ElectraForTokenClassification(ElectraPreTrainedModel):
+    """classifier(dropout(every token's hidden state))."""
+
     allowed_missing_keys = ("classifier.",)
     ignored_unexpected_keys = ElectraPreTrainedModel.ignored_unexpected_keys + ("classifier.dense.",
                                                                                 "classifier.out_proj.")
@@ -84,10 +95,33 @@ class ElectraForTokenClassification(TokenClassifierHead, ElectraPreTrainedModel)
         self.init_weights()
 
 
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.electra(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None if labels is None else token_classification_loss(logits, labels)
+        return TokenClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
 
-class ElectraForQuestionAnswering(QuestionAnsweringHead, ElectraPreTrainedModel):
+
+class ElectraForQuestionAnswering(ElectraPreTrainedModel):
+    """qa_outputs on every token's hidden state: start and end logits."""
+
+    allowed_missing_keys = ("qa_outputs.",)
     ignored_unexpected_keys = ElectraPreTrainedModel.ignored_unexpected_keys + ("classifier.",)
 
     def __init__(self, config):
         super().__init__()
-        self._build(config, ElectraModel(config))
+        self.config, self.num_labels = config, config.num_labels
+        self.electra = ElectraModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.electra(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        loss = None if labels is None else question_answering_loss(logits, labels)
+        return QuestionAnsweringModelOutput(loss, logits, outputs.hidden_states, outputs.attentions)

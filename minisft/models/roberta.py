@@ -1,4 +1,4 @@
-"""RoBERTa, as transformers' modeling_roberta.py lays it out: BERT's blocks, with position ids
+"""RoBERTa, as transformers' modeling_roberta.py lays it out: BERT's layers, with position ids
 counted from padding_idx + 1 over the non-padding tokens (padding keeps padding_idx), one
 token type, and a classification head of dense, tanh, out_proj on the first token (<s>).
 Loading, saving, initialisation and the losses are BERT's. Its byte-level BPE tokenizer is
@@ -9,9 +9,12 @@ Shapes: B batch, L sequence length, H hidden_size.
 import numpy
 
 from minisft import nn
+from minisft import functional as F
 from minisft.models.bert import (BertEmbeddings, BertModel, BertPreTrainedModel, FirstTokenClassificationHead,
-                                 PooledMultipleChoiceHead, QuestionAnsweringHead, SequenceClassifierHead,
-                                 TokenClassifierHead, classifier_dropout)
+                                 MultipleChoiceModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
+                                 TokenClassifierOutput, choices_as_rows, classifier_dropout, question_answering_loss,
+                                 sequence_classification_loss, token_classification_loss)
+from minisft.tensor import array_of
 from minisft.models.config import BertConfig
 
 
@@ -58,7 +61,9 @@ class RobertaModel(RobertaPreTrainedModel, BertModel):
     embeddings_class = RobertaEmbeddings
 
 
-class RobertaForSequenceClassification(SequenceClassifierHead, RobertaPreTrainedModel):
+class RobertaForSequenceClassification(RobertaPreTrainedModel):
+    """classifier (dense, tanh, out_proj) on the first token (<s>)."""
+
     allowed_missing_keys = ("classifier.",)
     ignored_unexpected_keys = RobertaPreTrainedModel.ignored_unexpected_keys + ("pooler.", "roberta.pooler.")
 
@@ -70,11 +75,19 @@ class RobertaForSequenceClassification(SequenceClassifierHead, RobertaPreTrained
         self.classifier = FirstTokenClassificationHead(config, lambda x: x.tanh())  # dense, tanh, out_proj
         self.init_weights()
 
-    def head(self, out):
-        return self.classifier(out.last_hidden_state)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.roberta(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
+        logits = self.classifier(outputs.last_hidden_state)
+        loss = None if labels is None else sequence_classification_loss(self.config, logits, labels)
+        return SequenceClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
 
 
-class RobertaForTokenClassification(TokenClassifierHead, RobertaPreTrainedModel):
+class RobertaForTokenClassification(RobertaPreTrainedModel):
+    """classifier(dropout(every token's hidden state))."""
+
     allowed_missing_keys = ("classifier.",)
     ignored_unexpected_keys = RobertaPreTrainedModel.ignored_unexpected_keys + (
         "pooler.", "roberta.pooler.", "classifier.dense.", "classifier.out_proj.")
@@ -89,19 +102,58 @@ class RobertaForTokenClassification(TokenClassifierHead, RobertaPreTrainedModel)
         self.init_weights()
 
 
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.roberta(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = None if labels is None else token_classification_loss(logits, labels)
+        return TokenClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
 
-class RobertaForQuestionAnswering(QuestionAnsweringHead, RobertaPreTrainedModel):
+
+class RobertaForQuestionAnswering(RobertaPreTrainedModel):
+    """qa_outputs on every token's hidden state: start and end logits."""
+
+    allowed_missing_keys = ("qa_outputs.",)
     ignored_unexpected_keys = RobertaPreTrainedModel.ignored_unexpected_keys + (
         "pooler.", "roberta.pooler.", "classifier.")
 
     def __init__(self, config):
         super().__init__()
-        self._build(config, RobertaModel(config, add_pooling_layer=False))
+        self.config, self.num_labels = config, config.num_labels
+        self.roberta = RobertaModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
 
 
-class RobertaForMultipleChoice(PooledMultipleChoiceHead, RobertaPreTrainedModel):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        outputs = self.roberta(input_ids, attention_mask, token_type_ids, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        loss = None if labels is None else question_answering_loss(logits, labels)
+        return QuestionAnsweringModelOutput(loss, logits, outputs.hidden_states, outputs.attentions)
+
+
+class RobertaForMultipleChoice(RobertaPreTrainedModel):
+    """classifier(dropout(pooled output)): one score per choice."""
+
     allowed_missing_keys = ("classifier.", "pooler.", "roberta.pooler.")
 
     def __init__(self, config):
         super().__init__()
-        self._build(config, RobertaModel(config))
+        self.config = config
+        self.roberta = RobertaModel(config)
+        self.dropout = classifier_dropout(config)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.init_weights()
+
+    # Copied from minisft.models.bert.BertForMultipleChoice.forward with bert->roberta
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        (ids, mask, types), choices = choices_as_rows(input_ids, attention_mask, token_type_ids)
+        outputs = self.roberta(ids, mask, types, output_hidden_states=output_hidden_states,
+                               output_attentions=output_attentions)
+        logits = self.classifier(self.dropout(outputs.pooler_output)).reshape(*choices)
+        loss = None if labels is None else F.cross_entropy(logits, array_of(labels))
+        return MultipleChoiceModelOutput(loss, logits, outputs.hidden_states, outputs.attentions)
