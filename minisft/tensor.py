@@ -51,6 +51,12 @@ class Function:
     the leaf tensor that receives its gradient, or None. It does not hold the input
     tensors themselves, so an intermediate result's array is freed as soon as nothing
     else uses it; after backward the saved arrays are freed too.
+
+    On its last backward (`last_backward`: no walk of this graph follows, as without
+    retain_graph), a node owns what it saved: `take_saved()` lets go of it, so each saved
+    array is freed as soon as backward drops its own name for it, and backward may write
+    its gradient into an array only forward made and nobody else holds (a GELU's slope, the
+    kept pre-activation). On any other backward the saved arrays must stay as they are.
     """
 
     def __init__(self):
@@ -261,51 +267,80 @@ class Tensor:
 
 
 def backpropagate(node, grad, retain_graph=False):
-    """Call each Function's backward in reverse topological order, from `grad` at the output
-    of `node` (the Function that made it), accumulating into the leaves' `.grad`s: the walk
-    of Tensor.backward, for a caller that has let the output tensor go (its values are not
-    needed, only its gradient)."""
-    grads = {id(node): grad}
-    owned = set()  # ids whose array we created here, safe to add into in place
-    given = {}  # id of an array given to a leaf in this pass -> that leaf (whose .grad it is while alive)
+    """The chain rule over the graph, micrograd's walk: sort the Functions that made the
+    output of `node` topologically, then call each one's backward in reverse, from `grad` at
+    that output, handing each input's gradient to its parent (GradientSums adds them up and
+    fills the leaves' `.grad`s). The walk of Tensor.backward, for a caller that has let the
+    output tensor go (its values are not needed, only its gradient)."""
     order = _topological_order(node)
-    hooked = _hooked_leaf_uses(order)
+    sums = GradientSums(order)
+    sums.add(node, grad)
     for fn in reversed(order):
-        g = grads.pop(id(fn), None)
+        g = sums.pop(fn)
         fn.last_backward = not retain_graph
         input_grads = fn.backward(g) if g is not None else (None,) * len(fn.parents)
         for parent, input_grad in zip(fn.parents, input_grads):
-            if id(parent) in hooked:
-                hooked[id(parent)] -= 1
-            if input_grad is None or parent is None:
-                if hooked.get(id(parent)) == 0:
-                    _run_grad_hooks(parent)
-                continue
-            if isinstance(parent, Tensor):
-                # an array the op just made for this input alone (not g, not a view, not
-                # returned twice, not another leaf's .grad) is taken as it is; anything else
-                # is copied, so that adding into one .grad never changes another gradient. (An
-                # id alone would not do: an array added into a .grad is freed, and a later
-                # array may get its id.)
-                holder = given.get(id(input_grad))
-                fresh = (input_grad is not g and input_grad.base is None
-                         and (holder is None or holder.grad is not input_grad)
-                         and sum(other is input_grad for other in input_grads) == 1)
-                given[id(input_grad)] = parent
-                _accumulate_leaf(parent, input_grad, owned=fresh)
-                if hooked.get(id(parent)) == 0:
-                    _run_grad_hooks(parent)
-                continue
-            key = id(parent)
-            if key not in grads:
-                grads[key] = input_grad
-            elif key in owned:
-                grads[key] += input_grad
-            else:
-                grads[key] = grads[key] + input_grad
-                owned.add(key)
+            sums.add(parent, input_grad, given_with=input_grads, output_grad=g)
         if not retain_graph:
             fn.release()
+
+
+class GradientSums:
+    """What backward's walk owes each node and leaf: the sum of the gradients that reach it.
+
+    - A Function's gradients are summed in place in an array this walk made, else in a new
+      one, so that no array a backward returned (g itself, a view, another leaf's .grad) is
+      written over.
+    - A leaf's arrive in its `.grad`: a fresh array an op made for this input alone is taken
+      as it is, anything else is copied first, so that adding into one .grad never changes
+      another gradient. (An id alone would not tell: an array added into a .grad is freed,
+      and a later array may get its id.)
+    - A leaf's post-accumulate hooks run once every input of the graph it is has had its
+      turn (`register_post_accumulate_grad_hook`).
+    """
+
+    def __init__(self, order):
+        self.sums = {}  # id(Function) -> gradient of its output
+        self.owned = set()  # ids of Functions whose sum is an array made here
+        self.given = {}  # id of an array given to a leaf in this pass -> that leaf
+        self.pending_hooks = {}  # id(leaf with hooks) -> how many of its uses are still to come
+        for fn in order:
+            for parent in fn.parents:
+                if isinstance(parent, Tensor) and parent._grad_hooks:
+                    self.pending_hooks[id(parent)] = self.pending_hooks.get(id(parent), 0) + 1
+
+    def pop(self, fn):
+        """The sum owed to fn's output, or None when no gradient reached it."""
+        return self.sums.pop(id(fn), None)
+
+    def add(self, parent, grad, given_with=(), output_grad=None):
+        """One gradient for `parent` (a Function, a leaf Tensor or None), returned among
+        `given_with` by a backward that got `output_grad`; None adds nothing."""
+        if id(parent) in self.pending_hooks:
+            self.pending_hooks[id(parent)] -= 1
+        if grad is not None and isinstance(parent, Tensor):
+            self._to_leaf(parent, grad, given_with, output_grad)
+        elif grad is not None and parent is not None:
+            self._to_node(id(parent), grad)
+        if self.pending_hooks.get(id(parent)) == 0:
+            _run_grad_hooks(parent)
+
+    def _to_node(self, key, grad):
+        if key not in self.sums:
+            self.sums[key] = grad
+        elif key in self.owned:
+            self.sums[key] += grad
+        else:
+            self.sums[key] = self.sums[key] + grad
+            self.owned.add(key)
+
+    def _to_leaf(self, leaf, grad, given_with, output_grad):
+        holder = self.given.get(id(grad))
+        fresh = (grad is not output_grad and grad.base is None
+                 and (holder is None or holder.grad is not grad)
+                 and sum(other is grad for other in given_with) == 1)
+        self.given[id(grad)] = leaf
+        _accumulate_leaf(leaf, grad, owned=fresh)
 
 
 def _given_grad(tensor, grad):
@@ -338,17 +373,6 @@ def _topological_order(root):
         stack.append((fn, True))
         stack.extend((p, False) for p in fn.parents if isinstance(p, Function) and id(p) not in visited)
     return order
-
-
-def _hooked_leaf_uses(order):
-    """{id(leaf): how many inputs of the graph's Functions it is} for the leaves with
-    post-accumulate hooks: a leaf's gradient is complete when its count reaches 0."""
-    uses = {}
-    for fn in order:
-        for parent in fn.parents:
-            if isinstance(parent, Tensor) and parent._grad_hooks:
-                uses[id(parent)] = uses.get(id(parent), 0) + 1
-    return uses
 
 
 def _run_grad_hooks(leaf):

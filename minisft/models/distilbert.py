@@ -10,11 +10,11 @@ import numpy
 from minisft import functional as F
 from minisft import nn
 from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertEncoder, BertPreTrainedModel,
-                                 BertSelfAttention, MultipleChoiceModelOutput, QuestionAnsweringModelOutput,
-                                 SequenceClassifierOutput, TokenClassifierOutput, _as_ids, _check_range,
-                                 attention_bias, choices_as_rows, merge_heads, question_answering_loss,
-                                 sequence_classification_loss, split_heads, token_classification_loss)
+                                 BertSelfAttention, _as_ids, _check_range, attention_bias, merge_heads, split_heads)
 from minisft.models.config import BertConfig
+from minisft.models.heads import (MultipleChoiceModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
+                                  TokenClassifierOutput, choices_as_rows, question_answering_loss,
+                                  sequence_classification_loss, token_classification_loss)
 from minisft.tensor import array_of
 
 LAYER_NORM_EPS = 1e-12  # fixed in DistilBERT, not a config field

@@ -7,11 +7,11 @@ Shapes: B batch, L sequence length, E embedding_size, H hidden_size.
 """
 from minisft import functional as F
 from minisft import nn
-from minisft.models.bert import (BertEmbeddings, BertEncoder, BertModel, BertPreTrainedModel,
-                                 FirstTokenClassificationHead, QuestionAnsweringModelOutput, SequenceClassifierOutput,
-                                 TokenClassifierOutput, classifier_dropout, question_answering_loss,
-                                 sequence_classification_loss, token_classification_loss)
+from minisft.models.bert import (BertEmbeddings, BertEncoder, BertModel, BertPreTrainedModel)
 from minisft.models.config import BertConfig
+from minisft.models.heads import (FirstTokenClassificationHead, QuestionAnsweringModelOutput,
+                                  SequenceClassifierOutput, TokenClassifierOutput, classifier_dropout,
+                                  question_answering_loss, sequence_classification_loss, token_classification_loss)
 
 
 class ElectraConfig(BertConfig):

@@ -10,10 +10,11 @@ import numpy
 
 from minisft import nn
 from minisft import functional as F
-from minisft.models.bert import (BertEmbeddings, BertModel, BertPreTrainedModel, FirstTokenClassificationHead,
-                                 MultipleChoiceModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
-                                 TokenClassifierOutput, choices_as_rows, classifier_dropout, question_answering_loss,
-                                 sequence_classification_loss, token_classification_loss)
+from minisft.models.bert import (BertEmbeddings, BertModel, BertPreTrainedModel)
+from minisft.models.heads import (FirstTokenClassificationHead, MultipleChoiceModelOutput,
+                                  QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput,
+                                  choices_as_rows, classifier_dropout, question_answering_loss,
+                                  sequence_classification_loss, token_classification_loss)
 from minisft.tensor import array_of
 from minisft.models.config import BertConfig
 
