@@ -22,7 +22,6 @@ import pathlib
 import re
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 
 from minisft import __version__, amp, distributed, random, tasks
@@ -32,6 +31,7 @@ from minisft.checkpoint import load_safetensors, save_safetensors, write_json_at
 from minisft.data import collate, eval_order, steps_per_epoch, train_order
 from minisft.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
 from minisft.options import check_training_arguments
+from minisft.progress import Progress, fmt
 from minisft.tensor import no_grad
 
 class TrainingError(RuntimeError):
@@ -176,7 +176,7 @@ class Trainer:
             _remove_previous_run(self.output_dir)
         self.model.train()
         accumulation = args.gradient_accumulation_steps
-        progress = _Progress(total, self.state.global_step, self.log, args.logging_steps)
+        progress = Progress(total, self.state.global_step, self.log, args.logging_steps)
         last_metrics, stop = {}, False
         on_gpu = any(p.device.type == "cuda" for p in self.model.parameters())
         while self.state.global_step < total and not stop:
@@ -325,7 +325,7 @@ class Trainer:
         self._append_metrics(record)
         if self.on_evaluate is not None and self.is_main:
             self.on_evaluate()
-        self.log(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()) + (" (best)" if improved else ""))
+        self.log(" ".join(f"{k}={fmt(v)}" for k, v in record.items()) + (" (best)" if improved else ""))
         return scores
 
     def _should_stop(self):
@@ -410,50 +410,6 @@ class Trainer:
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.state = TrainerState(**saved["trainer"])
-
-
-class _Progress:
-    """step, loss, lr, it/s and ETA: one updating line on a terminal, else plain log lines
-    every `every` steps. Returns a metrics record whenever a log line is due."""
-
-    def __init__(self, total, start, log, every):
-        self.total, self.start_step, self.log, self.every = total, start, log, max(1, every)
-        self.tty = sys.stderr.isatty()
-        self.started = time.perf_counter()
-        self.losses = []
-
-    def update(self, step, loss, lr, epoch):
-        self.losses.append(loss)
-        done = step - self.start_step
-        rate = done / max(time.perf_counter() - self.started, 1e-9)
-        eta = (self.total - step) / rate if rate else float("inf")
-        line = (f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3g} "
-                f"{rate:.2f} it/s ETA {_duration(eta)}")
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        if step % self.every == 0 or step == self.total:
-            record = {"step": step, "epoch": epoch, "loss": sum(self.losses) / len(self.losses),
-                      "learning_rate": lr, "it_per_s": rate}
-            self.losses = []
-            if not self.tty:
-                self.log(line)
-            return record
-        return None
-
-    def close(self):
-        if self.tty:
-            print(file=sys.stderr)
-
-
-def _duration(seconds):
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}:{seconds:02d}"
-
-
-def _fmt(value):
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _write_staged(directory, write):

@@ -1,0 +1,49 @@
+"""The training loop's console output: a progress line with the loss, rate and ETA."""
+import math
+import sys
+import time
+
+
+class Progress:
+    """step, loss, lr, it/s and ETA: one updating line on a terminal, else plain log lines
+    every `every` steps. Returns a metrics record whenever a log line is due."""
+
+    def __init__(self, total, start, log, every):
+        self.total, self.start_step, self.log, self.every = total, start, log, max(1, every)
+        self.tty = sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.losses = []
+
+    def update(self, step, loss, lr, epoch):
+        self.losses.append(loss)
+        done = step - self.start_step
+        rate = done / max(time.perf_counter() - self.started, 1e-9)
+        eta = (self.total - step) / rate if rate else float("inf")
+        line = (f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3g} "
+                f"{rate:.2f} it/s ETA {_duration(eta)}")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        if step % self.every == 0 or step == self.total:
+            record = {"step": step, "epoch": epoch, "loss": sum(self.losses) / len(self.losses),
+                      "learning_rate": lr, "it_per_s": rate}
+            self.losses = []
+            if not self.tty:
+                self.log(line)
+            return record
+        return None
+
+    def close(self):
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _duration(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}:{seconds:02d}"
+
+
+def fmt(value):
+    """A metric for the console: floats to 4 decimals."""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

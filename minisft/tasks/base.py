@@ -1,0 +1,157 @@
+"""What every task shares: the Task record's defaults, and the base of the tasks whose
+labels are token positions or whole inputs (question answering, multiple choice, embeddings)."""
+import json
+
+import numpy
+
+from minisft import metrics as M
+from minisft.data import (LABEL_COLUMNS, PAIR_COLUMNS, TEXT_COLUMNS, DataError, Example, LabelVocab,
+                          check_label_types, pick_column, read_records, rows_error)
+
+
+class Task:
+    """A text task on one (or two) strings per example, with a sequence-level head."""
+    name = description = None
+    metrics = ()           # what compute_metrics reports, the first being the default metric
+    pair = False           # a second text is required
+    numeric_labels = False  # labels are numbers (made floats), not class names
+    file_suffixes = ()     # data files whose format implies this task (see for_file)
+    default_max_length = None  # the task's --max-length when none is given (else TrainingArguments')
+
+    @property
+    def default_metric(self):
+        return self.metrics[0]
+
+    # --- reading and checking ----------------------------------------------------------
+    def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True,
+             skip_misaligned=False):
+        """Examples from a labeled file (CSV, TSV, JSON lines); columns default to the usual
+        names (text/sentence/sentence1, text_pair/sentence2, label). skip_misaligned: see
+        QuestionAnswering."""
+        records = read_records(path)
+        columns = list(records[0][1])
+        text = pick_column(path, columns, text_column, TEXT_COLUMNS, "text", "--text-column")
+        pair = None
+        if self.pair or text_pair_column:
+            pair = pick_column(path, columns, text_pair_column, PAIR_COLUMNS, "text pair", "--text-pair-column")
+        label = None
+        if require_labels or label_column or any(c in columns for c in LABEL_COLUMNS):
+            try:
+                label = pick_column(path, columns, label_column, LABEL_COLUMNS, "label", "--label-column")
+            except DataError:
+                if require_labels:
+                    raise
+
+        def blank(value):
+            return not isinstance(value, str) or not value.strip()
+        empty = [number for number, record in records if blank(record.get(text)) or (pair and blank(record.get(pair)))]
+        if empty:
+            raise rows_error(path, empty, "have an empty or missing text (column " + repr(text)
+                             + (f" or {pair!r})" if pair else ")"), "fill them in or remove them")
+        examples = [Example(record[text], record[pair] if pair else None, record.get(label) if label else None,
+                            number) for number, record in records]
+        if label:
+            check_label_types(path, examples, numeric=self.numeric_labels)
+        return examples
+
+    def check_training_examples(self, path, examples):
+        """What makes fine-tuning on these examples meaningless, before any work."""
+
+    def subset(self, examples, count, seed):
+        """The first `count` examples (--max-train-examples, --max-eval-examples), as
+        run_glue's max_train_samples takes them."""
+        return examples[:count]
+
+    def stdin_example(self, line, number):
+        """An example from one line of standard input (predict --data -): a text, or a text
+        and its pair separated by a tab."""
+        text, _, pair = line.partition("\t")
+        return Example(text, pair or None, line=number)
+
+    # --- labels and encoding -----------------------------------------------------------
+    def label_vocab(self, examples):
+        """The label vocabulary built from the training examples."""
+        return LabelVocab.of_names({e.label for e in examples})
+
+    def encode(self, examples, tokenizer, labels, max_length=128, label_all_tokens=False, source="data",
+               doc_stride=128):
+        """Features: dicts of input_ids, token_type_ids and label (a class id or a float)."""
+        self.check_labels(examples, labels, source)
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair for e in examples] if examples and examples[0].text_pair is not None else None
+        batch = tokenizer(texts, pairs, truncation=True, max_length=max_length, return_tensors=None)
+        features = []
+        for i, example in enumerate(examples):
+            feature = {"input_ids": batch["input_ids"][i], "token_type_ids": batch["token_type_ids"][i]}
+            if example.label is not None:
+                feature["label"] = self.encode_label(example, labels, source)
+            features.append(feature)
+        return features
+
+    def check_labels(self, examples, labels, source):
+        """Every label of evaluation or test examples is one training knows."""
+        labels.check(examples, source, lambda e: [e.label])
+
+    def encode_label(self, example, labels, source):
+        return labels.encode(example.label, source, example.line)
+
+    def loss_terms(self, feature):
+        """How many terms of the loss's mean a training feature brings: data-parallel training
+        weighs each rank's mean loss by its share of a batch's terms."""
+        return 1
+
+    # --- the model, its outputs and metrics ------------------------------------------------
+    def model(self, directory, labels, **overrides):
+        """The task's model from a pretrained or fine-tuned checkpoint directory."""
+        from minisft.models.auto import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(
+            directory, id2label=dict(enumerate(labels.names)), problem_type="single_label_classification", **overrides)
+
+    def gather(self, outputs):
+        """The model's per-example outputs (in order) as the metrics take them."""
+        return numpy.stack(outputs)
+
+    def evaluate(self, features, outputs, label_names):
+        """Metrics of the gathered outputs of labeled features."""
+        return self.compute_metrics(outputs, [f["label"] for f in features], label_names)
+
+    def predictions(self, examples, features, outputs, label_names):
+        """predict's JSON records, one per example."""
+        for example, feature, logits in zip(examples, features, outputs):
+            yield self.prediction(example, feature, logits, label_names)
+
+    def compute_metrics(self, logits, labels, label_names):
+        predictions = [int(i) for i in numpy.asarray(logits).argmax(-1)]
+        _, (precision, recall, f1) = M.precision_recall_f1(list(labels), predictions)
+        return {"accuracy": M.accuracy(list(labels), predictions), "f1": f1, "precision": precision,
+                "recall": recall, "mcc": M.matthews_corrcoef(list(labels), predictions)}
+
+    def prediction(self, example, feature, logits, label_names):
+        """One JSON record for predict: the text(s), the label and every class's probability."""
+        shifted = numpy.exp(logits - logits.max())
+        probabilities = shifted / shifted.sum()
+        record = {"text": example.text}
+        if example.text_pair is not None:
+            record["text_pair"] = example.text_pair
+        return {**record, "label": label_names[int(probabilities.argmax())],
+                "probabilities": {name: round(float(p), 6) for name, p in zip(label_names, probabilities)}}
+
+
+class PositionTask(Task):
+    """A task whose labels are positions (of an answer, of the right choice), not class
+    names, and whose standard-input lines are JSON objects with `stdin_keys`."""
+    stdin_keys = ()
+
+    def stdin_example(self, line, number):
+        try:
+            return self.stdin_record(json.loads(line), number)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise DataError(f"standard input line {number}: expected a JSON object with "
+                            + " and ".join(f'"{key}"' for key in self.stdin_keys)) from None
+
+    def label_vocab(self, examples):
+        return LabelVocab([])
+
+    def check_labels(self, examples, labels, source):
+        pass
