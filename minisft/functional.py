@@ -207,13 +207,18 @@ class _AttentionBase(Function):
     attention replaces attend and attend_backward.
     """
 
+    def prepare(self, q, k, bias, scale, dropout_p):
+        """Keep the scores' shape, the kernel set and the scales; returns bias broadcast to
+        the scores (or None)."""
+        self.scores_shape = q.shape[:-1] + (k.shape[-2],)
+        self.kernels = kernels.for_array(q)
+        self.scale, self.dropout_scale = scale, 1 / (1 - dropout_p)
+        return None if bias is None else get_array_module(q).broadcast_to(bias, self.scores_shape)
+
     def attend(self, q, k, v, bias, out, *, scale, dropout_p, keep_probs):
         """Fill `out` (batch..., Lq, dv) with the context of q, k, v (batch..., L, d) and
         bias (broadcasting to the scores), keeping what backward needs."""
-        self.scores_shape = q.shape[:-1] + (k.shape[-2],)
-        bias = None if bias is None else get_array_module(q).broadcast_to(bias, self.scores_shape)
-        self.kernels = kernels.for_array(q)
-        self.scale, self.dropout_scale, self.dropout_p = scale, 1 / (1 - dropout_p), dropout_p
+        bias = self.prepare(q, k, bias, scale, dropout_p)
         keep = random.keep_mask(self.scores_shape, dropout_p, device_of(q)) if dropout_p else None
         saved = self.kernels.attention_forward(q, k, v, bias, keep, scale, self.dropout_scale, out)
         self.probs = saved[-1] if keep_probs else None

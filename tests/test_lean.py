@@ -189,3 +189,14 @@ def test_the_models_know_nothing_of_the_passes(path):
     text = path.read_text(encoding="utf-8")
     assert "hasattr(self," in text or "hasattr(" not in text.replace("hasattr(ids,", "").replace(
         "hasattr(labels,", ""), f"{path.name} asks hasattr of a module"
+
+
+def test_passes_run_in_any_order_and_remove_leaves_no_option_set():
+    """Fusing after gradient checkpointing keeps the recomputation; after lean.remove, a new
+    pack_qkv alone does not take up an earlier block_attention's threshold."""
+    model = lean.fuse_feed_forward(lean.gradient_checkpointing(_model("bert")))
+    layer = model.bert.encoder.layer[0]
+    assert isinstance(layer, lean.feed_forward.FusedBertLayer) and isinstance(layer, recompute.RecomputedLayer)
+    lean.remove(lean.block_attention(model, 4))
+    lean.pack_qkv(model)
+    assert model.bert.encoder.layer[0].attention.self.block_from is None

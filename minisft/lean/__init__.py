@@ -14,7 +14,7 @@ switchable. The models themselves never ask whether a pass ran.
     lean.remove(model)                                     # plain again
 """
 from minisft import amp
-from minisft.lean.attention import block_attention, pack_qkv
+from minisft.lean.attention import LeanAttention, block_attention, pack_qkv
 from minisft.lean.feed_forward import fuse_feed_forward, lean_activations
 from minisft.lean.recompute import gradient_checkpointing
 from minisft.lean.swap import mix_in, plain_class
@@ -56,7 +56,10 @@ def apply(model, *, pack=True, fuse=True, block_attention_from=BLOCK_ATTENTION_F
 
 
 def remove(model):
-    """`model` plain again: every module back in its model's class."""
+    """`model` plain again: every module back in its model's class, no attention option
+    left set (the packed weights stay views of one array: plain code reads them alike)."""
     for module in model.modules():
+        if isinstance(module, LeanAttention):
+            module.packed = module.block_from = None
         module.__class__ = plain_class(type(module))
     return model

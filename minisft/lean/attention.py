@@ -17,7 +17,7 @@ import math
 import numpy
 
 from minisft import functional as F
-from minisft import kernels, random
+from minisft import random
 from minisft.backend import device_of, get_array_module
 from minisft.functional import _Attention, _AttentionBase, with_weights
 from minisft.lean.chunks import slices
@@ -38,11 +38,8 @@ class _BlockAttend:
     from the random state it was drawn with). Saved for backward: (q, k, v, bias)."""
 
     def attend(self, q, k, v, bias, out, *, scale, dropout_p, keep_probs):
-        self.scores_shape = q.shape[:-1] + (k.shape[-2],)
-        bias = None if bias is None else get_array_module(q).broadcast_to(bias, self.scores_shape)
-        self.kernels = kernels.for_array(q)
-        self.scale, self.dropout_scale, self.dropout_p = scale, 1 / (1 - dropout_p), dropout_p
-        self.probs, self.blocks = None, []
+        bias = self.prepare(q, k, bias, scale, dropout_p)
+        self.dropout_p, self.probs, self.blocks = dropout_p, None, []
         for rows in slices(q.shape[-2], QUERY_BLOCK):
             self.blocks.append((rows, random.get_rng_state() if dropout_p else None))
             keep = self._block_mask(q, k, rows)

@@ -16,7 +16,7 @@ from minisft import functional as F
 from minisft import nn
 from minisft.backend import get_array_module
 from minisft.lean.chunks import slices
-from minisft.lean.swap import swap_class
+from minisft.lean.swap import plain_class, swap_class
 from minisft.models.bert import GELU_FORMS, BertLayer
 from minisft.models.distilbert import FFN
 from minisft.ops import add_
@@ -174,10 +174,13 @@ class FusedFFN(FFN):
 
 
 def _fusable(module):
-    """Whether a plain layer's feed-forward is two plain Linear layers with biases and a GELU."""
-    if type(module) is BertLayer:
+    """Whether a layer's feed-forward (not fused yet) is two plain Linear layers with biases
+    and a GELU."""
+    if isinstance(module, (FusedBertLayer, FusedFFN)):
+        return False
+    if plain_class(type(module)) is BertLayer:
         linears, activation = (module.intermediate.dense, module.output.dense), module.intermediate.hidden_act
-    elif type(module) is FFN:
+    elif plain_class(type(module)) is FFN:
         linears, activation = (module.lin1, module.lin2), module.activation_name
     else:
         return False

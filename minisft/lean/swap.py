@@ -3,13 +3,21 @@ subclass of its own (as torch.nn.utils.parametrize does), so its parameters, sub
 names stay, and `named_parameters()` still yields the checkpoint's keys."""
 
 _MIXED = {}  # (mixin, class) -> their subclass
+_PARTS = {}  # that subclass -> (mixin, class)
 
 
 def swap_class(module, lean_class):
-    """module's class becomes `lean_class`, a subclass of its class or of its plain class."""
-    if not issubclass(lean_class, plain_class(type(module))):
+    """module's class becomes `lean_class`, a subclass of its plain class, under the mixins
+    the module has (so passes may run in any order)."""
+    mixins, cls = [], type(module)
+    while cls in _PARTS:
+        mixin, cls = _PARTS[cls]
+        mixins.append(mixin)
+    if not issubclass(lean_class, plain_class(cls)):
         raise TypeError(f"{lean_class.__name__} does not extend {type(module).__name__}")
     module.__class__ = lean_class
+    for mixin in reversed(mixins):
+        mix_in(module, mixin)
     return module
 
 
@@ -18,7 +26,8 @@ def mix_in(module, mixin):
     cls = type(module)
     if not isinstance(module, mixin):
         if (mixin, cls) not in _MIXED:
-            _MIXED[mixin, cls] = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
+            mixed = type(f"{mixin.__name__}{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
+            _MIXED[mixin, cls], _PARTS[mixed] = mixed, (mixin, cls)
         module.__class__ = _MIXED[mixin, cls]
     return module
 
