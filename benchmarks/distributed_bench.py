@@ -17,10 +17,11 @@ WORKER = """
 import json, statistics, sys, time
 import minisft
 sys.path.insert(0, {root!r})
-from minisft import distributed, lean
+from minisft import lean
+from minisft.engine.runtime import keep_freed_memory
 from minisft.models.bert import BertForSequenceClassification
 from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
-from minisft.runtime import keep_freed_memory
+from minisft.training import distributed
 from benchmarks.workloads import inputs
 
 keep_freed_memory()

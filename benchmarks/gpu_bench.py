@@ -2,7 +2,7 @@
 all-MiniLM-L6-v2 (forward, cross-entropy, backward, clipping, AdamW) in float32 and in
 mixed precision, and the float32 forward pass. The reference runs transformers' eager
 attention and its SDPA attention (fused kernels), float32 and torch.autocast float16 with
-GradScaler; minisft runs its cuda kernel set, float32 and minisft.amp (--fp16). Each timed
+GradScaler; minisft runs its cuda kernel set, float32 and minisft.engine.amp (--fp16). Each timed
 call ends by reading a value back from the GPU, so it includes every kernel it launched.
 Runs only when named (`--only gpu_bench`) on a machine whose CuPy and torch see a GPU.
 """

@@ -17,8 +17,8 @@ import sys
 
 import numpy
 
-from minisft.checkpoint import load_safetensors, save_safetensors
-from minisft.fetch import FetchError, fetch, is_fetched
+from minisft.cli.fetch import FetchError, fetch, is_fetched
+from minisft.files.weights import load_safetensors, save_safetensors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NAME = "all-MiniLM-L6-v2"

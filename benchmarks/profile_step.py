@@ -25,7 +25,7 @@ def _op_classes(root):
 
 def _time_ops(totals):
     """Wrap every op's forward and backward to add its wall time to totals[name]."""
-    from minisft.tensor import Function
+    from minisft.engine.tensor import Function
 
     def timed(method, name):
         def run(self, *args, **kwargs):
@@ -44,7 +44,7 @@ def _time_ops(totals):
 
 def main(argv=None):
     from benchmarks.workloads import Minisft
-    from minisft.fetch import fetch
+    from minisft.cli.fetch import fetch
 
     batch, length = (int(a) for a in (argv or sys.argv[1:] or ["32", "128"]))
     step = Minisft(fetch("all-MiniLM-L6-v2", root=ROOT / "weights")).train_step(batch, length)

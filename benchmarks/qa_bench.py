@@ -9,7 +9,7 @@ run_qa's method written out without the datasets library: transformers' fast tok
 the same questions into windows, labels them, trains BertForQuestionAnswering with torch's
 AdamW, and keeps the best span of the 20 best starts and ends (at most 30 tokens) over each
 question's windows. Both subsets are minisft's (`--max-train-examples`, `--max-eval-examples`:
-whole articles in a seeded order); both are scored by minisft.metrics.squad, which equals the
+whole articles in a seeded order); both are scored by minisft.tasks.metrics.squad, which equals the
 official v1.1 script (tests/test_metrics.py).
 """
 import json
@@ -106,7 +106,7 @@ def run_reference(env, recipe):
     import torch
     import transformers
 
-    from minisft import metrics
+    from minisft.tasks import metrics
 
     squad = env.data("squad")
     torch.manual_seed(recipe["seed"])

@@ -7,7 +7,7 @@ held-out dev split against all their paragraphs, by cosine similarity, before an
 minisft runs its command line (`minisft train --task embedding`); the reference is
 sentence-transformers' model and loss in a plain torch loop (its trainer needs the datasets
 library). The subsets are minisft's (whole articles in a seeded order); both are scored by
-minisft.sentence.retrieval_metrics.
+minisft.tasks.metrics.retrieval_metrics.
 """
 import json
 import subprocess
@@ -33,7 +33,7 @@ def _pairs(path, count, seed):
 
 def _scores(embed, pairs):
     """Recall@1/5/10 and MRR@10 of each question's paragraph among the pairs' paragraphs."""
-    from minisft.sentence import retrieval_metrics
+    from minisft.tasks.metrics import retrieval_metrics
 
     paragraphs = list(dict.fromkeys(p for _, p in pairs))
     index = {p: i for i, p in enumerate(paragraphs)}

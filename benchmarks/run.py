@@ -40,7 +40,7 @@ class Environment:
     """What every benchmark needs: fetched files, and whether the reference is installed."""
 
     def __init__(self, reference):
-        from minisft.fetch import fetch
+        from minisft.cli.fetch import fetch
 
         self.reference = reference
         self.root = ROOT

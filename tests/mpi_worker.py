@@ -22,7 +22,7 @@ args = parser.parse_args()
 train_args = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
 
 if int(os.environ["PMI_RANK"]) == args.rank:
-    from minisft import trainer
+    from minisft.training import trainer
 
     if args.version:
         trainer.__version__ = args.version

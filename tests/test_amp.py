@@ -1,10 +1,10 @@
-"""Mixed precision (minisft.amp): float16 products under autocast over float32 weights, loss
+"""Mixed precision (minisft.engine.amp): float16 products under autocast over float32 weights, loss
 scaling with skipped steps, and float16 parameters that Adam updates without NaN."""
 import numpy as np
 
 import minisft
-from minisft import amp
 from minisft import functional as F
+from minisft.engine import amp
 from minisft.models.bert import BertForSequenceClassification
 from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
 from conftest import FIXTURES, assert_close

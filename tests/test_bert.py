@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import minisft
-from minisft.checkpoint import CheckpointError, load_safetensors, save_safetensors
+from minisft.files.weights import CheckpointError, load_safetensors, save_safetensors
 from minisft.models.bert import BertConfig, BertModel
 from conftest import FIXTURES, assert_close
 from helpers import assert_layers_and_gradients_match

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from minisft.bpe import ByteLevelBPETokenizer, bytes_to_unicode
 from minisft.models.auto import AutoTokenizer
+from minisft.tokenizers.bpe import ByteLevelBPETokenizer, bytes_to_unicode
 from conftest import FIXTURES
 from helpers import fixture_mismatches
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import minisft
-from minisft.checkpoint import (CheckpointError, load_into, load_safetensors, map_keys,
+from minisft.files.weights import (CheckpointError, load_into, load_safetensors, map_keys,
                                 save_safetensors)
 from minisft.models.bert import BertModel
 from conftest import FIXTURES
@@ -85,7 +85,7 @@ def test_load_into_reports_without_raising_when_not_strict():
 def test_written_files_get_the_permissions_of_a_plain_open_and_no_temporary_is_left(tmp_path, umask):
     import os
 
-    from minisft.checkpoint import write_text_atomic
+    from minisft.files.atomic import write_text_atomic
 
     before = os.umask(umask)
     try:
@@ -104,7 +104,7 @@ BIN = FIXTURES / "tiny-bert-bin"  # tiny-bert as torch.save wrote it (make_famil
 
 
 def test_pytorch_model_bin_reads_without_torch_as_the_safetensors_do():
-    from minisft.checkpoint import load_torch_bin
+    from minisft.files.weights import load_torch_bin
 
     from_bin, from_safetensors = load_torch_bin(BIN / "pytorch_model.bin"), load_safetensors(TINY / "model.safetensors")
     assert from_bin.keys() == from_safetensors.keys()
@@ -115,7 +115,7 @@ def test_pytorch_model_bin_reads_without_torch_as_the_safetensors_do():
 
 
 def test_safetensors_win_over_bin_and_shards_load(tmp_path):
-    from minisft.checkpoint import load_checkpoint
+    from minisft.files.weights import load_checkpoint
     from safetensors.numpy import save_file
 
     both = tmp_path / "both"
@@ -144,7 +144,7 @@ def test_a_bin_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     import pickle
     import zipfile
 
-    from minisft.checkpoint import load_torch_bin
+    from minisft.files.weights import load_torch_bin
 
     marker = tmp_path / "ran"
 
@@ -164,7 +164,7 @@ def test_a_bin_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
     (lambda raw: b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19." + raw[:50], r"torch's legacy \(before 1.6\) format"),
 ])
 def test_truncated_and_legacy_bins_are_named(tmp_path, content, message):
-    from minisft.checkpoint import load_torch_bin
+    from minisft.files.weights import load_torch_bin
 
     path = tmp_path / "pytorch_model.bin"
     path.write_bytes(content((BIN / "pytorch_model.bin").read_bytes()))
@@ -173,7 +173,7 @@ def test_truncated_and_legacy_bins_are_named(tmp_path, content, message):
 
 
 def test_a_directory_without_weights_names_both_formats(tmp_path):
-    from minisft.checkpoint import load_checkpoint
+    from minisft.files.weights import load_checkpoint
 
     with pytest.raises(FileNotFoundError, match=r"no model.safetensors or pytorch_model.bin"):
         load_checkpoint(tmp_path)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from minisft import tasks
-from minisft.data import DataError, LabelVocab, align_labels, collate, eval_order, read_conll, train_order
+from minisft.tasks.data import DataError, LabelVocab, align_labels, collate, eval_order, read_conll, train_order
 
 
 def read_examples(path, task):
@@ -86,6 +86,6 @@ def test_unknown_label_at_eval_time(tmp_path):
 
 
 def test_numeric_labels_sort_as_numbers():
-    from minisft.data import Example
+    from minisft.tasks.data import Example
     labels = tasks.get("classification").label_vocab([Example("a", label=v) for v in ("10", "2", "1")])
     assert labels.names == ["1", "2", "10"]

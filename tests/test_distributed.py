@@ -1,4 +1,4 @@
-"""Data-parallel training (minisft.distributed): the pieces in one process (sharding, seeds,
+"""Data-parallel training (minisft.training.distributed): the pieces in one process (sharding, seeds,
 the hook that starts a gradient bucket, the checks ranks must pass), then whole runs under
 `mpiexec -n 2` (the mpi extra; skipped with the reason when it is absent): equal to one
 process with the same global batch, repeatable bit for bit with dropout, resumable with the
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import minisft
-from minisft import distributed, tasks
-from minisft.checkpoint import load_safetensors
+from minisft import tasks
+from minisft.files.weights import load_safetensors
+from minisft.training import distributed
 from conftest import FIXTURES, ROOT
 from helpers import NEGATIVE, POSITIVE, write_reviews
 
@@ -88,7 +89,7 @@ def test_a_leaf_s_hook_runs_once_when_its_gradient_is_complete():
 
 
 def test_one_process_never_imports_mpi4py():
-    code = ("import sys, minisft.distributed as d, minisft.trainer; c = d.world(); "
+    code = ("import sys, minisft.training.distributed as d, minisft.training.trainer; c = d.world(); "
             "print(type(c).__name__, c.size, 'mpi4py' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k not in distributed.LAUNCHER_SIZE_VARIABLES}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout

@@ -47,8 +47,8 @@ def test_the_walk_names_exactly_the_nodes_of_the_plain_model_s_step():
     import numpy as np
 
     import minisft
+    from minisft.engine.tensor import _topological_order
     from minisft.models.bert import BertForSequenceClassification
-    from minisft.tensor import _topological_order
     from conftest import FIXTURES
 
     named = set()

@@ -6,8 +6,9 @@ import zipfile
 
 import pytest
 
-from minisft import cli, fetch
-from minisft.fetch import Artifact, FetchError
+from minisft import cli
+from minisft.cli import fetch
+from minisft.cli.fetch import Artifact, FetchError
 
 
 @pytest.fixture

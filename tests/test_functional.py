@@ -205,7 +205,7 @@ def test_activations_in_place_write_over_their_input(device, activation):
 def test_dropout_and_add_in_place_write_over_their_first_input(device):
     """F.dropout(inplace=True) and ops.add_ (a residual connection's tail): the result is the
     first input's own array, with the values and gradients of the ops out of place."""
-    from minisft.ops import add_
+    from minisft.engine.ops import add_
 
     rng = np.random.default_rng(13)
     x = minisft.tensor(rng.standard_normal((4, 6)), requires_grad=True, device=device)
@@ -395,7 +395,7 @@ def test_lean_feed_forward_keeps_its_pre_activation_alone():
 def test_add_columns_adds_each_part_into_its_columns_in_place(device):
     """ops.add_columns_ (LoRA's updates into the packed Q/K/V product): the sum, in the packed
     array itself, and gradient-checked."""
-    from minisft.ops import add_columns_
+    from minisft.engine.ops import add_columns_
 
     rng = np.random.default_rng(4)
     packed = minisft.tensor(rng.standard_normal((2, 3, 9)), device=device)

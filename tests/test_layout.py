@@ -1,5 +1,6 @@
-"""The package reads bottom-up: each module imports only from those above it in the
-README's "What is here" list (no import cycles), and importing minisft changes no
+"""The package reads bottom-up: each module imports only from the rooms above it in the
+README's "What is here" list (no import cycles); few modules sit directly in minisft/, the
+others being the public names of the engine's modules; and importing minisft changes no
 process-wide setting."""
 import ast
 import json
@@ -13,16 +14,17 @@ PACKAGE = ROOT / "minisft"
 
 
 def readme_order():
-    """The README's list of rooms, top first: 'backend', 'runtime', ..., 'models', ..."""
+    """The README's list of rooms, top first: 'engine/backend', 'engine/runtime', 'kernels',
+    'engine', ..., 'models', ..."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text[text.index("## What is here"):text.index("## How correctness is checked")]
     rooms = [line.split()[0] for line in block.splitlines() if line.startswith("    minisft/")]
     rooms = [room[len("minisft/"):].rstrip("/").removesuffix(".py") for room in rooms]
-    return rooms + ["cli"]  # named on the workflows line: it parses arguments and calls them
+    return rooms
 
 
 def room_of(module, rooms):
-    """'minisft.kernels.fast' -> 'kernels'; 'minisft.ops' -> 'ops'; 'minisft.models.auto' ->
+    """'minisft.kernels.fast' -> 'kernels'; 'minisft.nn' -> 'nn'; 'minisft.models.auto' ->
     'models/auto' where the README lists that module as a room of its own."""
     parts = module.split(".")[1:]
     return "/".join(parts[:2]) if "/".join(parts[:2]) in rooms else parts[0]
@@ -43,12 +45,17 @@ def minisft_imports(path):
     return found
 
 
+PUBLIC_NAMES = {"functional": "minisft.engine.functional", "tokenizer": "minisft.tokenizers.wordpiece",
+                "optim": "minisft.training.optim", "peft": "minisft.lean.peft",
+                "sentence": "minisft.models.sentence", "viz": "minisft.inspect.viz"}
+
+
 def test_every_module_imports_only_from_rooms_above_it():
     order = readme_order()
     rank = {room: i for i, room in enumerate(order)}
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE)
-        if relative.name in ("__init__.py", "__main__.py") and len(relative.parts) == 1:
+        if len(relative.parts) == 1 and (relative.name in ("__init__.py", "__main__.py") or relative.stem in PUBLIC_NAMES):
             continue
         own = room_of("minisft." + ".".join(relative.with_suffix("").parts), rank)
         assert own in rank, f"minisft/{relative} is not in the README's list of modules"
@@ -58,9 +65,29 @@ def test_every_module_imports_only_from_rooms_above_it():
                 f"minisft/{relative} imports {module}, which is not above it in the README's list"
 
 
+def test_few_modules_sit_directly_in_the_package_and_the_public_names_are_the_modules_themselves():
+    """At most 10 modules in minisft/ itself; each one besides __init__, __main__ and nn is a
+    public name (one the README's examples import) that is its room's module, not a copy."""
+    import importlib
+
+    top = sorted(path.stem for path in PACKAGE.glob("*.py"))
+    assert len(top) <= 10, top
+    assert set(top) - {"__init__", "__main__", "nn"} == set(PUBLIC_NAMES)
+    for name, target in PUBLIC_NAMES.items():
+        assert importlib.import_module(f"minisft.{name}") is importlib.import_module(target)
+        assert getattr(importlib.import_module("minisft"), name) is importlib.import_module(target)
+
+
+def test_no_module_is_over_500_lines_but_the_generated_tables():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name != "unicode_tables.py":
+            lines = path.read_text(encoding="utf-8").count("\n")
+            assert lines <= 500, f"minisft/{path.relative_to(PACKAGE)}: {lines} lines"
+
+
 def test_importing_minisft_changes_no_environment_variable():
     code = ("import json, os; before = dict(os.environ); import minisft, minisft.functional, "
-            "minisft.trainer; print(json.dumps([before == dict(os.environ), os.umask(0o22)]))")
+            "minisft.training.trainer; print(json.dumps([before == dict(os.environ), os.umask(0o22)]))")
     unchanged, umask = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                                  check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout)
     assert unchanged
@@ -86,17 +113,17 @@ def _code_names(path):
 
 def test_only_the_registries_and_each_family_s_own_modules_name_a_family_or_a_task():
     """Adding a task touches its module under tasks/ (and its head); adding a family, its module under models/
-    and a registry line in models/auto.py (and in peft.py, LoRA's default targets by
+    and a registry line in models/auto.py (and in lean/peft.py, LoRA's default targets by
     model_type, as peft keeps them). Its own modules: models/NAME.py, and BERT's config.py,
     heads.py (the heads' shared losses, which read config.json's problem_type: "regression",
-    ...) and tokenizer.py (WordPiece, which DistilBERT and ELECTRA share)."""
+    ...) and tokenizers/wordpiece.py (WordPiece, which DistilBERT and ELECTRA share)."""
     from minisft import functional, tasks
     from minisft.models import auto
 
     task_names = {name for name in tasks.TASKS if not hasattr(functional, name)}  # F.embedding is an op's name
     family_classes = {getattr(f, role).__name__ for f in auto.FAMILIES.values()
                       for role in ("config", "base", "sequence_classification", "token_classification")}
-    own = {"models/auto.py", "peft.py", "models/config.py", "models/heads.py", "tokenizer.py",
+    own = {"models/auto.py", "lean/peft.py", "models/config.py", "models/heads.py", "tokenizers/wordpiece.py",
            *(f"models/{name}.py" for name in auto.FAMILIES)}
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE).as_posix()

@@ -11,9 +11,9 @@ import pytest
 
 import minisft
 from minisft import lean, nn, peft
+from minisft.engine.tensor import Function
 from minisft.lean import attention, recompute
 from minisft.models.auto import AutoModelForSequenceClassification
-from minisft.tensor import Function
 from conftest import FIXTURES, ROOT, assert_close
 
 FAMILIES = ["bert", "distilbert", "electra", "roberta"]
@@ -123,7 +123,7 @@ def test_packing_survives_loading_and_moving_and_refuses_replaced_weights():
 def test_pack_rows_makes_the_parameters_views_of_one_array(device):
     """After packing, an in-place update shows in the packed array, and CatView's backward
     splits the gradient into the parameters' blocks."""
-    from minisft.ops import CatView
+    from minisft.engine.ops import CatView
     rng = np.random.default_rng(0)
     params = [nn.Parameter(minisft.Device(device).put(rng.standard_normal(shape).astype(np.float32)))
               for shape in ((2, 3), (4, 3), (1, 3))]

@@ -2,9 +2,10 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
-from minisft import metrics as M
+from minisft.tasks import metrics as M
 from conftest import FIXTURES
 
 REF = json.loads((FIXTURES / "metrics_reference.json").read_text())
@@ -69,3 +70,11 @@ def test_squad_v2_scores_no_answer_against_unanswerable_questions():
     # c: "dog" against "dog" (articles dropped): exact
     assert M.squad(predictions, answers, version="2.0") == {"exact_match": 200 / 3, "f1": 200 / 3}
     assert M.squad({"a": "something"}, answers, version="2.0") == {"exact_match": 0.0, "f1": 0.0}  # b, c left out
+
+
+def test_retrieval_metrics_rank_each_query_s_document():
+    corpus = np.eye(4)
+    queries = np.array([[1.0, 0.1, 0, 0], [0.9, 1.0, 0, 0], [0.5, 0.2, 0.1, 0], [0, 0, 0.2, 1.0]])
+    # query 0 -> doc 0 first; query 1 -> doc 1 first; query 2 -> doc 2 third; query 3 -> doc 2 second
+    metrics = M.retrieval_metrics(queries, corpus, [0, 1, 2, 2], cutoffs=(1, 2), mrr_at=2)
+    assert metrics == {"recall@1": 0.5, "recall@2": 0.75, "mrr@2": (1 + 1 + 0 + 0.5) / 4}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from minisft import cli, tasks
-from minisft.data import DataError, collate
+from minisft.tasks.data import DataError, collate
 from minisft.tokenizer import BertTokenizer
 from conftest import FIXTURES
 from helpers import NEGATIVE, POSITIVE

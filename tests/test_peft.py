@@ -49,8 +49,8 @@ def test_frozen_parameters_get_no_gradient_no_state_and_the_rest_the_same_gradie
 
 
 def test_a_frozen_linear_keeps_neither_its_input_nor_computes_its_weight_gradient():
-    import minisft.functional as F
     from minisft import tensor
+    import minisft.functional as F
 
     x = tensor(np.random.randn(4, 3), requires_grad=True)
     frozen = tensor(np.random.randn(2, 3))
@@ -181,7 +181,7 @@ def test_an_adapter_whose_base_is_gone_is_named(tmp_path, capsys):
 @pytest.mark.parametrize("frozen_embeddings", [True, False])
 @pytest.mark.parametrize("name", ["bert", "distilbert"])
 def test_gradient_checkpointing_gives_the_same_gradients_with_dropout_and_keeps_less(name, frozen_embeddings):
-    from minisft import summary
+    from minisft.inspect import summary
 
     ids, mask = _batch()
     results = []

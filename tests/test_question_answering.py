@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from minisft import cli, spans, tasks
-from minisft.data import DataError
+from minisft import cli, tasks
+from minisft.tasks import spans
+from minisft.tasks.data import DataError
 from minisft.tokenizer import BertTokenizer
 from conftest import FIXTURES
 

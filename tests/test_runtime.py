@@ -1,4 +1,4 @@
-"""minisft.runtime: blocks cover the rows, errors surface, and a training step gives
+"""minisft.engine.runtime: blocks cover the rows, errors surface, and a training step gives
 bit-identical results whatever the thread count."""
 import threading
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import minisft
-from minisft import runtime
+from minisft.engine import runtime
 from minisft.models.bert import BertForSequenceClassification
 from minisft.optim import AdamW
 from conftest import FIXTURES
@@ -95,7 +95,7 @@ def test_a_forked_child_gets_a_new_pool(threads):
 
 
 def test_dropout_masks_drawn_in_blocks_are_one_sequential_draw(threads):
-    from minisft import random
+    from minisft.engine import random
 
     threads(3)
     minisft.manual_seed(11)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from minisft import cli, tasks
-from minisft.data import DataError, collate
-from minisft.sentence import SentenceEmbedder, retrieval_metrics
+from minisft.sentence import SentenceEmbedder
+from minisft.tasks.data import DataError, collate
 from minisft.tokenizer import BertTokenizer
 from conftest import FIXTURES, assert_close
 from helpers import NEGATIVE, POSITIVE
@@ -68,14 +68,6 @@ def test_sentence_transformers_loads_the_saved_directory_with_equal_embeddings(t
     tokenizer.save_pretrained(tmp_path)
     theirs = sentence_transformers.SentenceTransformer(str(tmp_path), device="cpu").encode(texts)
     assert_close(embed(model, tokenizer, texts).logits, theirs, atol=1e-5, rtol=0, what="embeddings")
-
-
-def test_retrieval_metrics_rank_each_query_s_document():
-    corpus = np.eye(4)
-    queries = np.array([[1.0, 0.1, 0, 0], [0.9, 1.0, 0, 0], [0.5, 0.2, 0.1, 0], [0, 0, 0.2, 1.0]])
-    # query 0 -> doc 0 first; query 1 -> doc 1 first; query 2 -> doc 2 third; query 3 -> doc 2 second
-    metrics = retrieval_metrics(queries, corpus, [0, 1, 2, 2], cutoffs=(1, 2), mrr_at=2)
-    assert metrics == {"recall@1": 0.5, "recall@2": 0.75, "mrr@2": (1 + 1 + 0 + 0.5) / 4}
 
 
 def test_a_pair_file_without_a_positive_column_is_named(tmp_path):

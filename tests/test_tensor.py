@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import minisft
+from minisft.engine.backend import Device
+from minisft.engine.tensor import array_of
 import minisft.functional as F
-from minisft.backend import Device
-from minisft.tensor import array_of
 from conftest import assert_close
 
 
@@ -223,11 +223,8 @@ def test_a_fresh_gradient_is_taken_even_with_the_id_of_one_freed_before(monkeypa
     """A leaf's second gradient is added into its .grad and freed; the next array made may
     get its id. That array is still fresh: the leaf it goes to takes it, with no copy (a
     copy of a word embedding's gradient is 45 MB)."""
-    import sys
-
-    from minisft.tensor import Function
-
-    tensor_module = sys.modules["minisft.tensor"]  # the module: minisft.tensor is also the function
+    import minisft.engine.tensor as tensor_module
+    from minisft.engine.tensor import Function
 
     class Fresh(Function):  # y = x; backward hands x a new array
         def forward(self, x):

@@ -78,7 +78,7 @@ def test_unicode_tables_are_what_their_script_measures(tmp_path):
     import tokenizers
 
     module["write"](module["measure"](), tokenizers.__version__)
-    committed = ROOT / "minisft" / "unicode_tables.py"
+    committed = ROOT / "minisft" / "tokenizers" / "unicode_tables.py"
     assert (tmp_path / "unicode_tables.py").read_text(encoding="utf-8") == committed.read_text(encoding="utf-8")
 
 

@@ -10,8 +10,8 @@ import pytest
 
 import minisft
 from minisft import cli
-from minisft.checkpoint import load_safetensors
-from minisft.trainer import latest_checkpoint
+from minisft.files.weights import load_safetensors
+from minisft.training.trainer import latest_checkpoint
 from conftest import FIXTURES, ROOT
 from helpers import write_reviews
 
@@ -92,8 +92,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, se
     output = tmp_path / "out"
     script = f"""
 import os, signal
-import minisft.checkpoint, minisft.trainer
-real = minisft.trainer.save_safetensors
+import minisft.files.weights, minisft.training.trainer
+real = minisft.training.trainer.save_safetensors
 calls = []
 def save(tensors, path, metadata=None):
     calls.append(path)
@@ -101,7 +101,7 @@ def save(tensors, path, metadata=None):
         open(str(path) + ".partial", "wb").write(b"half")
         os.kill(os.getpid(), signal.SIGKILL)
     real(tensors, path, metadata)
-minisft.trainer.save_safetensors = save
+minisft.training.trainer.save_safetensors = save
 from minisft import cli
 cli.main(["train", "--model", {str(TINY)!r}, "--train", {str(sentiment[0])!r}, "--output", {str(output)!r},
           "--batch-size", "4", "--max-steps", "4", "--save-steps", "2"])

@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from minisft import cli, inside, summary, viz
+from minisft import cli, viz
+from minisft.cli import inside
+from minisft.inspect import summary
 from minisft.lean.feed_forward import feed_forward
 from minisft.models.auto import AutoModelForSequenceClassification, AutoTokenizer
 from conftest import FIXTURES
@@ -154,10 +156,9 @@ def test_summary_counts_parameters_flops_and_saved_arrays():
 
 
 def test_the_feed_forward_node_counts_its_products():
-    """F.feed_forward's FLOPs: two products forward; backward, dW2, the gradient at the
+    """lean's feed_forward's FLOPs: two products forward; backward, dW2, the gradient at the
     pre-activation and dW1 and dx, each as its input needs."""
     import minisft
-    import minisft.functional as F
 
     rng = np.random.default_rng(0)
     x, w1, b1, w2, b2 = (minisft.tensor(rng.standard_normal(shape).astype(np.float32), requires_grad=grad)

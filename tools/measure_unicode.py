@@ -1,5 +1,5 @@
 """Measure the Unicode character classes that transformers' (Rust) tokenizers use, code point
-by code point, and write them to minisft/unicode_tables.py (run from the repository root with
+by code point, and write them to minisft/tokenizers/unicode_tables.py (run from the repository root with
 the reference extra: `python tools/measure_unicode.py`; it rewrites that file).
 
 Why measured and not taken from Python's unicodedata: the Rust tokenizers library classifies
@@ -33,7 +33,7 @@ classes as "start-end:class".
 import pathlib
 import unicodedata
 
-TARGET = pathlib.Path(__file__).resolve().parents[1] / "minisft" / "unicode_tables.py"
+TARGET = pathlib.Path(__file__).resolve().parents[1] / "minisft" / "tokenizers" / "unicode_tables.py"
 HANGUL = range(0xAC00, 0xD7A4)
 
 
@@ -128,7 +128,7 @@ def measure():
 def write(tables, version):
     lines = [f'"""Unicode character classes of the Rust tokenizers library {version}, written by',
              "tools/measure_unicode.py (which says how they were measured); do not edit by hand.",
-             "Read through minisft.unicode.", '"""']
+             "Read through minisft.tokenizers.unicode.", '"""']
     for name, values in tables.items():
         text = (mapping(values) if name in ("DECOMPOSE", "LOWER") else classes(values) if name == "COMBINING"
                 else ranges(values))

@@ -13,7 +13,7 @@ cuda set runs only on CuPy arrays: chosen, it leaves NumPy arrays to the default
 """
 import os
 
-from minisft.backend import is_cupy_array
+from minisft.engine.backend import is_cupy_array
 from minisft.kernels import cuda, fast, reference
 
 SETS = {"reference": reference, "fast": fast, "cuda": cuda}

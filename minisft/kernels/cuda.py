@@ -10,13 +10,13 @@ SOURCE, compiled once by CuPy (NVRTC) on first use:
   one grid row per tensor).
 Matrix products stay CuPy's (cuBLAS). Kernels not written here are the reference's, and
 any dtype other than float32 runs the reference too (mixed precision casts only the
-Linear products, minisft.amp).
+Linear products, minisft.engine.amp).
 """
 import math
 
 import numpy
 
-from minisft.backend import get_array_module
+from minisft.engine.backend import get_array_module
 from minisft.kernels import reference
 from minisft.kernels.reference import (  # noqa: F401  (the rest of the set, as the reference computes it)
     cross_entropy_backward, cross_entropy_forward, dropout, embedding_backward, erf, gelu_tanh_forward, linear_backward,

@@ -1,7 +1,7 @@
 """Fast kernels: the reference kernels' results, with the reference kernels' signatures,
 computed for speed on the CPU.
 
-What makes them fast (minisft.runtime has the threads):
+What makes them fast (minisft.engine.runtime has the threads):
 - row-wise work runs in blocks of rows on minisft's thread pool, and matrix products in
   fixed tiles of rows on the same threads with the BLAS on one thread, so results do not
   depend on the thread count;
@@ -16,10 +16,10 @@ import math
 
 import numpy
 
-from minisft.backend import get_array_module
+from minisft.engine.backend import get_array_module
+from minisft.engine.runtime import CACHE_ELEMENTS, by_rows, by_tiles_on_one_blas_thread, get_num_threads
 from minisft.kernels import erf_coefficients as table
 from minisft.kernels import reference
-from minisft.runtime import CACHE_ELEMENTS, by_rows, by_tiles_on_one_blas_thread, get_num_threads
 
 _CHUNK = 1 << 17  # elements per float64 chunk: big enough to amortise a call, small enough for the cache
 GEMM_TILE = 256   # rows per matrix-product call: the same tiles for any thread count

@@ -8,7 +8,7 @@ import math
 
 import numpy
 
-from minisft.backend import get_array_module, index_add
+from minisft.engine.backend import get_array_module, index_add
 from minisft.kernels import erf_coefficients as table
 
 

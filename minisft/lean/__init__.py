@@ -6,14 +6,14 @@ switchable. The models themselves never ask whether a pass ran.
     fuse_feed_forward(model)              feed_forward.py: Linear -> GELU -> Linear as one node
     block_attention(model, block_from)    attention.py: no (L, L) arrays kept from block_from keys
     gradient_checkpointing(model)         recompute.py: layers run again in backward
-    autocast(model)                       float16 products inside the forward (minisft.amp)
-    peft.get_peft_model, peft.freeze      LoRA adapters and freezing (minisft.peft)
+    autocast(model)                       float16 products inside the forward (minisft.engine.amp)
+    peft.get_peft_model, peft.freeze      peft.py: LoRA adapters and freezing, in peft's layout
 
     model = lean.apply(BertModel.from_pretrained(path))   # the defaults: minisft train's
     model = lean.apply(model, checkpointing=True, block_attention_from=None)
     lean.remove(model)                                     # plain again
 """
-from minisft import amp
+from minisft.engine import amp
 from minisft.lean.attention import LeanAttention, block_attention, pack_qkv
 from minisft.lean.feed_forward import fuse_feed_forward, lean_activations
 from minisft.lean.recompute import gradient_checkpointing
@@ -34,7 +34,7 @@ class Autocast:
 
 
 def autocast(model):
-    """`model` with its forward in mixed precision (minisft.amp.autocast)."""
+    """`model` with its forward in mixed precision (minisft.engine.amp.autocast)."""
     return mix_in(model, Autocast)
 
 

@@ -16,18 +16,18 @@ import math
 
 import numpy
 
-from minisft import functional as F
-from minisft import random
-from minisft.backend import device_of, get_array_module
-from minisft.functional import _Attention, _AttentionBase, with_weights
+from minisft.engine import functional as F
+from minisft.engine import random
+from minisft.engine.backend import device_of, get_array_module
+from minisft.engine.functional import _Attention, _AttentionBase, with_weights
+from minisft.engine.ops import CatView, add_columns_, unbroadcast
+from minisft.engine.runtime import get_num_threads
+from minisft.engine.tensor import Tensor
 from minisft.lean.chunks import slices
+from minisft.lean.peft import LoraLinear
 from minisft.lean.swap import swap_class
 from minisft.models.bert import BertSelfAttention
 from minisft.models.distilbert import MultiHeadSelfAttention
-from minisft.ops import CatView, add_columns_, unbroadcast
-from minisft.peft import LoraLinear
-from minisft.runtime import get_num_threads
-from minisft.tensor import Tensor
 
 QUERY_BLOCK = 128  # query rows a block
 

@@ -11,16 +11,17 @@ is a sum over chunks of rows instead, within float32 rounding of the one product
 import contextlib
 import threading
 
-from minisft import amp, kernels
-from minisft import functional as F
+from minisft import kernels
 from minisft import nn
-from minisft.backend import get_array_module
+from minisft.engine import amp
+from minisft.engine import functional as F
+from minisft.engine.backend import get_array_module
+from minisft.engine.ops import add_
+from minisft.engine.tensor import Function
 from minisft.lean.chunks import slices
 from minisft.lean.swap import plain_class, swap_class
 from minisft.models.bert import GELU_FORMS, BertLayer
 from minisft.models.distilbert import FFN
-from minisft.ops import add_
-from minisft.tensor import Function
 
 FEED_FORWARD_CHUNK = 1024  # rows per chunk: a multiple of the fast kernels' GEMM tile, so the same products
 

@@ -13,12 +13,12 @@ lean_activations.
 """
 import numpy
 
-from minisft import random
-from minisft.backend import get_array_module
+from minisft.engine import random
+from minisft.engine.backend import get_array_module
+from minisft.engine.runtime import release_free_memory
+from minisft.engine.tensor import Function, Tensor, backpropagate, is_grad_enabled, no_grad
 from minisft.lean.feed_forward import lean_activations
 from minisft.lean.swap import mix_in
-from minisft.runtime import release_free_memory
-from minisft.tensor import Function, Tensor, backpropagate, is_grad_enabled, no_grad
 
 
 class _Recompute(Function):

@@ -10,10 +10,10 @@ import pathlib
 from dataclasses import dataclass
 
 from minisft import lean as _lean
-from minisft.bpe import ByteLevelBPETokenizer
 from minisft.models import bert, distilbert, electra, roberta
 from minisft.models.config import BertConfig
-from minisft.tokenizer import BertTokenizer
+from minisft.tokenizers.bpe import ByteLevelBPETokenizer
+from minisft.tokenizers.wordpiece import BertTokenizer
 
 
 @dataclass(frozen=True)

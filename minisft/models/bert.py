@@ -9,15 +9,16 @@ from dataclasses import dataclass
 
 import numpy
 
-from minisft import functional as F
-from minisft import nn, random
-from minisft.backend import read_back
-from minisft.checkpoint import load_checkpoint, load_into, load_safetensors, save_safetensors
+from minisft import nn
+from minisft.engine import functional as F
+from minisft.engine import random
+from minisft.engine.backend import read_back
+from minisft.files.weights import load_checkpoint, load_into, load_safetensors, save_safetensors
 from minisft.models.config import BertConfig
 from minisft.models.heads import (MultipleChoiceModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
                                   TokenClassifierOutput, choices_as_rows, classifier_dropout, question_answering_loss,
                                   sequence_classification_loss, token_classification_loss)
-from minisft.tensor import Tensor, array_of
+from minisft.engine.tensor import Tensor, array_of
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
            "BaseModelOutputWithPooling", "SequenceClassifierOutput", "TokenClassifierOutput"]

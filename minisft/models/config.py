@@ -3,7 +3,7 @@ import copy
 import json
 import pathlib
 
-from minisft.checkpoint import write_json_atomic
+from minisft.files.atomic import write_json_atomic
 
 
 class BertConfig:
@@ -11,7 +11,7 @@ class BertConfig:
     so a saved config round-trips."""
 
     model_type = "bert"
-    layers_field = "num_hidden_layers"  # the field that counts encoder layers (see minisft.inside)
+    layers_field = "num_hidden_layers"  # the field that counts encoder layers (see minisft.cli.inside)
     defaults = {
         "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
         "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
@@ -20,6 +20,7 @@ class BertConfig:
         "layer_norm_eps": 1e-12, "pad_token_id": 0, "position_embedding_type": "absolute",
         "classifier_dropout": None, "problem_type": None,
     }
+    attribute_map = {}  # transformers' common names for a family's own fields: {"hidden_size": "dim"}
 
     def __init__(self, source="config", **fields):
         self._source = source
@@ -33,6 +34,12 @@ class BertConfig:
         else:
             self.id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
         self.validate()
+
+    def __getattr__(self, name):
+        """A common name (hidden_size, ...) read through the family's attribute_map."""
+        if name in type(self).attribute_map:
+            return getattr(self, type(self).attribute_map[name])
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}")
 
     @property
     def label2id(self):

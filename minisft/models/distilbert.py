@@ -7,15 +7,15 @@ Shapes: B batch, L sequence length, D dim, nh n_heads.
 """
 import numpy
 
-from minisft import functional as F
 from minisft import nn
+from minisft.engine import functional as F
 from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertEncoder, BertPreTrainedModel,
                                  BertSelfAttention, _as_ids, _check_range, attention_bias, merge_heads, split_heads)
 from minisft.models.config import BertConfig
 from minisft.models.heads import (MultipleChoiceModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
                                   TokenClassifierOutput, choices_as_rows, question_answering_loss,
                                   sequence_classification_loss, token_classification_loss)
-from minisft.tensor import array_of
+from minisft.engine.tensor import array_of
 
 LAYER_NORM_EPS = 1e-12  # fixed in DistilBERT, not a config field
 
@@ -25,6 +25,7 @@ class DistilBertConfig(BertConfig):
 
     model_type = "distilbert"
     layers_field = "n_layers"
+    attribute_map = {"hidden_size": "dim", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers"}
     defaults = {
         "vocab_size": 30522, "max_position_embeddings": 512, "sinusoidal_pos_embds": False,
         "n_layers": 6, "n_heads": 12, "dim": 768, "hidden_dim": 3072, "dropout": 0.1,

@@ -5,8 +5,8 @@ the first token). Loading, saving, initialisation and the losses are BERT's.
 
 Shapes: B batch, L sequence length, E embedding_size, H hidden_size.
 """
-from minisft import functional as F
 from minisft import nn
+from minisft.engine import functional as F
 from minisft.models.bert import (BertEmbeddings, BertEncoder, BertModel, BertPreTrainedModel)
 from minisft.models.config import BertConfig
 from minisft.models.heads import (FirstTokenClassificationHead, QuestionAnsweringModelOutput,

@@ -6,10 +6,10 @@ Shapes: B batch, L sequence length, H hidden_size, C choices.
 """
 from dataclasses import dataclass
 
-from minisft import functional as F
 from minisft import nn
-from minisft.backend import get_array_module
-from minisft.tensor import Tensor, array_of
+from minisft.engine import functional as F
+from minisft.engine.backend import get_array_module
+from minisft.engine.tensor import Tensor, array_of
 
 
 @dataclass

@@ -9,13 +9,13 @@ Shapes: B batch, L sequence length, H hidden_size.
 import numpy
 
 from minisft import nn
-from minisft import functional as F
+from minisft.engine import functional as F
 from minisft.models.bert import (BertEmbeddings, BertModel, BertPreTrainedModel)
 from minisft.models.heads import (FirstTokenClassificationHead, MultipleChoiceModelOutput,
                                   QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput,
                                   choices_as_rows, classifier_dropout, question_answering_loss,
                                   sequence_classification_loss, token_classification_loss)
-from minisft.tensor import array_of
+from minisft.engine.tensor import array_of
 from minisft.models.config import BertConfig
 
 

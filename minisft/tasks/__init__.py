@@ -7,9 +7,9 @@ data readers, the trainer, the workflows and the command line ask the registry.
 """
 import pathlib
 
-from minisft.data import DataError
 from minisft.tasks.base import Task
 from minisft.tasks.classification import Classification, PairClassification, Regression
+from minisft.tasks.data import DataError
 from minisft.tasks.embedding import Embedding, embedding_record
 from minisft.tasks.multiple_choice import MultipleChoice
 from minisft.tasks.question_answering import QuestionAnswering

@@ -4,8 +4,8 @@ import json
 
 import numpy
 
-from minisft import metrics as M
-from minisft.data import (LABEL_COLUMNS, PAIR_COLUMNS, TEXT_COLUMNS, DataError, Example, LabelVocab,
+from minisft.tasks import metrics as M
+from minisft.tasks.data import (LABEL_COLUMNS, PAIR_COLUMNS, TEXT_COLUMNS, DataError, Example, LabelVocab,
                           check_label_types, pick_column, read_records, rows_error)
 
 

@@ -3,8 +3,8 @@ import math
 
 import numpy
 
-from minisft import metrics as M
-from minisft.data import (DataError, LabelVocab, rows_error)
+from minisft.tasks import metrics as M
+from minisft.tasks.data import (DataError, LabelVocab, rows_error)
 from minisft.tasks.base import Task
 
 

@@ -2,7 +2,8 @@
 
 import numpy
 
-from minisft.data import (ANCHOR_COLUMNS, POSITIVE_COLUMNS, DataError, Example, pick_column, read_records, rows_error)
+from minisft.tasks.data import (ANCHOR_COLUMNS, POSITIVE_COLUMNS, DataError, Example, pick_column, read_records, rows_error)
+from minisft.tasks import metrics as M
 from minisft.tasks.base import PositionTask
 from minisft.tasks.question_answering import squad_records
 
@@ -51,7 +52,7 @@ class Embedding(PositionTask):
                  "label": 1, "positive": e.text_pair} for i, e in enumerate(examples)]
 
     def model(self, directory, labels, **overrides):
-        from minisft.sentence import SentenceEmbedder
+        from minisft.models.sentence import SentenceEmbedder
 
         return SentenceEmbedder.from_pretrained(directory, **overrides)
 
@@ -59,13 +60,12 @@ class Embedding(PositionTask):
         return outputs  # (2, H): the anchor's and the positive's embeddings
 
     def evaluate(self, features, outputs, label_names):
-        from minisft.sentence import retrieval_metrics
 
         corpus = {}
         for feature, pair in zip(features, outputs):
             corpus.setdefault(feature["positive"], pair[1])
         index = {text: i for i, text in enumerate(corpus)}
-        return retrieval_metrics(numpy.stack([pair[0] for pair in outputs]), numpy.stack(list(corpus.values())),
+        return M.retrieval_metrics(numpy.stack([pair[0] for pair in outputs]), numpy.stack(list(corpus.values())),
                                  [index[f["positive"]] for f in features])
 
     def prediction(self, example, feature, logits, label_names):

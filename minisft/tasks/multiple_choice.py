@@ -3,8 +3,8 @@ import json
 
 import numpy
 
-from minisft import metrics as M
-from minisft.data import (DataError, Example, read_records)
+from minisft.tasks import metrics as M
+from minisft.tasks.data import (DataError, Example, read_records)
 from minisft.tasks.base import PositionTask
 
 

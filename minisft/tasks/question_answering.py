@@ -2,16 +2,16 @@
 import random
 import sys
 
-from minisft import metrics as M
-from minisft import spans
-from minisft.data import (DataError, Example, read_json, read_records)
+from minisft.tasks import metrics as M
+from minisft.tasks import spans
+from minisft.tasks.data import (DataError, Example, read_json, read_records)
 from minisft.tasks.base import PositionTask
 
 
 class QuestionAnswering(PositionTask):
     """Extractive question answering (SQuAD): the answer is a span of the context. Long
     contexts go in windows of --max-length tokens (default 384) that overlap by --doc-stride
-    (default 128) beside the question; the best span over the windows answers (minisft.spans);
+    (default 128) beside the question; the best span over the windows answers (minisft.tasks.spans);
     exact match and F1 as the official SQuAD scripts (v2.0 rules when some questions have no
     answer). Labels are (start, end) token positions, [CLS] twice for a window without the
     answer."""

@@ -1,7 +1,7 @@
 """Token classification (NER): word labels aligned to sub-tokens."""
 
-from minisft import metrics as M
-from minisft.data import (IGNORE_INDEX, TAG_COLUMNS, TOKEN_COLUMNS, DataError, Example, LabelVocab, align_labels,
+from minisft.tasks import metrics as M
+from minisft.tasks.data import (IGNORE_INDEX, TAG_COLUMNS, TOKEN_COLUMNS, DataError, Example, LabelVocab, align_labels,
                           pick_column, read_conll, read_records, rows_error)
 from minisft.tasks.base import Task
 

@@ -14,9 +14,9 @@ import json
 import pathlib
 import re
 
-from minisft import unicode
-from minisft.checkpoint import write_json_atomic, write_text_atomic
-from minisft.encoding import EncodedText, Tokenizer, WordCache, token_content
+from minisft.files.atomic import write_json_atomic, write_text_atomic
+from minisft.tokenizers import unicode
+from minisft.tokenizers.encoding import EncodedText, Tokenizer, WordCache, token_content
 
 ROLES = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>", "unk_token": "<unk>",
          "pad_token": "<pad>", "mask_token": "<mask>"}

@@ -8,8 +8,8 @@ import itertools
 
 import numpy
 
-from minisft.backend import Device, device_of, get_array_module, index_add
-from minisft.tensor import Function, Tensor
+from minisft.engine.backend import Device, device_of, get_array_module, index_add
+from minisft.engine.tensor import Function, Tensor
 
 
 def unbroadcast(grad, shape):

@@ -7,7 +7,7 @@ them: measured tables in unicode_tables.py, read here on first use.
 import bisect
 import functools
 
-from minisft import unicode_tables
+from minisft.tokenizers import unicode_tables
 
 HANGUL_FIRST, HANGUL_COUNT = 0xAC00, 11172
 LEADING, VOWEL, TRAILING = 0x1100, 0x1161, 0x11A7

@@ -1,6 +1,6 @@
 """Unicode character classes of the Rust tokenizers library 0.23.3, written by
 tools/measure_unicode.py (which says how they were measured); do not edit by hand.
-Read through minisft.unicode.
+Read through minisft.tokenizers.unicode.
 """
 DROP = (
     '0-8,B-C,E-1F,7F-9F,AD-AD,600-605,61C-61C,6DD-6DD,70F-70F,180E-180E,200B-200F,202A-202E,2060-2064'

@@ -82,7 +82,7 @@ class Names(argparse.Action):
 
 def device(text):
     """'cpu', 'cuda' or 'cuda:N'."""
-    from minisft.backend import Device
+    from minisft.engine.backend import Device
 
     try:
         return str(Device(text))

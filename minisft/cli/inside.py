@@ -1,13 +1,13 @@
 """The work behind `minisft graph`, `attention`, `summary` and `plot`: a checkpoint loaded and
-run on a sentence or a batch, then drawn (minisft.viz) or summarised (minisft.summary)."""
+run on a sentence or a batch, then drawn (minisft.inspect.viz) or summarised (minisft.inspect.summary)."""
 import pathlib
 
 import numpy
 
-from minisft import summary, viz
-from minisft.fetch import resolve_model
+from minisft.cli.fetch import resolve_model
+from minisft.inspect import summary, viz
 from minisft.models.auto import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-from minisft.options import OptionError
+from minisft.training.options import OptionError
 
 GRAPH_SENTENCE = "Fine-tuning starts here."
 

@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-from minisft import datasets
+from minisft.cli import datasets
 
 
 @dataclass(frozen=True)

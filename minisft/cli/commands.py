@@ -6,8 +6,9 @@ import sys
 import tempfile
 import traceback
 
-from minisft import distributed, options, tasks
-from minisft import fetch as fetching
+from minisft import tasks
+from minisft.cli import fetch as fetching
+from minisft.training import distributed, options
 
 
 def _fetch(args):
@@ -23,7 +24,7 @@ def _fetch(args):
 
 
 def _convert(args):
-    from minisft.checkpoint import convert_to_safetensors
+    from minisft.files.weights import convert_to_safetensors
 
     source, target = convert_to_safetensors(args.directory)
     print(f"{target} is already there" if source == target else f"wrote {target} from {source.name}")
@@ -31,7 +32,7 @@ def _convert(args):
 
 
 def _train(args):
-    from minisft import workflows
+    from minisft.cli import workflows
 
     metrics = workflows.train(args)
     if distributed.world().rank == 0:
@@ -40,14 +41,14 @@ def _train(args):
 
 
 def _evaluate(args):
-    from minisft import workflows
+    from minisft.cli import workflows
 
     print(json.dumps(workflows.evaluate(args.model, args.data, args.batch_size, args.device), indent=2))
     return 0
 
 
 def _predict(args):
-    from minisft import workflows
+    from minisft.cli import workflows
 
     for record in workflows.predict(args.model, args.data, args.batch_size, args.device):
         print(json.dumps(record, ensure_ascii=False))
@@ -59,8 +60,8 @@ def _embed(args):
 
     import numpy
 
-    from minisft import workflows
-    from minisft.checkpoint import write_bytes_atomic
+    from minisft.cli import workflows
+    from minisft.files.atomic import write_bytes_atomic
 
     embeddings = workflows.embed(args.model, args.data, args.batch_size, args.device, args.max_length, args.pooling)
     if args.output:
@@ -75,7 +76,7 @@ def _embed(args):
 
 
 def _graph(args):
-    from minisft import inside
+    from minisft.cli import inside
 
     path, note = inside.graph(args.model, args.output, args.layers)
     if note:
@@ -85,34 +86,34 @@ def _graph(args):
 
 
 def _attention(args):
-    from minisft import inside
+    from minisft.cli import inside
 
     print(inside.attention(args.model, args.sentence, args.output, args.layer, args.head)[0])
     return 0
 
 
 def _summary(args):
-    from minisft import inside
+    from minisft.cli import inside
 
     print(inside.model_summary(args.model, args.batch, args.length, args.profile))
     return 0
 
 
 def _plot(args):
-    from minisft import inside
+    from minisft.cli import inside
 
     print(inside.plot(args.runs, args.output))
     return 0
 
 
 def _add_training_options(parser):
-    from minisft.trainer import TrainingArguments
+    from minisft.training.trainer import TrainingArguments
 
     d = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
     add = parser.add_argument
 
     def number(field, help=None):
-        """An option with a declared range (minisft.options.TRAINING), checked as it is parsed."""
+        """An option with a declared range (minisft.training.options.TRAINING), checked as it is parsed."""
         add(options.flag(field), dest=field, type=options.TRAINING[field], default=d[field],
             help=(help + "; " if help else "") + options.TRAINING[field].describe())
 
@@ -328,9 +329,9 @@ def main(argv=None):
     where its traceback is (MINISFT_DEBUG=1 raises it instead), exit 3. Under mpiexec, a rank
     that fails ends every rank, naming itself."""
     args = build_parser().parse_args(argv)
-    from minisft.data import DataError
-    from minisft.trainer import TrainingError
-    from minisft.viz import MissingExtra
+    from minisft.inspect.viz import MissingExtra
+    from minisft.tasks.data import DataError
+    from minisft.training.trainer import TrainingError
 
     try:
         if distributed.launched_size() > 1 and args.command != "train":

@@ -10,7 +10,7 @@ gradients are summed, so that every rank takes the same optimizer step.
   what one process computes from the same batch.
 - Gradients are summed in buckets of about BUCKET_MB, each started (MPI Iallreduce, or NCCL on
   GPUs) as soon as backward has made every gradient in it (the post-accumulate hooks of
-  minisft.tensor), so communication runs while backward works on the layers below; the
+  minisft.engine.tensor), so communication runs while backward works on the layers below; the
   optimizer step waits for them. Buckets start in one fixed order on every rank, as MPI
   requires of collectives.
 - A process that no MPI launcher started runs alone (SingleProcess) and never imports
@@ -25,7 +25,7 @@ import time
 
 import numpy
 
-from minisft.backend import get_array_module
+from minisft.engine.backend import get_array_module
 
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # MPICH/Intel, Open MPI, MVAPICH
 BUCKET_MB = 8

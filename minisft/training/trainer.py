@@ -10,7 +10,7 @@ Output directory layout:
     checkpoint-STEP/        model + optimizer.safetensors + trainer_state.json, for --resume
     best/                   the best model so far, when evaluating
 
-Started by mpiexec with several ranks, the trainer is data-parallel (minisft.distributed):
+Started by mpiexec with several ranks, the trainer is data-parallel (minisft.training.distributed):
 each rank takes its share of every global batch, gradients are summed across ranks during
 backward, evaluation is shared out and gathered, and only rank 0 writes files and logs.
 """
@@ -24,15 +24,18 @@ import shutil
 import sys
 from dataclasses import dataclass
 
-from minisft import __version__, amp, distributed, random, tasks
-from minisft.backend import Device
-from minisft.runtime import keep_freed_memory
-from minisft.checkpoint import load_safetensors, save_safetensors, write_json_atomic
-from minisft.data import collate, eval_order, steps_per_epoch, train_order
-from minisft.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
-from minisft.options import check_training_arguments
-from minisft.progress import Progress, fmt
-from minisft.tensor import no_grad
+from minisft import __version__, tasks
+from minisft.engine import amp, random
+from minisft.engine.backend import Device
+from minisft.engine.runtime import keep_freed_memory
+from minisft.engine.tensor import no_grad
+from minisft.files.atomic import write_json_atomic
+from minisft.files.weights import load_safetensors, save_safetensors
+from minisft.tasks.data import collate, eval_order, steps_per_epoch, train_order
+from minisft.training import distributed
+from minisft.training.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
+from minisft.training.options import check_training_arguments
+from minisft.training.progress import Progress, fmt
 
 class TrainingError(RuntimeError):
     pass
@@ -78,7 +81,7 @@ class TrainingArguments:
     lora_dropout: float = 0.1
     lora_target_modules: list = None     # default: the family's (query/value)
     merge_adapters: bool = False         # write a plain merged checkpoint instead of the adapter
-    fp16: bool = False                   # mixed precision (minisft.amp): float16 products, loss scaling
+    fp16: bool = False                   # mixed precision (minisft.engine.amp): float16 products, loss scaling
     gradient_checkpointing: bool = False  # recompute encoder layers in backward: less memory
     doc_stride: int = 128                # question answering: tokens that windows of a long context overlap
     skip_misaligned: bool = False        # question answering: leave out answers not at their answer_start
@@ -109,7 +112,7 @@ class TrainerState:
 
 
 class Trainer:
-    """Fine-tunes `model` on encoded features (see minisft.data.encode)."""
+    """Fine-tunes `model` on encoded features (see minisft.tasks.base.Task.encode)."""
 
     def __init__(self, model, args, train_features=None, eval_features=None, label_names=None,
                  tokenizer=None, log=None, on_evaluate=None, communicator=None):

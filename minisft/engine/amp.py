@@ -18,7 +18,7 @@ import threading
 
 import numpy
 
-from minisft.backend import get_array_module
+from minisft.engine.backend import get_array_module
 
 _state = threading.local()
 

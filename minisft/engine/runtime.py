@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy
 
-from minisft.backend import get_array_module
+from minisft.engine.backend import get_array_module
 
 MIN_BLOCK_ELEMENTS = 1 << 17  # smaller blocks cost more to hand over than they save
 MULTIPLY_ADDS_PER_ELEMENT = 16  # a product's multiply-add costs about 1/16 of an element's elementwise work

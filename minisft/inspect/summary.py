@@ -17,7 +17,7 @@ import time
 import tracemalloc
 from dataclasses import dataclass, field
 
-from minisft.tensor import Function, Tensor
+from minisft.engine.tensor import Function, Tensor
 
 
 @dataclass

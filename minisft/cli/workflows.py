@@ -8,13 +8,16 @@ import sys
 
 import numpy
 
-from minisft import distributed, lean, peft, random, runtime, tasks
-from minisft.backend import Device
-from minisft.data import DataError, LabelVocab
-from minisft.fetch import FetchError, resolve_data, resolve_model
+from minisft import lean, tasks
+from minisft.cli.fetch import FetchError, resolve_data, resolve_model
+from minisft.engine import random, runtime
+from minisft.engine.backend import Device
+from minisft.lean import peft
 from minisft.models.auto import AutoConfig, AutoTokenizer
-from minisft.options import OptionError
-from minisft.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
+from minisft.tasks.data import DataError, LabelVocab
+from minisft.training import distributed
+from minisft.training.options import OptionError
+from minisft.training.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
 
 
 def _read(path, args, task, require_labels=True, limit=0):
@@ -30,7 +33,7 @@ def _encode(task, examples, tokenizer, labels, args, path):
 
 def train(options):
     """Fine-tune as `minisft train` does; returns the final metrics (eval_*, test_*).
-    Started by mpiexec with several ranks: data-parallel (see minisft.distributed)."""
+    Started by mpiexec with several ranks: data-parallel (see minisft.training.distributed)."""
     comm = distributed.world()
     say = (lambda message: print(message, file=sys.stderr)) if comm.rank == 0 else (lambda message: None)
     if comm.size > 1:
@@ -114,7 +117,7 @@ def _base_name(given, model_dir):
 
 def _curves_drawer(output):
     """--plot: a function that draws OUTPUT/curves.png; checked for the viz extra before training."""
-    from minisft import viz
+    from minisft.inspect import viz
 
     viz.require_drawing()
     return lambda: viz.draw_curves([output], pathlib.Path(output) / "curves.png")
@@ -208,9 +211,9 @@ def embed(model, data, batch_size=64, device="cpu", max_length=None, pooling=Non
     """Sentence embeddings (N, H), in input order, of the texts of `data`: a .txt file (a text a
     line), a CSV/TSV/JSON lines file (its text column), or - (standard input), by a
     sentence-transformers directory or any checkpoint (mean pooling, normalised)."""
-    from minisft.data import TEXT_COLUMNS, collate, eval_order, pick_column, read_records
-    from minisft.sentence import SentenceEmbedder
-    from minisft.tensor import no_grad
+    from minisft.engine.tensor import no_grad
+    from minisft.models.sentence import SentenceEmbedder
+    from minisft.tasks.data import TEXT_COLUMNS, collate, eval_order, pick_column, read_records
 
     model_dir = resolve_model(model)
     embedder = _placed(SentenceEmbedder.from_pretrained(model_dir, pooling=pooling), device).eval()

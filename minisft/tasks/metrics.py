@@ -8,6 +8,8 @@ import re
 import string
 from collections import Counter
 
+import numpy
+
 
 def accuracy(y_true, y_pred):
     _check(y_true, y_pred)
@@ -163,6 +165,19 @@ def squad(predictions, answers, version="1.1"):
         f1 += max(squad_f1(prediction, g, version) for g in golds)
     total = len(answers) if version == "1.1" else sum(q in predictions for q in answers)
     return {"exact_match": 100.0 * exact / max(total, 1), "f1": 100.0 * f1 / max(total, 1)}
+
+
+def retrieval_metrics(queries, corpus, relevant, cutoffs=(1, 5, 10), mrr_at=10):
+    """Recall@k and MRR@mrr_at of each query's relevant document (index into corpus) when
+    the corpus is ranked by cosine similarity: queries (Q, H), corpus (D, H)."""
+    queries = queries / numpy.linalg.norm(queries, axis=1, keepdims=True)
+    corpus = corpus / numpy.linalg.norm(corpus, axis=1, keepdims=True)
+    scores = queries @ corpus.T
+    relevant = numpy.asarray(relevant)
+    rank = (scores > scores[numpy.arange(len(relevant)), relevant][:, None]).sum(axis=1) + 1  # 1 = first
+    metrics = {f"recall@{k}": float((rank <= k).mean()) for k in cutoffs}
+    metrics[f"mrr@{mrr_at}"] = float(numpy.where(rank <= mrr_at, 1.0 / rank, 0.0).mean())
+    return metrics
 
 
 def _ratio(a, b):
