@@ -4,7 +4,7 @@ steps and forward pass, each (checkout, workload) in a process of its own, the t
 processes alternated round after round so that drift in machine load hits both alike.
 
     git worktree add /tmp/old HEAD~1
-    python tools/compare_revisions.py --old /tmp/old [--rounds 2] [--steps 3]
+    python tools/compare_revisions.py --old /tmp/old [--rounds 2] [--steps 3] [--only lora]
 
 Prints one line per workload: old and new seconds and MB, and new / old.
 """
@@ -50,16 +50,19 @@ def main():
     parser.add_argument("--model", type=pathlib.Path, default=ROOT / "weights" / "all-MiniLM-L6-v2")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--only", default="", help="the workloads whose label contains this text")
     args = parser.parse_args()
     for workload in WORKLOADS:
+        kind, batch, length, mode = workload
+        label = f"{kind} {batch}x{length}" + (f" {mode}" if mode else "")
+        if args.only not in label:
+            continue
         runs = {"old": [], "new": []}
         for _ in range(args.rounds):
             for name, checkout in (("old", args.old.resolve()), ("new", ROOT)):
                 runs[name].append(measure(checkout, args.model.resolve(), workload, args.steps))
         (old_s, old_mb), (new_s, new_mb) = ([statistics.median(r[i] for r in runs[n]) for i in (0, 1)]
                                             for n in ("old", "new"))
-        kind, batch, length, mode = workload
-        label = f"{kind} {batch}x{length}" + (f" {mode}" if mode else "")
         print(f"{label:32s} old {old_s:6.3f} s {old_mb:6.0f} MB | new {new_s:6.3f} s {new_mb:6.0f} MB | "
               f"new/old time {new_s / old_s:.3f}, RSS {new_mb / old_mb:.3f}", flush=True)
 
