@@ -7,7 +7,9 @@ What makes them fast (minisft.engine.runtime has the threads):
   depend on the thread count;
 - arithmetic is in place, in cache-sized pieces where a kernel makes many passes, and
   LayerNorm's backward makes only dx at full size;
-- GELU's float32 erf is a rational function evaluated in float64 chunks;
+- GELU is float32 arithmetic on the normal CDF's tail (exp and a polynomial, no float64),
+  in long pieces (fewer ufunc calls, so the threads hand each other the GIL less often);
+  erf and the normal CDF alone are a rational function evaluated in float64 chunks;
 - attention normalises its (L, L) scores in place and remakes, rather than keeps, the
   dropped-out probabilities.
 On CuPy arrays the same code runs once over whole arrays.
@@ -107,34 +109,77 @@ def normal_cdf(x):
     return _float32_by_chunks(_normal_cdf_rational, x)
 
 
-# --- GELU ---------------------------------------------------------------------------------
+# --- GELU: the normal CDF's tail in float32, relative accuracy kept ------------------------
+# Phi(x) = erfc(-x / sqrt 2) / 2 and 1 - Phi(x) = erfc(x / sqrt 2) / 2, with erfc(z) =
+# exp(-z^2) t P(t), t = 1 / (1 + p z) (tools/fit_erf.py): the tail e = erfc(|x| / sqrt 2) / 2
+# is made with its relative accuracy, and never subtracted from 1 where it is Phi itself.
+_TAIL_SCALE = table.TAIL_P / math.sqrt(2)               # p z = (p / sqrt 2) |x|
+_TAIL = tuple(c / 2 for c in table.TAIL)                 # the halving folded in
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+_CHUNK32 = 1 << 17  # float32 elements per piece: fewer, longer ufunc calls hand the GIL between threads less
+
+
 def gelu_forward(x, slope=False, into=None, slope_into=None):
     if x.dtype != numpy.float32:
         return reference.gelu_forward(x, slope, into, slope_into)
     xp = get_array_module(x)
     y = xp.empty(x.shape, dtype=x.dtype) if into is None else into  # C order, whatever x's layout
     dy = (xp.empty(x.shape, dtype=x.dtype) if slope_into is None else slope_into) if slope else None
-    _by_chunks(_gelu_chunk, x, y, dy, spare=True)  # one pass
+    _by_float32_chunks(_gelu_chunk, x, y, dy)  # one pass
     return (y, dy) if slope else y
 
 
-def _gelu_chunk(x, y, dy, work, scratch, spare):
-    """y = x Phi(x) and, when dy is given, dy = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) /
-    sqrt(2 pi): GELU's slope. y may be x itself: x phi(x) is made (in the float32 `spare`)
-    before x is overwritten; `work` and `scratch` are the float64 rational's."""
-    cdf = spare if dy is None else dy
-    _normal_cdf_rational(x, cdf, work, scratch)
+def _by_float32_chunks(fn, *arrays):
+    """fn(*pieces, u, t, e, positive): over float32 arrays of one size (None passes through), in
+    pieces of _CHUNK32 on the CPU's threads with three float32 scratch pieces and a bool one;
+    in one piece on the GPU."""
+    xp, first = get_array_module(arrays[0]), arrays[0]
+    if xp is not numpy:
+        fn(*arrays, *xp.empty((3,) + first.shape, dtype=first.dtype), xp.empty(first.shape, dtype=bool))
+        return
+
+    def block(*blocks):
+        size = min(_CHUNK32, blocks[0].size)
+        scratch, positive = numpy.empty((3, size), dtype=first.dtype), numpy.empty(size, dtype=bool)
+        for start in range(0, blocks[0].size, _CHUNK32):
+            pieces = [None if b is None else b[start:start + _CHUNK32] for b in blocks]
+            n = pieces[0].size
+            fn(*pieces, *scratch[:, :n], positive[:n])
+    by_rows(block, *(None if a is None else a.reshape(-1) for a in arrays))
+
+
+def _gelu_chunk(x, y, dy, u, t, e, positive):
+    """y = x Phi(x) and, when dy is given, GELU's slope dy = Phi(x) + x phi(x), phi(x) =
+    exp(-x^2 / 2) / sqrt(2 pi). y may be x itself: x is read for the last time before y is
+    written. u, t, e: float32 scratch; positive: a bool one. Every op is a plain ufunc pass
+    (numpy's where=, copysign and maximum are several times slower than a multiply)."""
     xp = get_array_module(x)
+    f = x.dtype.type
+    xp.abs(x, out=u)
+    xp.multiply(u, f(_TAIL_SCALE), out=t)
+    t += f(1)
+    xp.divide(f(1), t, out=t)                     # t = 1 / (1 + p |x| / sqrt 2)
+    xp.multiply(t, f(_TAIL[-1]), out=e)           # e = t P(t) / 2, by Horner
+    for c in _TAIL[-2::-1]:
+        e += f(c)
+        e *= t
+    xp.multiply(u, u, out=t)
+    t *= f(-0.5)
+    xp.exp(t, out=t)                              # exp(-x^2 / 2)
+    e *= t                                        # e = erfc(|x| / sqrt 2) / 2 = Phi(-|x|)
     if dy is not None:
-        cast = x.dtype.type
-        term = xp.multiply(x, x, out=spare)
-        term *= cast(-0.5)
-        xp.exp(term, out=term)
-        term *= x
-        term *= cast(1 / math.sqrt(2 * math.pi))
-    xp.multiply(x, cdf, out=y)
-    if dy is not None:
-        dy += term
+        xp.greater_equal(x, f(0), out=positive)
+        xp.multiply(e, f(-2), out=dy)
+        dy += f(1)
+        dy *= positive
+        dy += e                                   # Phi(x): e where x < 0, 1 - e elsewhere
+        t *= x
+        t *= f(_INV_SQRT_2PI)
+        dy += t                                   # + x phi(x)
+    u *= e
+    xp.add(x, xp.abs(x, out=t), out=y)
+    y *= f(0.5)
+    y -= u                                        # x Phi(x) = max(x, 0) - |x| Phi(-|x|)
 
 
 def gelu_tanh_forward(x, slope=False, into=None, slope_into=None):
