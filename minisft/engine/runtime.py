@@ -195,16 +195,18 @@ def one_blas_thread():
         set_threads(previous)
 
 
-def by_tiles_on_one_blas_thread(kernel, *arrays, tile, multiply_adds):
+def by_tiles_on_one_blas_thread(kernel, *arrays, tile, multiply_adds, elementwise=0):
     """by_rows(kernel, *arrays, tile=tile) with the BLAS on one thread, for kernels made of
-    matrix products (`multiply_adds` per row of the first array): the products run side by
-    side on minisft's threads. Where the BLAS's thread count cannot be set, kernel runs once
-    over the whole arrays (BLAS threads it)."""
+    matrix products (`multiply_adds` per row of the first array, and `elementwise` elements of
+    elementwise work beside them): the products run side by side on minisft's threads. Where
+    the BLAS's thread count cannot be set, kernel runs once over the whole arrays (BLAS
+    threads it)."""
     if get_array_module(arrays[0]) is not numpy:
         return [kernel(*arrays)]
+    row_elements = max(1, multiply_adds // MULTIPLY_ADDS_PER_ELEMENT + elementwise)
     with one_blas_thread() as pinned:
         if pinned:
-            return by_rows(kernel, *arrays, tile=tile, row_elements=max(1, multiply_adds // MULTIPLY_ADDS_PER_ELEMENT))
+            return by_rows(kernel, *arrays, tile=tile, row_elements=row_elements)
     return [kernel(*arrays)]
 
 

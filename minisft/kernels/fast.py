@@ -377,29 +377,32 @@ def layer_norm_forward(x, weight, bias, eps):
 
 def layer_norm_backward(g, xhat, rstd, weight, need_params):
     """Only dx is made at full size: the rows go in cache-sized tiles (the same for any thread
-    count), and each tile's share of dw is summed from its own products."""
+    count), and each tile's shares of dw and db are summed from its own rows while they are in
+    cache."""
     xp = get_array_module(g)
     cast = g.dtype.type
     mean = cast(1 / xhat.shape[1])
     gx = xp.empty_like(xhat)
 
     def block(g, xhat, rstd, gx):
-        g_times_xhat = xp.ones(g.shape[0], dtype=g.dtype) @ (g * xhat) if need_params else None
+        ones, work = xp.ones(g.shape[0], dtype=g.dtype), xp.empty_like(g)
+        shares = (ones @ xp.multiply(g, xhat, out=work), ones @ g) if need_params else None
         if weight is None:
             gx[...] = g
         else:
             xp.multiply(g, weight, out=gx)
         projection = xp.einsum("ij,ij->i", gx, xhat)[:, None] * mean
         gx -= xp.einsum("ij->i", gx)[:, None] * mean
-        gx -= xhat * projection
+        gx -= xp.multiply(xhat, projection, out=work)
         gx *= rstd
-        return g_times_xhat
+        return shares
 
-    parts = by_tiles_on_one_blas_thread(block, g, xhat, rstd, gx, tile=max(1, CACHE_ELEMENTS // max(xhat.shape[1], 1)),
-                                        multiply_adds=xhat.shape[1])
+    features = xhat.shape[1]
+    parts = by_tiles_on_one_blas_thread(block, g, xhat, rstd, gx, tile=max(1, CACHE_ELEMENTS // max(features, 1)),
+                                        multiply_adds=2 * features, elementwise=8 * features)
     if not need_params:
         return gx, None, None
-    return gx, sum(parts), _column_sum(g)
+    return gx, sum(share[0] for share in parts), sum(share[1] for share in parts)
 
 
 # --- dropout --------------------------------------------------------------------------------
