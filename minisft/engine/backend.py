@@ -124,9 +124,11 @@ def device_of(array):
 def index_add(target, index, values):
     """target[index[i]] += values[i] for a 1-D integer `index`, duplicates summed.
 
-    Used by gradient scatters (embedding, advanced indexing). On NumPy it sorts the indices
-    and sums runs with `add.reduceat`, much faster than `numpy.add.at`; on CuPy it uses the
-    GPU's atomic `scatter_add`.
+    Used by gradient scatters (embedding, advanced indexing). On NumPy it sorts the indices:
+    an index that occurs once adds its row directly, and the runs of repeated ones are summed
+    by `add.reduceat` (which costs a few microseconds per run, so it gets only those), much
+    faster than `numpy.add.at`; each run is summed in the order of `index`. On CuPy it uses
+    the GPU's atomic `scatter_add`.
     """
     if is_cupy_array(target):
         import cupyx
@@ -138,5 +140,11 @@ def index_add(target, index, values):
     order = numpy.argsort(index, kind="stable")
     sorted_index = index[order]
     starts = numpy.flatnonzero(numpy.r_[True, sorted_index[1:] != sorted_index[:-1]])
-    target[sorted_index[starts]] += numpy.add.reduceat(values[order], starts, axis=0)
+    lengths = numpy.diff(numpy.r_[starts, index.size])
+    once = lengths == 1
+    target[sorted_index[starts[once]]] += values[order[starts[once]]]
+    if not once.all():
+        runs = numpy.repeat(~once, lengths)  # the sorted positions inside a run of repeats
+        run_starts = numpy.r_[0, numpy.cumsum(lengths[~once])[:-1]]
+        target[sorted_index[starts[~once]]] += numpy.add.reduceat(values[order[runs]], run_starts, axis=0)
     return target
