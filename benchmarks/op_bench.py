@@ -165,6 +165,30 @@ def _adam_figures(label, env, repeats):
                    [1e3 * t for t in times["torch"]], note="torch.optim.AdamW with its defaults")]
 
 
+def _product_figures(label, shape, repeats):
+    """The matrix products of a step at these sizes, as minisft runs them (fixed tiles of
+    GEMM_TILE rows on minisft's threads, the BLAS on one thread) against one call with the
+    BLAS on its own threads (the reference column): forward x W^T, backward g W and g^T x."""
+    from minisft.kernels import fast
+
+    rng = numpy.random.default_rng(2)
+    hidden, intermediate = shape["hidden"], shape["intermediate"]
+    figures = []
+    for n_in, n_out in ((hidden, hidden), (hidden, intermediate), (intermediate, hidden)):
+        x = rng.standard_normal((TOKENS, n_in)).astype(numpy.float32)
+        w = rng.standard_normal((n_out, n_in)).astype(numpy.float32)
+        g = rng.standard_normal((TOKENS, n_out)).astype(numpy.float32)
+        for what, tiled, whole in (
+                (f"x W^T ({TOKENS}, {n_in}) x ({n_in}, {n_out})", lambda: fast.linear_forward(x, w, None), lambda: x @ w.T),
+                (f"g W and g^T x, out {n_out}, in {n_in}", lambda: fast.linear_backward(g, x, w, (True, True, False)),
+                 lambda: (g @ w, g.T @ x))):
+            times = alternate({"tiles": tiled, "blas": whole}, repeats=repeats)
+            figures.append(Figure(f"{label}: product {what}", "ms", [1e3 * s for s in times["tiles"]],
+                                  [1e3 * s for s in times["blas"]],
+                                  note=f"tiles of {fast.GEMM_TILE} rows on minisft's threads / the BLAS's own threads"))
+    return figures
+
+
 def run(env, quick):
     if not env.reference:
         return []
@@ -174,5 +198,6 @@ def run(env, quick):
     for label, shape in SHAPES.items():
         for op in _ops(shape, rng):
             figures += _op_figures(label, op, rng, repeats)
+        figures += _product_figures(label, shape, repeats)
     figures += _adam_figures("MiniLM", env, repeats)
     return figures
