@@ -116,7 +116,7 @@ def normal_cdf(x):
 _TAIL_SCALE = table.TAIL_P / math.sqrt(2)               # p z = (p / sqrt 2) |x|
 _TAIL = tuple(c / 2 for c in table.TAIL)                 # the halving folded in
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
-_CHUNK32 = 1 << 17  # float32 elements per piece: fewer, longer ufunc calls hand the GIL between threads less
+_CHUNK32 = 1 << 17  # elements per piece: fewer, longer ufunc calls hand the GIL between threads less
 
 
 def gelu_forward(x, slope=False, into=None, slope_into=None):
@@ -125,14 +125,14 @@ def gelu_forward(x, slope=False, into=None, slope_into=None):
     xp = get_array_module(x)
     y = xp.empty(x.shape, dtype=x.dtype) if into is None else into  # C order, whatever x's layout
     dy = (xp.empty(x.shape, dtype=x.dtype) if slope_into is None else slope_into) if slope else None
-    _by_float32_chunks(_gelu_chunk, x, y, dy)  # one pass
+    _by_pieces(_gelu_chunk, x, y, dy)  # one pass
     return (y, dy) if slope else y
 
 
-def _by_float32_chunks(fn, *arrays):
-    """fn(*pieces, u, t, e, positive): over float32 arrays of one size (None passes through), in
-    pieces of _CHUNK32 on the CPU's threads with three float32 scratch pieces and a bool one;
-    in one piece on the GPU."""
+def _by_pieces(fn, *arrays):
+    """fn(*pieces, u, t, e, positive): over arrays of one size and float dtype (None passes
+    through), in pieces of _CHUNK32 on the CPU's threads with three scratch pieces of that
+    dtype and a bool one; in one piece on the GPU."""
     xp, first = get_array_module(arrays[0]), arrays[0]
     if xp is not numpy:
         fn(*arrays, *xp.empty((3,) + first.shape, dtype=first.dtype), xp.empty(first.shape, dtype=bool))
@@ -184,29 +184,39 @@ def _gelu_chunk(x, y, dy, u, t, e, positive):
 
 def gelu_tanh_forward(x, slope=False, into=None, slope_into=None):
     """y into `into` (new, or x itself) after the slope is made from x (into slope_into)."""
-    cast = x.dtype.type
     xp = get_array_module(x)
-    th = x * x
+    y = xp.empty(x.shape, dtype=x.dtype) if into is None else into
+    dy = (xp.empty(x.shape, dtype=x.dtype) if slope_into is None else slope_into) if slope else None
+    _by_pieces(_gelu_tanh_chunk, x, y, dy)
+    return (y, dy) if slope else y
+
+
+def _gelu_tanh_chunk(x, y, dy, th, square, _, positive):
+    """y = x (1 + tanh u) / 2, u = sqrt(2 / pi) (x + 0.044715 x^3), and its slope
+    dy = (1 + tanh u + x (1 - tanh^2 u) du/dx) / 2; y may be x itself (written last)."""
+    xp = get_array_module(x)
+    cast = x.dtype.type
+    xp.multiply(x, x, out=th)
     th *= cast(0.044715)
     th += cast(1)
     th *= x
     th *= cast(math.sqrt(2 / math.pi))
-    xp.tanh(th, out=th)  # tanh u
-    grad = None
-    if slope:
-        grad = xp.multiply(x, x, out=slope_into)  # dy/dx = (1 + tanh u + x (1 - tanh^2 u) du/dx) / 2
-        grad *= cast(3 * 0.044715)
-        grad += cast(1)
-        grad *= cast(math.sqrt(2 / math.pi))
-        grad *= x  # x du/dx
-        grad *= cast(1) - th * th
-        grad += th
-        grad += cast(1)
-        grad *= cast(0.5)
+    xp.tanh(th, out=th)                           # tanh u
+    if dy is not None:
+        xp.multiply(x, x, out=dy)
+        dy *= cast(3 * 0.044715)
+        dy += cast(1)
+        dy *= cast(math.sqrt(2 / math.pi))
+        dy *= x                                   # x du/dx
+        xp.multiply(th, th, out=square)
+        xp.subtract(cast(1), square, out=square)
+        dy *= square
+        dy += th
+        dy += cast(1)
+        dy *= cast(0.5)
     th += cast(1)
-    y = xp.multiply(th, x, out=th if into is None else into)
+    xp.multiply(th, x, out=y)
     y *= cast(0.5)
-    return (y, grad) if slope else y
 
 
 # --- softmax family (last axis, in place) ---------------------------------------------------
