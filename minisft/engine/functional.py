@@ -60,6 +60,12 @@ class _GELU(Function):
         return (g * slope,)
 
 
+def shaped(a, shape):
+    """`a` in `shape`: `a` itself where it has that shape already. A reshape would be a view,
+    which the engine must copy before it becomes a leaf's .grad."""
+    return a if a.shape == tuple(shape) else a.reshape(shape)
+
+
 def _own_array(x):
     """x itself where a kernel can write into it (C-contiguous), else None (a new array)."""
     return x if x.flags.c_contiguous else None
@@ -138,7 +144,7 @@ class _Linear(Function):
         if self.half is not None:  # the bias's sum and every result in float32
             gx, gw = (None if a is None else a.astype(self.dtype) for a in (gx, gw))
             gb = self.kernels.linear_backward(g, None, None, (False, False, True))[2] if needs[2] else None
-        return (None if gx is None else gx.reshape(self.shape), gw, gb)[:len(self.needs_input_grad)]
+        return (None if gx is None else shaped(gx, self.shape), gw, gb)[:len(self.needs_input_grad)]
 
 
 def linear(x, weight, bias=None):
@@ -305,7 +311,7 @@ class _LayerNorm(Function):
         needs = self.needs_input_grad
         gx, *params = self.kernels.layer_norm_backward(g.reshape(xhat.shape), xhat, rstd, weight,
                                                        any(needs[1:]))
-        return (gx.reshape(self.shape),) + tuple(grad.reshape(self.params_shape) if need else None
+        return (shaped(gx, self.shape),) + tuple(shaped(grad, self.params_shape) if need else None
                                                  for grad, need in zip(params, needs[1:]))
 
 

@@ -105,7 +105,7 @@ class _FeedForward(Function):
     def _backward_first(self, gh, x2, w1):
         """(gx, gW1, gb1) from the gradient at h."""
         gx, gw1, gb1 = self.kernels.linear_backward(gh, x2, w1, self.needs_input_grad[:3])
-        return None if gx is None else gx.reshape(self.shape), gw1, gb1
+        return None if gx is None else F.shaped(gx, self.shape), gw1, gb1
 
 
 _lean = threading.local()
