@@ -133,10 +133,10 @@ def _op_figures(label, op, rng, repeats):
         exact = _torch_run(op.theirs, grads, dtype=torch.float64)(op.inputs, upstream)
         if callable(op.exact):
             exact = op.exact(op.inputs[0], *exact, upstream)
-        for what, index in (("output", None), ("input gradient", 0)):
-            pick = (lambda r: r[0]) if index is None else (lambda r: r[1][0])
-            figures.append(Figure(f"{label}: {op.name}, {what} error", "ulps", [ulps(pick(ours(op.inputs, upstream)), pick(exact))],
-                                  [ulps(pick(theirs(op.inputs, upstream)), pick(exact))],
+        results = [run(op.inputs, upstream) for run in (ours, theirs, lambda *_: exact)]
+        for what, pick in (("output", lambda r: r[0]), ("input gradient", lambda r: r[1][0])):
+            mine, torch_s, truth = (pick(r) for r in results)
+            figures.append(Figure(f"{label}: {op.name}, {what} error", "ulps", [ulps(mine, truth)], [ulps(torch_s, truth)],
                                   note="largest over the elements, against float64 math"))
     return figures
 

@@ -308,8 +308,8 @@ def test_the_float32_erf_is_within_two_ulps_of_the_exact_one():
         assert ulps[x != 0].max() <= 2, module.__name__
 
 
-def test_the_fast_gelu_and_its_slope_keep_their_relative_accuracy_into_the_tail():
-    """Float32 GELU by the erfc tail of tools/fit_erf.py (relative error 3.2e-8), against
+def test_the_fast_gelu_its_slope_and_the_normal_cdf_keep_their_relative_accuracy_into_the_tail():
+    """Float32 GELU and Phi by the erfc tail of tools/fit_erf.py (relative error 3.2e-8), against
     x erfc(-x / sqrt 2) / 2 by math.erfc. The bound, in float32 ulps: x^2 / 2 (exp(-x^2 / 2)
     takes x^2 rounded to half its ulp, a relative error of 2^-24 of the exponent) plus 12 (the
     fit and about a dozen roundings of one op each). The slope Phi + x phi is a sum that
@@ -327,6 +327,7 @@ def test_the_fast_gelu_and_its_slope_keep_their_relative_accuracy_into_the_tail(
     assert (np.abs(y - exact) <= bound * np.spacing(np.abs(exact).astype(np.float32))).all()
     scale = np.spacing((cdf + np.abs(density_term)).astype(np.float32)).astype(np.float64)
     assert (np.abs(slope - (cdf + density_term)) <= bound * scale).all()
+    assert (np.abs(fast.normal_cdf(x) - cdf) <= bound * np.spacing(cdf.astype(np.float32))).all()
 
 
 def test_reference_kernels_have_no_threads_chunks_or_scratch():

@@ -7,9 +7,9 @@ What makes them fast (minisft.engine.runtime has the threads):
   depend on the thread count;
 - arithmetic is in place, in cache-sized pieces where a kernel makes many passes, and
   LayerNorm's backward makes only dx at full size;
-- GELU is float32 arithmetic on the normal CDF's tail (exp and a polynomial, no float64),
-  in long pieces (fewer ufunc calls, so the threads hand each other the GIL less often);
-  erf and the normal CDF alone are a rational function evaluated in float64 chunks;
+- GELU and the normal CDF are float32 arithmetic on the CDF's tail (exp and a polynomial),
+  erf a rational function in float64, all in long pieces (fewer ufunc calls, so the threads
+  hand each other the GIL less often);
 - attention normalises its (L, L) scores in place and remakes, rather than keeps, the
   dropped-out probabilities.
 On CuPy arrays the same code runs once over whole arrays.
@@ -23,11 +23,33 @@ from minisft.engine.runtime import CACHE_ELEMENTS, by_rows, by_tiles_on_one_blas
 from minisft.kernels import erf_coefficients as table
 from minisft.kernels import reference
 
-_CHUNK = 1 << 17  # elements per float64 chunk: big enough to amortise a call, small enough for the cache
+PIECE = 1 << 17   # elements per piece of elementwise work: long ufunc calls hand the GIL between threads less
 GEMM_TILE = 256   # rows per matrix-product call: the same tiles for any thread count
 
 
-# --- erf and the normal CDF: a rational function in float64 chunks ------------------------
+def _by_pieces(fn, *arrays, scratch):
+    """fn(*pieces, *scratch pieces) over arrays of one size (None passes through), in pieces of
+    PIECE elements on the CPU's threads, each thread with its own scratch pieces (one per dtype
+    in `scratch`, made once); in one piece on the GPU."""
+    xp, size = get_array_module(arrays[0]), arrays[0].size
+    if xp is not numpy:
+        fn(*arrays, *(xp.empty(size, dtype=dtype) for dtype in scratch))
+        return
+
+    def block(*blocks):
+        buffers = [numpy.empty(min(PIECE, blocks[0].size), dtype=dtype) for dtype in scratch]
+        for start in range(0, blocks[0].size, PIECE):
+            pieces = [None if b is None else b[start:start + PIECE] for b in blocks]
+            fn(*pieces, *(buffer[:pieces[0].size] for buffer in buffers))
+    by_rows(block, *(None if a is None else a.reshape(-1) for a in arrays))
+
+
+def _made_like(x, into):
+    """`into`, or a new array of x's shape and dtype (C order, whatever x's layout)."""
+    return get_array_module(x).empty(x.shape, dtype=x.dtype) if into is None else into
+
+
+# --- erf: a rational function in float64 pieces --------------------------------------------
 def _horner(coefficients, t, out):
     """out = the polynomial (coefficients lowest first) at t, in place."""
     get_array_module(t).multiply(t, coefficients[-1], out=out)
@@ -38,121 +60,37 @@ def _horner(coefficients, t, out):
     return out
 
 
-def _odd_rational_terms(x, work, scratch, p, q, clip):
-    """work <- x * P(x^2), |x| clipped at `clip`, and return Q(x^2), for float64 `work` and
-    `scratch` (three arrays) of x's shape: the caller divides, rounding once into its output."""
+def _erf_rational(x, out, work, t, numerator, denominator):
+    """out = erf(x) = x P(x^2) / Q(x^2), |x| clipped where erf rounds to 1 (accurate to 3.3e-8),
+    in float64 `work`, `t`, `numerator` and `denominator`, rounded once into out."""
     xp = get_array_module(work)
-    t, numerator, denominator = scratch
-    xp.clip(x, -clip, clip, out=work)  # widened to float64 in the same pass
+    xp.clip(x, -table.RATIONAL_CLIP, table.RATIONAL_CLIP, out=work)  # widened to float64 in the same pass
     xp.multiply(work, work, out=t)
-    work *= _horner(p, t, numerator)
-    return _horner(q, t, denominator)
-
-
-# Phi(x) = 1/2 + x P(x^2) / Q(x^2): the erf table at x / sqrt 2, with the 1/sqrt 2 and the
-# halving folded into the coefficients (two array passes fewer).
-_CDF_P = tuple(c / (2 * math.sqrt(2)) / 2 ** i for i, c in enumerate(table.RATIONAL_P))
-_CDF_Q = tuple(c / 2 ** i for i, c in enumerate(table.RATIONAL_Q))
-
-
-def _erf_rational(x, out, work, scratch):
-    """out = erf(x), by the rational table (accurate to 3.3e-8)."""
-    q = _odd_rational_terms(x, work, scratch, table.RATIONAL_P, table.RATIONAL_Q, table.RATIONAL_CLIP)
-    get_array_module(work).divide(work, q, out=out)
-
-
-def _normal_cdf_rational(x, out, work, scratch):
-    """out = Phi(x) = (1 + erf(x / sqrt 2)) / 2, by the same table."""
-    q = _odd_rational_terms(x, work, scratch, _CDF_P, _CDF_Q, table.RATIONAL_CLIP * math.sqrt(2))
-    work /= q
-    get_array_module(work).add(work, 0.5, out=out)
-
-
-def _by_chunks(fn, *arrays, spare=False):
-    """fn(*arrays, float64 work, scratch), and a float32 `spare` array last with spare, over
-    float32 arrays of one size (None passes through): in cache-sized chunks on the CPU's
-    threads, with no allocation per chunk; in one piece on the GPU."""
-    xp, first = get_array_module(arrays[0]), arrays[0]
-    if xp is not numpy:
-        work, *scratch = xp.empty((4,) + first.shape)
-        fn(*arrays, work, scratch, *([xp.empty(first.shape, dtype=first.dtype)] if spare else []))
-        return
-    by_rows(lambda *blocks: _in_chunks(fn, blocks, spare), *(None if a is None else a.reshape(-1) for a in arrays))
-
-
-def _in_chunks(fn, arrays, spare):
-    """_by_chunks on the CPU, over one thread's block of 1-D arrays."""
-    size = min(_CHUNK, arrays[0].size)
-    buffers, spare_buffer = numpy.empty((4, size)), numpy.empty(size if spare else 0, dtype=arrays[0].dtype)
-    for start in range(0, arrays[0].size, _CHUNK):
-        piece = slice(start, start + _CHUNK)
-        n = arrays[0][piece].size
-        work, *scratch = buffers[:, :n]
-        fn(*(None if a is None else a[piece] for a in arrays), work, scratch, *([spare_buffer[:n]] if spare else []))
-
-
-def _float32_by_chunks(fn, x):
-    """fn(x, out, work, scratch) applied to a float32 array, returning out (float32)."""
-    out = get_array_module(x).empty(x.shape, dtype=x.dtype)
-    _by_chunks(fn, x, out)
-    return out
+    work *= _horner(table.RATIONAL_P, t, numerator)
+    xp.divide(work, _horner(table.RATIONAL_Q, t, denominator), out=out)
 
 
 def erf(x):
-    """erf(x): float32 by the rational table in float64 chunks, float64 as the reference."""
-    return _float32_by_chunks(_erf_rational, x) if x.dtype == numpy.float32 else reference.erf(x)
-
-
-def normal_cdf(x):
+    """erf(x): float32 by the rational table in float64 pieces, float64 as the reference."""
     if x.dtype != numpy.float32:
-        return reference.normal_cdf(x)
-    return _float32_by_chunks(_normal_cdf_rational, x)
+        return reference.erf(x)
+    out = _made_like(x, None)
+    _by_pieces(_erf_rational, x, out, scratch=(numpy.float64,) * 4)
+    return out
 
 
-# --- GELU: the normal CDF's tail in float32, relative accuracy kept ------------------------
+# --- the normal CDF and GELU: the CDF's tail in float32, relative accuracy kept -------------
 # Phi(x) = erfc(-x / sqrt 2) / 2 and 1 - Phi(x) = erfc(x / sqrt 2) / 2, with erfc(z) =
 # exp(-z^2) t P(t), t = 1 / (1 + p z) (tools/fit_erf.py): the tail e = erfc(|x| / sqrt 2) / 2
 # is made with its relative accuracy, and never subtracted from 1 where it is Phi itself.
+# Every op is a plain ufunc pass (numpy's where=, copysign and maximum cost several multiplies).
 _TAIL_SCALE = table.TAIL_P / math.sqrt(2)               # p z = (p / sqrt 2) |x|
 _TAIL = tuple(c / 2 for c in table.TAIL)                 # the halving folded in
 _INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
-_CHUNK32 = 1 << 17  # elements per piece: fewer, longer ufunc calls hand the GIL between threads less
 
 
-def gelu_forward(x, slope=False, into=None, slope_into=None):
-    if x.dtype != numpy.float32:
-        return reference.gelu_forward(x, slope, into, slope_into)
-    xp = get_array_module(x)
-    y = xp.empty(x.shape, dtype=x.dtype) if into is None else into  # C order, whatever x's layout
-    dy = (xp.empty(x.shape, dtype=x.dtype) if slope_into is None else slope_into) if slope else None
-    _by_pieces(_gelu_chunk, x, y, dy)  # one pass
-    return (y, dy) if slope else y
-
-
-def _by_pieces(fn, *arrays):
-    """fn(*pieces, u, t, e, positive): over arrays of one size and float dtype (None passes
-    through), in pieces of _CHUNK32 on the CPU's threads with three scratch pieces of that
-    dtype and a bool one; in one piece on the GPU."""
-    xp, first = get_array_module(arrays[0]), arrays[0]
-    if xp is not numpy:
-        fn(*arrays, *xp.empty((3,) + first.shape, dtype=first.dtype), xp.empty(first.shape, dtype=bool))
-        return
-
-    def block(*blocks):
-        size = min(_CHUNK32, blocks[0].size)
-        scratch, positive = numpy.empty((3, size), dtype=first.dtype), numpy.empty(size, dtype=bool)
-        for start in range(0, blocks[0].size, _CHUNK32):
-            pieces = [None if b is None else b[start:start + _CHUNK32] for b in blocks]
-            n = pieces[0].size
-            fn(*pieces, *scratch[:, :n], positive[:n])
-    by_rows(block, *(None if a is None else a.reshape(-1) for a in arrays))
-
-
-def _gelu_chunk(x, y, dy, u, t, e, positive):
-    """y = x Phi(x) and, when dy is given, GELU's slope dy = Phi(x) + x phi(x), phi(x) =
-    exp(-x^2 / 2) / sqrt(2 pi). y may be x itself: x is read for the last time before y is
-    written. u, t, e: float32 scratch; positive: a bool one. Every op is a plain ufunc pass
-    (numpy's where=, copysign and maximum are several times slower than a multiply)."""
+def _cdf_tail(x, u, t, e):
+    """u = |x|, e = Phi(-|x|) = erfc(|x| / sqrt 2) / 2 and t = exp(-x^2 / 2), in place."""
     xp = get_array_module(x)
     f = x.dtype.type
     xp.abs(x, out=u)
@@ -166,17 +104,54 @@ def _gelu_chunk(x, y, dy, u, t, e, positive):
     xp.multiply(u, u, out=t)
     t *= f(-0.5)
     xp.exp(t, out=t)                              # exp(-x^2 / 2)
-    e *= t                                        # e = erfc(|x| / sqrt 2) / 2 = Phi(-|x|)
+    e *= t
+
+
+def _cdf_from_tail(x, e, out, positive):
+    """out = Phi(x): e where x < 0, 1 - e elsewhere (positive: bool scratch)."""
+    xp = get_array_module(x)
+    f = x.dtype.type
+    xp.greater_equal(x, f(0), out=positive)
+    xp.multiply(e, f(-2), out=out)
+    out += f(1)
+    out *= positive
+    out += e
+
+
+def _normal_cdf_chunk(x, out, u, t, e, positive):
+    _cdf_tail(x, u, t, e)
+    _cdf_from_tail(x, e, out, positive)
+
+
+def normal_cdf(x):
+    if x.dtype != numpy.float32:
+        return reference.normal_cdf(x)
+    out = _made_like(x, None)
+    _by_pieces(_normal_cdf_chunk, x, out, scratch=(x.dtype,) * 3 + (bool,))
+    return out
+
+
+def gelu_forward(x, slope=False, into=None, slope_into=None):
+    if x.dtype != numpy.float32:
+        return reference.gelu_forward(x, slope, into, slope_into)
+    y, dy = _made_like(x, into), _made_like(x, slope_into) if slope else None
+    _by_pieces(_gelu_chunk, x, y, dy, scratch=(x.dtype,) * 3 + (bool,))  # one pass
+    return (y, dy) if slope else y
+
+
+def _gelu_chunk(x, y, dy, u, t, e, positive):
+    """y = x Phi(x) and, when dy is given, GELU's slope dy = Phi(x) + x phi(x), phi(x) =
+    exp(-x^2 / 2) / sqrt(2 pi). y may be x itself: x is read for the last time before y is
+    written. u, t, e: float32 scratch; positive: a bool one."""
+    f = x.dtype.type
+    _cdf_tail(x, u, t, e)
     if dy is not None:
-        xp.greater_equal(x, f(0), out=positive)
-        xp.multiply(e, f(-2), out=dy)
-        dy += f(1)
-        dy *= positive
-        dy += e                                   # Phi(x): e where x < 0, 1 - e elsewhere
+        _cdf_from_tail(x, e, dy, positive)
         t *= x
         t *= f(_INV_SQRT_2PI)
         dy += t                                   # + x phi(x)
     u *= e
+    xp = get_array_module(x)
     xp.add(x, xp.abs(x, out=t), out=y)
     y *= f(0.5)
     y -= u                                        # x Phi(x) = max(x, 0) - |x| Phi(-|x|)
@@ -184,14 +159,12 @@ def _gelu_chunk(x, y, dy, u, t, e, positive):
 
 def gelu_tanh_forward(x, slope=False, into=None, slope_into=None):
     """y into `into` (new, or x itself) after the slope is made from x (into slope_into)."""
-    xp = get_array_module(x)
-    y = xp.empty(x.shape, dtype=x.dtype) if into is None else into
-    dy = (xp.empty(x.shape, dtype=x.dtype) if slope_into is None else slope_into) if slope else None
-    _by_pieces(_gelu_tanh_chunk, x, y, dy)
+    y, dy = _made_like(x, into), _made_like(x, slope_into) if slope else None
+    _by_pieces(_gelu_tanh_chunk, x, y, dy, scratch=(x.dtype,) * 2)
     return (y, dy) if slope else y
 
 
-def _gelu_tanh_chunk(x, y, dy, th, square, _, positive):
+def _gelu_tanh_chunk(x, y, dy, th, square):
     """y = x (1 + tanh u) / 2, u = sqrt(2 / pi) (x + 0.044715 x^3), and its slope
     dy = (1 + tanh u + x (1 - tanh^2 u) du/dx) / 2; y may be x itself (written last)."""
     xp = get_array_module(x)
