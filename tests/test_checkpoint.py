@@ -1,5 +1,6 @@
 """safetensors reading/writing and checkpoint key layouts."""
 import json
+import shutil
 import struct
 
 import numpy as np
@@ -101,17 +102,40 @@ def test_written_files_get_the_permissions_of_a_plain_open_and_no_temporary_is_l
 
 # --- pytorch_model.bin without torch, sharded safetensors, which file wins -----------------
 BIN = FIXTURES / "tiny-bert-bin"  # tiny-bert as torch.save wrote it (make_family_fixtures.py)
+LEGACY_BIN = FIXTURES / "tiny-bert-legacy-bin"  # the same, in torch's format from before 1.6
 
 
-def test_pytorch_model_bin_reads_without_torch_as_the_safetensors_do():
+@pytest.mark.parametrize("directory", [BIN, LEGACY_BIN], ids=["zip", "legacy"])
+def test_pytorch_model_bin_reads_without_torch_as_the_safetensors_do(directory):
     from minisft.files.weights import load_torch_bin
 
-    from_bin, from_safetensors = load_torch_bin(BIN / "pytorch_model.bin"), load_safetensors(TINY / "model.safetensors")
+    from_bin = load_torch_bin(directory / "pytorch_model.bin")
+    from_safetensors = load_safetensors(TINY / "model.safetensors")
     assert from_bin.keys() == from_safetensors.keys()
     for name, array in from_safetensors.items():
         assert from_bin[name].dtype == array.dtype and (from_bin[name] == array).all(), name
-    model = BertModel.from_pretrained(BIN)
+    model = BertModel.from_pretrained(directory)
     assert all((p.numpy() == from_safetensors[n]).all() for n, p in model.named_parameters())
+
+
+def test_a_legacy_bin_of_every_dtype_reads_as_torch_loads_it():
+    """Strided views, a shared storage, 0-d, bfloat16 (widened to float32, as everywhere)."""
+    from minisft.files.weights import load_torch_bin
+
+    ours, torch_s = load_torch_bin(FIXTURES / "legacy_dtypes.bin"), np.load(FIXTURES / "legacy_dtypes.npz")
+    assert sorted(ours) == sorted(torch_s.files)
+    for name in torch_s.files:
+        assert ours[name].dtype == torch_s[name].dtype and ours[name].shape == torch_s[name].shape, name
+        assert (ours[name] == torch_s[name]).all() and ours[name].flags.c_contiguous, name
+
+
+def test_minisft_convert_writes_safetensors_from_a_legacy_bin(tmp_path):
+    from minisft.cli import main
+
+    shutil.copytree(LEGACY_BIN, tmp_path / "model")
+    assert main(["convert", str(tmp_path / "model")]) == 0
+    converted = load_safetensors(tmp_path / "model" / "model.safetensors")
+    assert all((converted[n] == a).all() for n, a in load_safetensors(TINY / "model.safetensors").items())
 
 
 def test_safetensors_win_over_bin_and_shards_load(tmp_path):
@@ -139,7 +163,8 @@ def test_safetensors_win_over_bin_and_shards_load(tmp_path):
     assert all((loaded[n] == state[n]).all() for n in names)
 
 
-def test_a_bin_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_bin_that_would_run_code_is_refused_and_runs_nothing(tmp_path, legacy):
     import os
     import pickle
     import zipfile
@@ -152,22 +177,30 @@ def test_a_bin_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
     path = tmp_path / "pytorch_model.bin"
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", pickle.dumps({"weight": Payload()}, protocol=2))
+    payload = pickle.dumps({"weight": Payload()}, protocol=2)
+    if legacy:  # torch's legacy header (magic number, protocol, system info), then the payload
+        path.write_bytes(b"".join(pickle.dumps(v, protocol=2) for v in (0x1950a86a20f9469cfc6c, 1001,
+                                                                         {"little_endian": True})) + payload)
+    else:
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("archive/data.pkl", payload)
     with pytest.raises(CheckpointError, match=r"pytorch_model.bin: refused to load the global (posix|os|nt)\.system"):
         load_torch_bin(path)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    (lambda raw: raw[:len(raw) // 2], r"not a zip archive: truncated or not a torch checkpoint"),
-    (lambda raw: b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19." + raw[:50], r"torch's legacy \(before 1.6\) format"),
-])
-def test_truncated_and_legacy_bins_are_named(tmp_path, content, message):
+@pytest.mark.parametrize("fixture, content, message", [
+    (BIN, lambda raw: raw[:len(raw) // 2], r"not a zip archive nor torch's legacy format: truncated"),
+    (BIN, lambda raw: b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19." + raw[:50], r"cannot be read .* truncated or corrupted"),
+    (LEGACY_BIN, lambda raw: raw[:len(raw) // 2], r"storage \d+ holds \d+ values, not \d+; the file is truncated"),
+    (LEGACY_BIN, lambda raw: raw[:300], r"cannot be read .* truncated or corrupted"),
+    (LEGACY_BIN, lambda raw: raw[:12] + b"\x8a" + raw[13:], r"not a torch checkpoint \(magic number"),
+], ids=["zip-half", "zip-behind-a-legacy-header", "legacy-half", "legacy-300-bytes", "legacy-magic"])
+def test_truncated_and_damaged_bins_are_named(tmp_path, fixture, content, message):
     from minisft.files.weights import load_torch_bin
 
     path = tmp_path / "pytorch_model.bin"
-    path.write_bytes(content((BIN / "pytorch_model.bin").read_bytes()))
+    path.write_bytes(content((fixture / "pytorch_model.bin").read_bytes()))
     with pytest.raises(CheckpointError, match=message):
         load_torch_bin(path)
 

@@ -3,9 +3,9 @@ torch; write safetensors; map key layouts.
 
 Reading safetensors uses the `safetensors` package's numpy API; bfloat16 tensors (which
 NumPy cannot represent) are read from the raw bytes and widened to float32 by bit
-manipulation. pytorch_model.bin (torch's zip format) is read by a restricted unpickler that
-rebuilds tensors from the archive's storages and refuses every other global, so a checkpoint
-cannot run code. Writing goes to a temporary file that is renamed into place, so an
+manipulation. pytorch_model.bin (torch's zip format, or its legacy one from before torch 1.6) is read by a
+restricted unpickler that rebuilds tensors from the file's storages and refuses every other
+global, so a checkpoint cannot run code. Writing goes to a temporary file that is renamed into place, so an
 interrupted save never leaves a half-written checkpoint.
 """
 import collections
@@ -88,32 +88,72 @@ def load_safetensors(path):
 
 
 # --- torch's pytorch_model.bin, without torch -------------------------------------------------
-_STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "bf16",
+# Both of torch.save's formats hold one pickle of the state dict whose tensors name their
+# storages by persistent id; the storages' bytes are elsewhere: files data/KEY of a zip archive
+# (torch >= 1.6), or, in the legacy format, raw after the pickle, each as an int64 element count
+# and the elements, in the order of a list of keys pickled after the state dict.
+_STORAGE_DTYPES = {"FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "BFloat16Storage": "<u2",
                    "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
                    "ByteStorage": "u1", "BoolStorage": "?"}
+_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # the first pickle of a legacy file
+_LEGACY_PROTOCOL = 1001
 
 
-def _rebuild_tensor(storage, offset, size, stride, *_):
-    """torch._utils._rebuild_tensor_v2: a (possibly strided) view of a storage, copied."""
-    if not size:
-        return storage[offset:offset + 1].reshape(()).copy()
-    itemsize = storage.itemsize
-    view = numpy.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                              strides=tuple(s * itemsize for s in stride))
-    return numpy.ascontiguousarray(view)
+class _Storage:
+    """A storage the pickle names: its key, element type and count; `array` once read."""
+
+    def __init__(self, key, storage_type, numel):
+        self.key, self.storage_type, self.numel, self.array = key, storage_type, numel, None
+
+    def set_bytes(self, raw, path):
+        dtype = numpy.dtype(_STORAGE_DTYPES[self.storage_type])
+        if len(raw) != self.numel * dtype.itemsize:
+            raise CheckpointError(f"{path}: storage {self.key} holds {len(raw) // dtype.itemsize} values, not {self.numel}; "
+                                  "the file is truncated or corrupted: download it again")
+        self.array = numpy.frombuffer(raw, dtype=dtype)
+
+
+class _View:
+    """A legacy file's storage that is a slice of another (files of torch before 0.4)."""
+
+    def __init__(self, root, offset, numel):
+        self.root, self.offset, self.numel, self.storage_type = root, offset, numel, root.storage_type
+
+    @property
+    def array(self):
+        return self.root.array[self.offset:self.offset + self.numel]
+
+
+class _Tensor:
+    """torch._utils._rebuild_tensor_v2's arguments, made an array once the storage is read."""
+
+    def __init__(self, storage, offset, size, stride, *_):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+    def array(self):
+        storage = self.storage.array
+        if not self.size:
+            array = storage[self.offset:self.offset + 1].reshape(())
+        else:
+            array = numpy.lib.stride_tricks.as_strided(storage[self.offset:], shape=self.size,
+                                                       strides=tuple(s * storage.itemsize for s in self.stride))
+        array = numpy.array(array, order="C")  # a copy
+        return _bfloat16_to_float32(array.tobytes()).reshape(array.shape) if self.storage.storage_type == \
+            "BFloat16Storage" else array
 
 
 class _TorchUnpickler(pickle.Unpickler):
-    """Only what a state dict needs: tensors rebuilt from the archive's storages, ordered
-    dicts, and storage types. Any other global is refused."""
+    """Only what a state dict needs: tensors of storages, ordered dicts, storage types. Any
+    other global is refused. `storages`: {key: _Storage} of the storages the tensors use
+    (views aside)."""
 
-    GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    GLOBALS = {("torch._utils", "_rebuild_tensor_v2"): _Tensor,
                ("torch._utils", "_rebuild_parameter"): lambda data, requires_grad, hooks: data,
                ("collections", "OrderedDict"): collections.OrderedDict}
 
-    def __init__(self, file, archive, prefix, path):
+    def __init__(self, file, path):
         super().__init__(file)
-        self.archive, self.prefix, self.path = archive, prefix, path
+        self.path, self.storages = path, {}
 
     def find_class(self, module, name):
         if (module, name) in self.GLOBALS:
@@ -125,46 +165,73 @@ class _TorchUnpickler(pickle.Unpickler):
                               "safetensors, or from a source you trust")
 
     def persistent_load(self, pid):
-        """('storage', storage type, key, location, numel) -> a 1-D array over the storage's bytes."""
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        """('storage', type, key, location, numel[, view]) -> its _Storage; `view` (legacy files
+        only): (view key, offset, size) of a storage inside this one."""
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage" and pid[1] in _STORAGE_DTYPES):
             raise CheckpointError(f"{self.path}: unknown persistent id {pid!r}; not a torch state dict")
-        _, storage_type, key, _, numel = pid
-        raw = self.archive.read(f"{self.prefix}data/{key}")
-        dtype = _STORAGE_DTYPES[storage_type]
-        array = _bfloat16_to_float32(raw) if dtype == "bf16" else numpy.frombuffer(raw, dtype=dtype)
-        if array.size != numel:
-            raise CheckpointError(f"{self.path}: storage {key} holds {array.size} values, not {numel}; "
-                                  "the file is truncated or corrupted")
-        return array
+        _, storage_type, key, _, numel, *view = pid
+        root = self.storages.setdefault(key, _Storage(key, storage_type, numel))
+        if not view or view[0] is None:
+            return root
+        _, offset, size = view[0]
+        return _View(root, offset, size)
+
+
+def _state_dict(state, path):
+    if not isinstance(state, dict) or not all(isinstance(v, _Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return {name: tensor.array() for name, tensor in state.items()}
+
+
+def _read_zip_bin(archive, path):
+    pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+    if not pickles:
+        raise CheckpointError(f"{path}: no data.pkl in the archive; not a torch checkpoint")
+    prefix = pickles[0][:-len("data.pkl")]
+    with archive.open(pickles[0]) as f:
+        unpickler = _TorchUnpickler(f, path)
+        state = unpickler.load()
+    for storage in unpickler.storages.values():
+        storage.set_bytes(archive.read(f"{prefix}data/{storage.key}"), path)
+    return _state_dict(state, path)
+
+
+def _read_legacy_bin(f, path):
+    """torch.save's format before torch 1.6: magic number, protocol, system info, the state
+    dict, its storage keys, then each storage's element count and bytes."""
+    header = [_TorchUnpickler(f, path).load() for _ in range(3)]
+    if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL or not header[2].get("little_endian", True):
+        raise CheckpointError(f"{path}: not a torch checkpoint (magic number {header[0]!r}, protocol "
+                              f"{header[1]!r}, little endian {header[2].get('little_endian')!r})")
+    unpickler = _TorchUnpickler(f, path)
+    state = unpickler.load()
+    keys = _TorchUnpickler(f, path).load()
+    if not isinstance(keys, list) or set(keys) - set(unpickler.storages):
+        raise CheckpointError(f"{path}: its storage list does not match its tensors; the file is corrupted")
+    for key in keys:
+        storage = unpickler.storages[key]
+        (numel,) = struct.unpack("<q", f.read(8).ljust(8, b"\0"))
+        storage.set_bytes(f.read(max(numel, 0) * numpy.dtype(_STORAGE_DTYPES[storage.storage_type]).itemsize), path)
+    return _state_dict(state, path)
 
 
 def load_torch_bin(path):
-    """{name: numpy array} from a pytorch_model.bin in torch's zip format (torch >= 1.6), read
-    without torch; bfloat16 -> float32."""
+    """{name: numpy array} from a pytorch_model.bin, in torch's zip format (torch >= 1.6) or
+    its legacy one, read without torch; bfloat16 -> float32."""
     path = pathlib.Path(path)
     try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return _read_zip_bin(archive, path)
         with open(path, "rb") as f:
-            legacy = f.read(2) == b"\x80\x02"
-        raise CheckpointError(f"{path}: " + ("torch's legacy (before 1.6) format, which minisft does not read; "
-                                             "re-save it with torch.save in a current torch, or get safetensors"
-                                             if legacy else "not a zip archive: truncated or not a torch "
-                                             "checkpoint; download it again")) from None
-    with archive:
-        pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
-        if not pickles:
-            raise CheckpointError(f"{path}: no data.pkl in the archive; not a torch checkpoint")
-        prefix = pickles[0][:-len("data.pkl")]
-        try:
-            with archive.open(pickles[0]) as f:
-                state = _TorchUnpickler(f, archive, prefix, path).load()
-        except (pickle.UnpicklingError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-            raise CheckpointError(f"{path}: cannot be read ({exc}); the file is truncated or corrupted: "
-                                  "download it again") from None
-    if not isinstance(state, dict) or not all(isinstance(v, numpy.ndarray) for v in state.values()):
-        raise CheckpointError(f"{path}: holds no state dict of tensors")
-    return dict(state)
+            if f.read(2) != b"\x80\x02":
+                raise CheckpointError(f"{path}: not a zip archive nor torch's legacy format: truncated or not a "
+                                      "torch checkpoint; download it again")
+            f.seek(0)
+            return _read_legacy_bin(f, path)
+    except (pickle.UnpicklingError, EOFError, KeyError, AttributeError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); the file is truncated or "
+                              "corrupted: download it again") from None
 
 
 def _sharded(path, load):
