@@ -9,7 +9,7 @@ import pytest
 
 import minisft
 from minisft import cli, lean
-from minisft.models import bert, distilbert, electra, roberta
+from minisft.models import bert, distilbert, electra, roberta, xlm_roberta
 from minisft.models.auto import (AutoConfig, AutoModel, AutoModelForQuestionAnswering,
                                  AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer)
 from conftest import FIXTURES, assert_close
@@ -20,15 +20,18 @@ FAMILIES = {  # name: (base, sequence classification, token classification)
                    distilbert.DistilBertForTokenClassification),
     "electra": (electra.ElectraModel, electra.ElectraForSequenceClassification, electra.ElectraForTokenClassification),
     "roberta": (roberta.RobertaModel, roberta.RobertaForSequenceClassification, roberta.RobertaForTokenClassification),
+    "xlm-roberta": (xlm_roberta.XLMRobertaModel, xlm_roberta.XLMRobertaForSequenceClassification,
+                    xlm_roberta.XLMRobertaForTokenClassification),  # tests/fixtures/make_unigram_fixtures.py
 }
-TRAINABLE = ["distilbert", "electra", "roberta", "bert-bin"]  # bert-bin: a BERT stored only as pytorch_model.bin
+TRAINABLE = ["distilbert", "electra", "roberta", "xlm-roberta", "bert-bin"]  # bert-bin: a BERT stored only as pytorch_model.bin
 
 
 @pytest.fixture(params=sorted(FAMILIES))
 def family(request):
     """(name, checkpoint directory, stored outputs, the family's classes)."""
     name = request.param
-    return name, FIXTURES / f"tiny-{name}", np.load(FIXTURES / f"tiny_{name}_outputs.npz"), FAMILIES[name]
+    outputs = np.load(FIXTURES / f"tiny_{name.replace('-', '_')}_outputs.npz")
+    return name, FIXTURES / f"tiny-{name}", outputs, FAMILIES[name]
 
 
 def inputs(ref):

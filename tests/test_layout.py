@@ -124,7 +124,7 @@ def test_only_the_registries_and_each_family_s_own_modules_name_a_family_or_a_ta
     family_classes = {getattr(f, role).__name__ for f in auto.FAMILIES.values()
                       for role in ("config", "base", "sequence_classification", "token_classification")}
     own = {"models/auto.py", "lean/peft.py", "models/config.py", "models/heads.py", "tokenizers/wordpiece.py",
-           *(f"models/{name}.py" for name in auto.FAMILIES)}
+           *(f"models/{name.replace('-', '_')}.py" for name in auto.FAMILIES)}
     for path in sorted(PACKAGE.rglob("*.py")):
         relative = path.relative_to(PACKAGE).as_posix()
         if relative in own or relative.startswith("tasks/"):

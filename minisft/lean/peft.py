@@ -25,7 +25,7 @@ from minisft.files.atomic import write_json_atomic
 from minisft.files.weights import load_safetensors, save_safetensors
 
 TARGET_MODULES = {  # peft's default LoRA targets by config.json's model_type
-    "bert": ["query", "value"], "roberta": ["query", "value"], "electra": ["query", "value"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
     "distilbert": ["q_lin", "v_lin"],
 }
 TASK_TYPES = {  # peft's task_type by the head's class name

@@ -10,9 +10,10 @@ import pathlib
 from dataclasses import dataclass
 
 from minisft import lean as _lean
-from minisft.models import bert, distilbert, electra, roberta
+from minisft.models import bert, distilbert, electra, roberta, xlm_roberta
 from minisft.models.config import BertConfig
 from minisft.tokenizers.bpe import ByteLevelBPETokenizer
+from minisft.tokenizers.unigram import UnigramTokenizer
 from minisft.tokenizers.wordpiece import BertTokenizer
 
 
@@ -41,12 +42,17 @@ FAMILIES = {
     "roberta": Family(roberta.RobertaConfig, roberta.RobertaModel, roberta.RobertaForSequenceClassification,
                       roberta.RobertaForTokenClassification, roberta.RobertaForQuestionAnswering,
                       roberta.RobertaForMultipleChoice, ByteLevelBPETokenizer),
+    "xlm-roberta": Family(xlm_roberta.XLMRobertaConfig, xlm_roberta.XLMRobertaModel,
+                          xlm_roberta.XLMRobertaForSequenceClassification, xlm_roberta.XLMRobertaForTokenClassification,
+                          xlm_roberta.XLMRobertaForQuestionAnswering, xlm_roberta.XLMRobertaForMultipleChoice,
+                          UnigramTokenizer),
 }
 TOKENIZERS = {  # tokenizer_config.json's tokenizer_class -> ours (transformers' fast and slow names alike)
     "BertTokenizer": BertTokenizer, "BertTokenizerFast": BertTokenizer,
     "DistilBertTokenizer": BertTokenizer, "DistilBertTokenizerFast": BertTokenizer,
     "ElectraTokenizer": BertTokenizer, "ElectraTokenizerFast": BertTokenizer,
     "RobertaTokenizer": ByteLevelBPETokenizer, "RobertaTokenizerFast": ByteLevelBPETokenizer,
+    "XLMRobertaTokenizer": UnigramTokenizer, "XLMRobertaTokenizerFast": UnigramTokenizer,
 }
 
 

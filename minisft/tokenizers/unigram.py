@@ -1,0 +1,294 @@
+"""SentencePiece Unigram tokenizers (XLM-RoBERTa's), computing what transformers' tokenizer
+computes, from tokenizer.json or from the SentencePiece model file alone.
+
+text -> special tokens split out -> the normalisers (SentencePiece's charsmap, walked by
+grapheme) with each character's original span kept -> words at whitespace -> Metaspace: spaces
+as "▁", "▁" before each word -> each word segmented by Viterbi: the pieces of the highest total
+log-probability (score), a character no piece covers as <unk> (runs of them fused into one),
+or as its UTF-8 bytes <0xNN> where the model has byte fallback -> <s> A </s> (</s> B </s>).
+
+    tokenizer = UnigramTokenizer.from_pretrained("weights/xlm-roberta-base")
+"""
+import base64
+import json
+import pathlib
+
+from minisft.files.atomic import write_json_atomic
+from minisft.tokenizers import unicode
+from minisft.tokenizers.encoding import EncodedText, Tokenizer, WordCache, token_content
+from minisft.tokenizers.normalized import Normalized, normalizers
+from minisft.tokenizers.sentencepiece import read_model
+
+DEFAULT_ROLES = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>", "unk_token": "<unk>",
+                 "pad_token": "<pad>", "mask_token": "<mask>"}
+ROLES = tuple(DEFAULT_ROLES)
+UNK_PENALTY = 10.0  # an unknown character scores this far below the least likely piece
+SPM_FILES = ("sentencepiece.bpe.model", "spm.model", "spiece.model")
+
+
+class UnigramTokenizer(Tokenizer):
+    """Text to model inputs by a Unigram model, as tokenizer.json specifies it: `spec` is
+    that file's content (model, normalizer, pre_tokenizer, post_processor, added_tokens)."""
+
+    def __init__(self, spec, model_max_length=512, tokenizer_class=None, source="tokenizer.json", **special_tokens):
+        model = spec["model"]
+        self.spec = spec
+        self.pieces = [(piece, float(score)) for piece, score in model["vocab"]]
+        self.piece_ids = {piece: i for i, (piece, _) in enumerate(self.pieces)}  # a repeated piece: its last id
+        added = {t["content"]: t for t in spec.get("added_tokens", [])}
+        self.vocab = {**self.piece_ids, **{t: a["id"] for t, a in added.items()}}  # added tokens' ids win
+        self.ids_to_tokens = dict(enumerate(piece for piece, _ in self.pieces))
+        self.scores = {piece: score for piece, score in self.pieces}
+        self.longest = max(len(piece) for piece, _ in self.pieces)
+        self.unknown_score = min(score for _, score in self.pieces) - UNK_PENALTY
+        self.unk_id, self.byte_fallback = model.get("unk_id"), model.get("byte_fallback", False)
+        self.normalizers = normalizers(spec.get("normalizer"), source)
+        self.metaspace = _metaspace(spec.get("pre_tokenizer"), source)
+        self.model_max_length = model_max_length
+        defaults = {role: token for role, token in DEFAULT_ROLES.items() if token in self.vocab}
+        roles = {**defaults, **{k: v for k, v in special_tokens.items() if v is not None}}
+        self.strip = {t: (a.get("lstrip", False), a.get("rstrip", False)) for t, a in added.items()}
+        self._init_special_tokens(roles, source, self.strip)
+        self.layout, self.pair_type_id = _template(spec.get("post_processor"), self, source)
+        self._cache = WordCache(self.token_ids)
+        self.init_kwargs = {"model_max_length": model_max_length, **roles}
+        if tokenizer_class is not None:
+            self.init_kwargs["tokenizer_class"] = tokenizer_class
+
+    # --- loading and saving ---------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory, **overrides):
+        """tokenizer.json, else the SentencePiece model file converted as transformers converts
+        it for tokenizer_config.json's tokenizer_class; with tokenizer_config.json's options."""
+        directory = pathlib.Path(directory)
+        config_file = directory / "tokenizer_config.json"
+        config = _read_json(config_file) if config_file.is_file() else {}
+        options = {k: token_content(config[k]) for k in ("model_max_length", "tokenizer_class", *ROLES)
+                   if config.get(k) is not None}
+        if options.get("model_max_length", 0) > 1e12:  # transformers' "no limit" sentinel
+            options.pop("model_max_length")
+        source = directory / "tokenizer.json"
+        if source.is_file():
+            spec = _read_json(source)
+            kind = (spec.get("model") or {}).get("type") if isinstance(spec, dict) else None
+            if kind != "Unigram":
+                raise ValueError(f"{source}: field 'model.type' is {kind!r}, not 'Unigram'")
+        else:
+            source = next((directory / name for name in SPM_FILES if (directory / name).is_file()), None)
+            if source is None:
+                raise FileNotFoundError(f"{directory}: a SentencePiece tokenizer needs tokenizer.json or one of "
+                                        f"{', '.join(SPM_FILES)} (save the tokenizer with transformers' "
+                                        "save_pretrained)")
+            spec = spec_from_model(read_model(source), {**options, **overrides}, source)
+        return cls(spec, source=str(source), **{**options, **overrides})
+
+    def save_pretrained(self, directory):
+        """Write tokenizer.json and tokenizer_config.json, which transformers loads."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.spec, directory / "tokenizer.json")
+        write_json_atomic(self.init_kwargs, directory / "tokenizer_config.json")
+
+    def special_layout(self):
+        return self.layout
+
+    # --- text to tokens ---------------------------------------------------------------------
+    def viterbi(self, word):
+        """[(start, end, id)] of the most likely segmentation of `word` (unknown runs fused,
+        id None), as the reference's lattice: the first of equally likely paths."""
+        best = [None] * (len(word) + 1)
+        best[0] = (0.0, 0, None)
+        scores, vocab = self.scores, self.piece_ids
+        for start in range(len(word)):
+            score = best[start][0]
+            single = False
+            for end in range(start + 1, min(len(word), start + self.longest) + 1):
+                piece = word[start:end]
+                if piece in scores:
+                    total = score + scores[piece]
+                    if best[end] is None or total > best[end][0]:
+                        best[end] = (total, start, vocab[piece])
+                    single = single or end == start + 1
+            if not single:
+                total = score + self.unknown_score
+                if best[start + 1] is None or total > best[start + 1][0]:
+                    best[start + 1] = (total, start, None)
+        tokens, end = [], len(word)
+        while end > 0:
+            _, start, token = best[end]
+            if token is None and tokens and tokens[-1][2] is None:
+                tokens[-1] = (start, tokens[-1][1], None)
+            else:
+                tokens.append((start, end, token))
+            end = start
+        return tokens[::-1]
+
+    def token_ids(self, word):
+        """[(start, end, id)] of one word: unknown runs as <unk>, or as bytes."""
+        out = []
+        for start, end, token in self.viterbi(word):
+            if token is None and self.byte_fallback:
+                raw = word[start:end].encode("utf-8")
+                ids = [self.piece_ids.get(f"<0x{b:02X}>") for b in raw]
+                if None not in ids:
+                    out.extend((start, end, i) for i in ids)
+                    continue
+            out.append((start, end, self.unk_id if token is None else token))
+        return tuple(out)
+
+    def words(self, segment, start, first):
+        """The words of one text segment (Normalized pieces), `first`: whether it opens the text."""
+        text = Normalized.of(segment, start)
+        for normalizer in self.normalizers:
+            normalizer.apply(text)
+        replacement, prepend, split = self.metaspace
+        pieces, run = [], None
+        spaces = unicode.whitespace()
+        for i, char in enumerate(text.chars + [" "]):  # WhitespaceSplit
+            if char in spaces:
+                if run is not None:
+                    pieces.append(text.slice(run, i))
+                run = None
+            elif run is None:
+                run = i
+        out = []
+        for index, piece in enumerate(pieces):
+            piece.chars = [replacement if c == " " else c for c in piece.chars]
+            if (prepend == "always" or prepend == "first" and first and index == 0) and piece.chars[0] != replacement:
+                piece.chars.insert(0, replacement)
+                piece.spans.insert(0, piece.spans[0])
+            cuts = [i for i, c in enumerate(piece.chars) if c == replacement and i > 0] if split else []
+            out += [piece.slice(a, b) for a, b in zip([0] + cuts, cuts + [len(piece.chars)])]
+        return out
+
+    def _fast_words(self, text):
+        return None
+
+    def _ids(self, text):
+        return self._sequence(text).ids
+
+    def _sequence(self, text, word_index=None):
+        ids, offsets, words = [], [], []
+        index = -1
+        for segment, start, special in self._segments(text):
+            if special is not None:
+                index += 1
+                ids.append(special)
+                offsets.append(self._special_span(segment, start))
+                words.append(index if word_index is None else word_index)
+                continue
+            for word in self.words(segment, start, first=start == 0):
+                index += 1
+                for a, b, token in self._cache["".join(word.chars)]:
+                    ids.append(token)
+                    offsets.append((word.spans[a][0], word.spans[b - 1][1]))
+                    words.append(index if word_index is None else word_index)
+        return EncodedText(ids, offsets, words)
+
+    def _special_span(self, segment, start):
+        """A special token's offsets: without the whitespace it took."""
+        spaces = unicode.whitespace()
+        lead = len(segment) - len(segment.lstrip(spaces))
+        return start + lead, start + len(segment.rstrip(spaces))
+
+    # --- decoding ---------------------------------------------------------------------------
+    def decode(self, ids, skip_special_tokens=False):
+        """Pieces joined, "▁" as a space (the first one dropped), byte pieces as UTF-8; special
+        tokens are known by their text, as the reference knows them (a piece that reads
+        "<unk>" is skipped too)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        special = set(self.all_special_tokens)
+        replacement, prepend, _ = self.metaspace
+        out, pending = [], []
+        for i in ids:
+            token = self.ids_to_tokens[i]
+            if token in special and skip_special_tokens:
+                continue
+            if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                pending.append(int(token[3:5], 16))
+                continue
+            if pending:
+                out.append(bytes(pending).decode("utf-8", "replace"))
+                pending = []
+            out.append(token)
+        if pending:
+            out.append(bytes(pending).decode("utf-8", "replace"))
+        text = "".join(out).replace(replacement, " ")
+        return text[1:] if prepend != "never" and text.startswith(" ") else text
+
+
+def _metaspace(spec, source):
+    """(replacement, prepend scheme, split) of tokenizer.json's pre_tokenizer: Metaspace,
+    alone or after WhitespaceSplit."""
+    parts = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec or {}]
+    kinds = [p.get("type") for p in parts]
+    if kinds not in (["Metaspace"], ["WhitespaceSplit", "Metaspace"]):
+        raise ValueError(f"{source}: field 'pre_tokenizer' is {' + '.join(map(str, kinds))}; minisft's "
+                         "SentencePiece tokenizers read Metaspace, alone or after WhitespaceSplit")
+    meta = parts[-1]
+    scheme = meta.get("prepend_scheme", "always" if meta.get("add_prefix_space", True) else "never")
+    return meta.get("replacement", "▁"), scheme, meta.get("split", True)
+
+
+def _template(spec, tokenizer, source):
+    """((before A, after A, before B, after B) special ids, B's token type) of tokenizer.json's
+    TemplateProcessing post-processor; its single template's A is its pair's."""
+    if not spec or spec.get("type") != "TemplateProcessing":
+        kind = spec.get("type") if spec else None
+        raise ValueError(f"{source}: field 'post_processor' is {kind!r}; minisft reads TemplateProcessing")
+    items = [next(iter(item.items())) for item in spec["pair"]]
+    at = {item["id"]: i for i, (kind, item) in enumerate(items) if kind == "Sequence"}
+    ids = [tokenizer.vocab[item["id"]] for _, item in items]
+    after_a = len(spec["single"]) - 1 - next(i for i, item in enumerate(spec["single"]) if "Sequence" in item)
+    middle = ids[at["A"] + 1:at["B"]]
+    return (ids[:at["A"]], middle[:after_a], middle[after_a:], ids[at["B"] + 1:]), items[at["B"]][1].get("type_id", 0)
+
+
+def spec_from_model(proto, options, source):
+    """tokenizer.json's content for a SentencePiece model file, as transformers converts it
+    for XLMRobertaTokenizer (four fairseq specials first, <mask> last)."""
+    kind = options.get("tokenizer_class", "XLMRobertaTokenizer")
+    if kind not in ("XLMRobertaTokenizer", "XLMRobertaTokenizerFast"):
+        raise ValueError(f"{source}: tokenizer_class {kind!r} from a SentencePiece model file alone is not read; "
+                         "minisft converts XLMRobertaTokenizer's (or give tokenizer.json)")
+    if proto["trainer"]["model_type"] != "unigram":
+        raise ValueError(f"{source}: trainer_spec.model_type is {proto['trainer']['model_type']!r}; minisft reads "
+                         "Unigram SentencePiece models")
+    names = {role: options.get(role, default) for role, default in
+             (("bos_token", "<s>"), ("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>"),
+              ("mask_token", "<mask>"))}
+    vocab = [[names[r], 0.0] for r in ("bos_token", "pad_token", "eos_token", "unk_token")]
+    vocab += [[piece, score] for piece, score, _ in proto["pieces"][3:]] + [[names["mask_token"], 0.0]]
+    charsmap = proto["normalizer"].get("precompiled_charsmap")
+    ids = {piece: i for i, (piece, _) in enumerate(vocab)}  # a repeated piece: its last id, as the reference
+    ids = {names[r]: ids[names[r]] for r in ("bos_token", "pad_token", "eos_token", "unk_token", "mask_token")}
+    bos, eos = names["bos_token"], names["eos_token"]
+
+    def special(token):
+        return {"SpecialToken": {"id": token, "type_id": 0}}
+
+    def sequence(name):
+        return {"Sequence": {"id": name, "type_id": 0}}
+    return {
+        "version": "1.0",
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in ids.items()],
+        "normalizer": {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode("ascii")}
+        if charsmap else None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "WhitespaceSplit"}, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always",
+                                          "split": True}]},
+        "post_processor": {"type": "TemplateProcessing", "single": [special(bos), sequence("A"), special(eos)],
+                           "pair": [special(bos), sequence("A"), special(eos), special(eos), sequence("B"),
+                                    special(eos)],
+                           "special_tokens": {t: {"id": t, "ids": [ids[t]], "tokens": [t]} for t in (bos, eos)}},
+        "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True},
+        "model": {"type": "Unigram", "unk_id": 3, "vocab": vocab, "byte_fallback": False},  # the fourth fairseq token
+    }
+
+
+def _read_json(path):
+    try:
+        return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
