@@ -1,4 +1,4 @@
-"""The BERT-family models other than BERT (DistilBERT, ELECTRA, RoBERTa) against transformers' stored
+"""The BERT-family models other than BERT (DistilBERT, ELECTRA, RoBERTa, XLM-RoBERTa) against transformers' stored
 outputs (tests/fixtures/make_family_fixtures.py): logits, loss, hidden states, attentions
 and every gradient; padding; the Auto classes and the command line on each checkpoint."""
 import json

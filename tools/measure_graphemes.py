@@ -21,6 +21,8 @@ import sys
 
 import regex
 
+from measure_unicode import code_points, ranges as code_ranges  # tools/, beside this script
+
 TARGET = pathlib.Path(__file__).resolve().parents[1] / "minisft" / "tokenizers" / "grapheme_tables.py"
 BREAK = ["CR", "LF", "Control", "Extend", "ZWJ", "Regional_Indicator", "Prepend", "SpacingMark", "L", "V", "T",
          "LV", "LVT"]
@@ -51,19 +53,7 @@ def joined_by_the_reference():
 
 def ranges(pattern, dropped=frozenset()):
     match = regex.compile(pattern).match
-    out, start, last = [], None, None
-    for c in range(0x110000):
-        if 0xD800 <= c <= 0xDFFF or not match(chr(c)) or c in dropped:
-            continue
-        if start is not None and c == last + 1:
-            last = c
-            continue
-        if start is not None:
-            out.append(f"{start:X}-{last:X}")
-        start = last = c
-    if start is not None:
-        out.append(f"{start:X}-{last:X}")
-    return ",".join(out)
+    return code_ranges(c for c in code_points() if match(chr(c)) and c not in dropped)
 
 
 def main():
