@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
+import minisft
 from minisft import cli, tasks
+from minisft.models.auto import AutoTokenizer
 from minisft.sentence import SentenceEmbedder
 from minisft.tasks.data import DataError, collate
 from minisft.tokenizer import BertTokenizer
@@ -119,3 +121,19 @@ def test_a_row_padded_on_the_left_keeps_every_token():
     whole = model.model(ids, attention_mask=mask).last_hidden_state
     assert_close(model(ids, attention_mask=mask).logits, normalize(pool(whole, mask, "mean")), atol=1e-6, rtol=0,
                  what="embeddings")
+
+
+def test_an_xlm_roberta_embedder_gives_sentence_transformers_embeddings(tmp_path):
+    """The sentence-transformers layout of another family and tokenizer (SentencePiece): built and
+    encoded by sentence-transformers where it is installed, loaded and encoded by minisft."""
+    st = pytest.importorskip("sentence_transformers")
+    word = st.models.Transformer(str(FIXTURES / "tiny-xlm-roberta"))
+    st.SentenceTransformer(modules=[word, st.models.Pooling(32, "mean"), st.models.Normalize()]).save(str(tmp_path))
+    texts = ["a film ﬁne", "Ein Café e\u0301 👍, a longer text than the first"]
+    expected = st.SentenceTransformer(str(tmp_path)).encode(texts)
+    model = SentenceEmbedder.from_pretrained(tmp_path).eval()
+    batch = AutoTokenizer.from_pretrained(tmp_path)(texts, padding=True)
+    with minisft.no_grad():
+        embeddings = model(batch["input_ids"], batch["attention_mask"]).logits.numpy()
+    assert type(model.model).__name__ == "XLMRobertaModel"
+    np.testing.assert_allclose(embeddings, expected, atol=1e-5)  # unit vectors of float32 sums over 32 features
