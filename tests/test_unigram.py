@@ -27,10 +27,15 @@ def observe(tok, case):
             "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)}
 
 
-@pytest.mark.parametrize("directory", [TINY, SPM_ONLY], ids=["tokenizer.json", "model-file"])
-def test_identical_to_transformers_on_every_fixture_line(directory):
+@pytest.mark.parametrize("cases, directory", [
+    ("unigram_cases", TINY), ("unigram_cases", SPM_ONLY),
+    ("deberta_tokenizer_cases", FIXTURES / "tiny-deberta-v2"), ("deberta_tokenizer_cases", FIXTURES / "tiny-deberta-v2-spm"),
+], ids=["xlm-r-tokenizer.json", "xlm-r-model-file", "deberta-v2-tokenizer.json", "deberta-v2-spm.model"])
+def test_identical_to_transformers_on_every_fixture_line(cases, directory):
+    """XLMRobertaTokenizer (make_unigram_fixtures.py) and DebertaV2Tokenizer (its charsmap, right
+    strip, runs of spaces as one, "▁" before the text; make_encoder_fixtures.py) of one model file."""
     make = functools.partial(UnigramTokenizer.from_pretrained, directory)
-    cases, mismatches = fixture_mismatches(FIXTURES / "unigram_cases.jsonl.gz", make, observe)
+    cases, mismatches = fixture_mismatches(FIXTURES / f"{cases}.jsonl.gz", make, observe)
     assert len(cases) >= 5900 and not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
 
 

@@ -11,6 +11,8 @@ its pre-activation alone (lean_activations). Gradients are the plain model's (th
 products, the same dropout masks), but W2's, a sum over chunks of rows under
 lean_activations.
 """
+import inspect
+
 import numpy
 
 from minisft.engine import random
@@ -113,6 +115,10 @@ def gradient_checkpointing(model):
     """`model` (a base or task model) with its embeddings and every encoder layer but the
     last run again in backward instead of keeping their activations."""
     layers = model.encoder_layers()
+    inputs = list(inspect.signature(type(layers[0]).forward).parameters)[1:]
+    if inputs != ["hidden_states", "attention_mask", "output_attentions"]:
+        raise ValueError(f"gradient checkpointing is not available for {type(layers[0]).__name__} yet (its layers "
+                         f"take {', '.join(inputs)}); train without --gradient-checkpointing")
     for layer in layers[:-1]:
         mix_in(layer, RecomputedLayer)
     mix_in(layers[-1], LeanActivationsLayer)

@@ -10,7 +10,7 @@ import pathlib
 from dataclasses import dataclass
 
 from minisft import lean as _lean
-from minisft.models import bert, distilbert, electra, roberta, xlm_roberta
+from minisft.models import bert, deberta_v2, distilbert, electra, roberta, xlm_roberta
 from minisft.models.config import BertConfig
 from minisft.tokenizers.bpe import ByteLevelBPETokenizer
 from minisft.tokenizers.unigram import UnigramTokenizer
@@ -32,6 +32,10 @@ class Family:
 FAMILIES = {
     "bert": Family(BertConfig, bert.BertModel, bert.BertForSequenceClassification, bert.BertForTokenClassification,
                    bert.BertForQuestionAnswering, bert.BertForMultipleChoice, BertTokenizer),
+    "deberta-v2": Family(deberta_v2.DebertaV2Config, deberta_v2.DebertaV2Model,
+                         deberta_v2.DebertaV2ForSequenceClassification, deberta_v2.DebertaV2ForTokenClassification,
+                         deberta_v2.DebertaV2ForQuestionAnswering, deberta_v2.DebertaV2ForMultipleChoice,
+                         UnigramTokenizer),
     "distilbert": Family(distilbert.DistilBertConfig, distilbert.DistilBertModel,
                          distilbert.DistilBertForSequenceClassification, distilbert.DistilBertForTokenClassification,
                          distilbert.DistilBertForQuestionAnswering, distilbert.DistilBertForMultipleChoice,
@@ -53,6 +57,7 @@ TOKENIZERS = {  # tokenizer_config.json's tokenizer_class -> ours (transformers'
     "ElectraTokenizer": BertTokenizer, "ElectraTokenizerFast": BertTokenizer,
     "RobertaTokenizer": ByteLevelBPETokenizer, "RobertaTokenizerFast": ByteLevelBPETokenizer,
     "XLMRobertaTokenizer": UnigramTokenizer, "XLMRobertaTokenizerFast": UnigramTokenizer,
+    "DebertaV2Tokenizer": UnigramTokenizer, "DebertaV2TokenizerFast": UnigramTokenizer,
 }
 
 

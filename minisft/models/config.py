@@ -21,6 +21,8 @@ class BertConfig:
         "classifier_dropout": None, "problem_type": None,
     }
     attribute_map = {}  # transformers' common names for a family's own fields: {"hidden_size": "dim"}
+    positive_fields = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+                       "max_position_embeddings", "type_vocab_size")
 
     def __init__(self, source="config", **fields):
         self._source = source
@@ -62,8 +64,7 @@ class BertConfig:
         if self.position_embedding_type != "absolute":
             raise bad("position_embedding_type", f"is {self.position_embedding_type!r}; only "
                                                  "'absolute' is supported")
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
-                      "max_position_embeddings", "type_vocab_size"):
+        for field in self.positive_fields:
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
                 raise bad(field, f"must be a positive integer, not {getattr(self, field)!r}")
 

@@ -105,16 +105,17 @@ class Tokenizer:
     `special_layout` and `decode`."""
     pair_type_id = 1  # token type of the second text (0 where a model has one token type)
 
-    def _init_special_tokens(self, roles, source, strip=None):
+    def _init_special_tokens(self, roles, source, strip=None, extra=()):
         """roles: {"unk_token": "[UNK]", ...}, each set as an attribute with its `..._id`;
-        strip: {token: (lstrip, rstrip)} for tokens that take the whitespace beside them."""
-        missing = [t for t in roles.values() if t not in self.vocab]
+        strip: {token: (lstrip, rstrip)} for tokens that take the whitespace beside them;
+        extra: special tokens without a role (split out of text, skipped in decoding alike)."""
+        missing = [t for t in [*roles.values(), *extra] if t not in self.vocab]
         if missing:
             raise ValueError(f"{source}: special tokens {', '.join(missing)} are not in the vocabulary")
         for role, token in roles.items():
             setattr(self, role, token)
             setattr(self, role + "_id", self.vocab[token])
-        self.all_special_tokens = list(dict.fromkeys(roles.values()))
+        self.all_special_tokens = list(dict.fromkeys([*roles.values(), *extra]))
         self.all_special_ids = [self.vocab[t] for t in self.all_special_tokens]
         strip = strip or {}
         ordered = sorted(self.all_special_tokens, key=len, reverse=True)  # longest first

@@ -30,10 +30,9 @@ class Normalized:
     def __str__(self):
         return "".join(self.chars)
 
-    def rewrite(self, changes, skipped=0):
-        """Apply [(character, change)] (see the module), after dropping `skipped` leading
-        original characters."""
-        chars, spans, i = [], [], skipped
+    def rewrite(self, changes):
+        """Apply [(character, change)] (see the module)."""
+        chars, spans, i = [], [], 0
         for char, change in changes:
             if change > 0:
                 span = self.spans[i - 1] if i > 0 else (0, 0)
@@ -89,24 +88,24 @@ class Precompiled:
 
 
 class Replace:
-    """Each match of a literal string or regular expression replaced by `content`."""
+    """Each match of a literal string or regular expression replaced by `content`, whose
+    characters take the span of the match's last character (the reference removes the match,
+    then inserts after it)."""
 
     def __init__(self, pattern, content):
         self.pattern = re.compile(pattern["Regex"]) if "Regex" in pattern else re.compile(re.escape(pattern["String"]))
         self.content = content
 
     def apply(self, text):
-        source = str(text)
-        changes, position, skipped = [], 0, 0
-        for match in self.pattern.finditer(source):
-            changes.extend((c, 0) for c in source[position:match.start()])
-            if not changes and not self.content:
-                skipped += match.end() - match.start()  # removed before any character is written
-            else:
-                replaced(changes, match.group(), self.content)
+        chars, spans, position = [], [], 0
+        for match in self.pattern.finditer(str(text)):
+            chars += text.chars[position:match.start()]
+            spans += text.spans[position:match.start()]
+            if match.end() > match.start():
+                chars += list(self.content)
+                spans += [text.spans[match.end() - 1]] * len(self.content)
             position = match.end()
-        changes.extend((c, 0) for c in source[position:])
-        text.rewrite(changes, skipped)
+        text.chars, text.spans = chars + text.chars[position:], spans + text.spans[position:]
 
 
 class Strip:
@@ -120,6 +119,16 @@ class Strip:
         start = len(source) - len(source.lstrip(spaces)) if self.left else 0
         stop = len(source.rstrip(spaces)) if self.right else len(source)
         text.chars, text.spans = text.chars[start:max(start, stop)], text.spans[start:max(start, stop)]
+
+
+class Lowercase:
+    """Each character lowercased (one may become several: "İ" -> "i̇")."""
+
+    def apply(self, text):
+        changes = []
+        for char in text.chars:
+            replaced(changes, char, char.lower())
+        text.rewrite(changes)
 
 
 class Prepend:
@@ -149,5 +158,7 @@ def normalizers(spec, source):
         return [Strip(spec.get("strip_left", True), spec.get("strip_right", True))]
     if kind == "Prepend":
         return [Prepend(spec["prepend"])]
+    if kind == "Lowercase":
+        return [Lowercase()]
     raise ValueError(f"{source}: field 'normalizer' has type {kind!r}; minisft's SentencePiece tokenizers read "
-                     "Sequence, Precompiled, Replace, Strip and Prepend")
+                     "Sequence, Precompiled, Replace, Strip, Prepend and Lowercase")

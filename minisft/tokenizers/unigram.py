@@ -9,7 +9,6 @@ or as its UTF-8 bytes <0xNN> where the model has byte fallback -> <s> A </s> (</
 
     tokenizer = UnigramTokenizer.from_pretrained("weights/xlm-roberta-base")
 """
-import base64
 import json
 import pathlib
 
@@ -17,6 +16,7 @@ from minisft.files.atomic import write_json_atomic
 from minisft.tokenizers import unicode
 from minisft.tokenizers.encoding import EncodedText, Tokenizer, WordCache, token_content
 from minisft.tokenizers.normalized import Normalized, normalizers
+from minisft.tokenizers import spm_classes
 from minisft.tokenizers.sentencepiece import read_model
 
 DEFAULT_ROLES = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>", "unk_token": "<unk>",
@@ -37,7 +37,8 @@ class UnigramTokenizer(Tokenizer):
         self.piece_ids = {piece: i for i, (piece, _) in enumerate(self.pieces)}  # a repeated piece: its last id
         added = {t["content"]: t for t in spec.get("added_tokens", [])}
         self.vocab = {**self.piece_ids, **{t: a["id"] for t, a in added.items()}}  # added tokens' ids win
-        self.ids_to_tokens = dict(enumerate(piece for piece, _ in self.pieces))
+        self.ids_to_tokens = {**dict(enumerate(piece for piece, _ in self.pieces)),
+                              **{a["id"]: t for t, a in added.items()}}
         self.scores = {piece: score for piece, score in self.pieces}
         self.longest = max(len(piece) for piece, _ in self.pieces)
         self.unknown_score = min(score for _, score in self.pieces) - UNK_PENALTY
@@ -48,7 +49,8 @@ class UnigramTokenizer(Tokenizer):
         defaults = {role: token for role, token in DEFAULT_ROLES.items() if token in self.vocab}
         roles = {**defaults, **{k: v for k, v in special_tokens.items() if v is not None}}
         self.strip = {t: (a.get("lstrip", False), a.get("rstrip", False)) for t, a in added.items()}
-        self._init_special_tokens(roles, source, self.strip)
+        extra = [t for t, a in added.items() if a.get("special") and t not in roles.values()]
+        self._init_special_tokens(roles, source, self.strip, extra)
         self.layout, self.pair_type_id = _template(spec.get("post_processor"), self, source)
         self._cache = WordCache(self.token_ids)
         self.init_kwargs = {"model_max_length": model_max_length, **roles}
@@ -67,20 +69,22 @@ class UnigramTokenizer(Tokenizer):
                    if config.get(k) is not None}
         if options.get("model_max_length", 0) > 1e12:  # transformers' "no limit" sentinel
             options.pop("model_max_length")
+        settings = {**config, **options, **overrides}
         source = directory / "tokenizer.json"
         if source.is_file():
             spec = _read_json(source)
             kind = (spec.get("model") or {}).get("type") if isinstance(spec, dict) else None
             if kind != "Unigram":
                 raise ValueError(f"{source}: field 'model.type' is {kind!r}, not 'Unigram'")
+            spec, roles = spm_classes.from_tokenizer_json(spec, settings, source)
         else:
             source = next((directory / name for name in SPM_FILES if (directory / name).is_file()), None)
             if source is None:
                 raise FileNotFoundError(f"{directory}: a SentencePiece tokenizer needs tokenizer.json or one of "
                                         f"{', '.join(SPM_FILES)} (save the tokenizer with transformers' "
                                         "save_pretrained)")
-            spec = spec_from_model(read_model(source), {**options, **overrides}, source)
-        return cls(spec, source=str(source), **{**options, **overrides})
+            spec, roles = spm_classes.from_model_file(read_model(source), settings, source)
+        return cls(spec, source=str(source), **{**roles, **options, **overrides})
 
     def save_pretrained(self, directory):
         """Write tokenizer.json and tokenizer_config.json, which transformers loads."""
@@ -94,8 +98,9 @@ class UnigramTokenizer(Tokenizer):
 
     # --- text to tokens ---------------------------------------------------------------------
     def viterbi(self, word):
-        """[(start, end, id)] of the most likely segmentation of `word` (unknown runs fused,
-        id None), as the reference's lattice: the first of equally likely paths."""
+        """[(start, end, id)] of the most likely segmentation of `word` (runs of unknown
+        characters and the unknown piece fused, id None), as the reference's lattice: the
+        first of equally likely paths."""
         best = [None] * (len(word) + 1)
         best[0] = (0.0, 0, None)
         scores, vocab = self.scores, self.piece_ids
@@ -114,9 +119,10 @@ class UnigramTokenizer(Tokenizer):
                 if best[start + 1] is None or total > best[start + 1][0]:
                     best[start + 1] = (total, start, None)
         tokens, end = [], len(word)
+        unknown = (None, self.unk_id)  # the unknown piece itself fuses too, as the reference's ids do
         while end > 0:
             _, start, token = best[end]
-            if token is None and tokens and tokens[-1][2] is None:
+            if token in unknown and tokens and tokens[-1][2] in unknown:
                 tokens[-1] = (start, tokens[-1][1], None)
             else:
                 tokens.append((start, end, token))
@@ -141,11 +147,11 @@ class UnigramTokenizer(Tokenizer):
         text = Normalized.of(segment, start)
         for normalizer in self.normalizers:
             normalizer.apply(text)
-        replacement, prepend, split = self.metaspace
+        replacement, prepend, split, whitespace_split = self.metaspace
         pieces, run = [], None
-        spaces = unicode.whitespace()
-        for i, char in enumerate(text.chars + [" "]):  # WhitespaceSplit
-            if char in spaces:
+        spaces = unicode.whitespace() if whitespace_split else ""
+        for i, char in enumerate(text.chars + [" "]):  # WhitespaceSplit, or the whole text
+            if char in spaces or i == len(text.chars):
                 if run is not None:
                     pieces.append(text.slice(run, i))
                 run = None
@@ -198,7 +204,7 @@ class UnigramTokenizer(Tokenizer):
         "<unk>" is skipped too)."""
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         special = set(self.all_special_tokens)
-        replacement, prepend, _ = self.metaspace
+        replacement, prepend, _, _ = self.metaspace
         out, pending = [], []
         for i in ids:
             token = self.ids_to_tokens[i]
@@ -218,8 +224,8 @@ class UnigramTokenizer(Tokenizer):
 
 
 def _metaspace(spec, source):
-    """(replacement, prepend scheme, split) of tokenizer.json's pre_tokenizer: Metaspace,
-    alone or after WhitespaceSplit."""
+    """(replacement, prepend scheme, split, whitespace split first) of tokenizer.json's
+    pre_tokenizer: Metaspace, alone or after WhitespaceSplit."""
     parts = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec or {}]
     kinds = [p.get("type") for p in parts]
     if kinds not in (["Metaspace"], ["WhitespaceSplit", "Metaspace"]):
@@ -227,7 +233,7 @@ def _metaspace(spec, source):
                          "SentencePiece tokenizers read Metaspace, alone or after WhitespaceSplit")
     meta = parts[-1]
     scheme = meta.get("prepend_scheme", "always" if meta.get("add_prefix_space", True) else "never")
-    return meta.get("replacement", "▁"), scheme, meta.get("split", True)
+    return meta.get("replacement", "▁"), scheme, meta.get("split", True), kinds[0] == "WhitespaceSplit"
 
 
 def _template(spec, tokenizer, source):
@@ -242,49 +248,6 @@ def _template(spec, tokenizer, source):
     after_a = len(spec["single"]) - 1 - next(i for i, item in enumerate(spec["single"]) if "Sequence" in item)
     middle = ids[at["A"] + 1:at["B"]]
     return (ids[:at["A"]], middle[:after_a], middle[after_a:], ids[at["B"] + 1:]), items[at["B"]][1].get("type_id", 0)
-
-
-def spec_from_model(proto, options, source):
-    """tokenizer.json's content for a SentencePiece model file, as transformers converts it
-    for XLMRobertaTokenizer (four fairseq specials first, <mask> last)."""
-    kind = options.get("tokenizer_class", "XLMRobertaTokenizer")
-    if kind not in ("XLMRobertaTokenizer", "XLMRobertaTokenizerFast"):
-        raise ValueError(f"{source}: tokenizer_class {kind!r} from a SentencePiece model file alone is not read; "
-                         "minisft converts XLMRobertaTokenizer's (or give tokenizer.json)")
-    if proto["trainer"]["model_type"] != "unigram":
-        raise ValueError(f"{source}: trainer_spec.model_type is {proto['trainer']['model_type']!r}; minisft reads "
-                         "Unigram SentencePiece models")
-    names = {role: options.get(role, default) for role, default in
-             (("bos_token", "<s>"), ("pad_token", "<pad>"), ("eos_token", "</s>"), ("unk_token", "<unk>"),
-              ("mask_token", "<mask>"))}
-    vocab = [[names[r], 0.0] for r in ("bos_token", "pad_token", "eos_token", "unk_token")]
-    vocab += [[piece, score] for piece, score, _ in proto["pieces"][3:]] + [[names["mask_token"], 0.0]]
-    charsmap = proto["normalizer"].get("precompiled_charsmap")
-    ids = {piece: i for i, (piece, _) in enumerate(vocab)}  # a repeated piece: its last id, as the reference
-    ids = {names[r]: ids[names[r]] for r in ("bos_token", "pad_token", "eos_token", "unk_token", "mask_token")}
-    bos, eos = names["bos_token"], names["eos_token"]
-
-    def special(token):
-        return {"SpecialToken": {"id": token, "type_id": 0}}
-
-    def sequence(name):
-        return {"Sequence": {"id": name, "type_id": 0}}
-    return {
-        "version": "1.0",
-        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for t, i in ids.items()],
-        "normalizer": {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(charsmap).decode("ascii")}
-        if charsmap else None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "WhitespaceSplit"}, {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always",
-                                          "split": True}]},
-        "post_processor": {"type": "TemplateProcessing", "single": [special(bos), sequence("A"), special(eos)],
-                           "pair": [special(bos), sequence("A"), special(eos), special(eos), sequence("B"),
-                                    special(eos)],
-                           "special_tokens": {t: {"id": t, "ids": [ids[t]], "tokens": [t]} for t in (bos, eos)}},
-        "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True},
-        "model": {"type": "Unigram", "unk_id": 3, "vocab": vocab, "byte_fallback": False},  # the fourth fairseq token
-    }
 
 
 def _read_json(path):
