@@ -238,19 +238,28 @@ class Embedding(Module):
 class LayerNorm(Module):
     """Normalise the trailing dims; eps comes from the model config (1e-12 for BERT)."""
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True):
         super().__init__()
         self.normalized_shape = ((normalized_shape,) if isinstance(normalized_shape, int)
                                  else tuple(normalized_shape))
         self.eps = eps
         self.weight = Parameter(numpy.ones(self.normalized_shape, numpy.float32)) if elementwise_affine else None
-        self.bias = Parameter(numpy.zeros(self.normalized_shape, numpy.float32)) if elementwise_affine else None
+        self.bias = Parameter(numpy.zeros(self.normalized_shape, numpy.float32)) \
+            if elementwise_affine and bias else None
 
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}"
+
+
+class Identity(Module):
+    """x as it is: a layer's place kept where a model has no such layer (ModernBERT's first
+    attention norm)."""
+
+    def forward(self, x):
+        return x
 
 
 class Dropout(Module):

@@ -99,3 +99,26 @@ def test_a_bad_merges_line_is_named(tokenizer, tmp_path):
         f.write("a b c\n")
     with pytest.raises(ValueError, match=r"merges.txt: line \d+ is 'a b c', not two tokens"):
         ByteLevelBPETokenizer.from_pretrained(tmp_path)
+
+
+def test_modernbert_s_tokenizer_json_is_identical_to_transformers():
+    """ModernBERT ships a byte-level BPE in tokenizer.json with a TemplateProcessing post-processor
+    ([CLS] A [SEP] B [SEP], B of type 1) and tokenizer_class TokenizersBackend: ids, untrimmed
+    offsets (a template trims none), word and sequence ids and decodings on 2,364 cases
+    (tests/fixtures/make_encoder_fixtures.py); it saves as transformers loads it."""
+    directory = FIXTURES / "tiny-modernbert"
+
+    def observe(tok, case):
+        enc = tok(case["text"], case["pair"], return_offsets_mapping=True, return_tensors=None, **case["call"])
+        ids = enc["input_ids"][0]
+        return {"input_ids": ids, "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
+                "word_ids": enc.word_ids(0), "sequence_ids": enc.sequence_ids(0), "decoded": tok.decode(ids),
+                "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)}
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert isinstance(tokenizer, ByteLevelBPETokenizer) and tokenizer.cls_token == "[CLS]"
+    cases, mismatches = fixture_mismatches(FIXTURES / "modernbert_tokenizer_cases.jsonl.gz", lambda **_: tokenizer,
+                                           observe)
+    assert len(cases) >= 2300 and not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
+    pair = tokenizer("a film", "a story", return_tensors=None)
+    assert pair["token_type_ids"][0] == [0] * 4 + [1] * 3

@@ -1,6 +1,7 @@
-"""The BERT-family models other than BERT (DeBERTa-v2, DistilBERT, ELECTRA, RoBERTa, XLM-RoBERTa) against transformers' stored
-outputs (tests/fixtures/make_family_fixtures.py): logits, loss, hidden states, attentions
-and every gradient; padding; the Auto classes and the command line on each checkpoint."""
+"""The BERT-family models other than BERT (DeBERTa-v2, DistilBERT, ELECTRA, ModernBERT, MPNet,
+RoBERTa, XLM-RoBERTa) against transformers' stored outputs (tests/fixtures/make_family_fixtures.py,
+make_unigram_fixtures.py, make_encoder_fixtures.py): logits, loss, hidden states, attentions and
+every gradient; padding; the Auto classes and the command line on each checkpoint."""
 import json
 import shutil
 
@@ -9,7 +10,7 @@ import pytest
 
 import minisft
 from minisft import cli, lean
-from minisft.models import bert, deberta_v2, distilbert, electra, roberta, xlm_roberta
+from minisft.models import bert, deberta_v2, distilbert, electra, modernbert, mpnet, roberta, xlm_roberta
 from minisft.models.auto import (AutoConfig, AutoModel, AutoModelForQuestionAnswering,
                                  AutoModelForSequenceClassification, AutoModelForTokenClassification, AutoTokenizer)
 from conftest import FIXTURES, assert_close
@@ -18,6 +19,9 @@ from helpers import assert_layers_and_gradients_match
 FAMILIES = {  # name: (base, sequence classification, token classification)
     "deberta-v2": (deberta_v2.DebertaV2Model, deberta_v2.DebertaV2ForSequenceClassification,
                    deberta_v2.DebertaV2ForTokenClassification),  # tests/fixtures/make_encoder_fixtures.py
+    "modernbert": (modernbert.ModernBertModel, modernbert.ModernBertForSequenceClassification,
+                   modernbert.ModernBertForTokenClassification),  # 14 tokens: longer than its local window
+    "mpnet": (mpnet.MPNetModel, mpnet.MPNetForSequenceClassification, mpnet.MPNetForTokenClassification),
     "distilbert": (distilbert.DistilBertModel, distilbert.DistilBertForSequenceClassification,
                    distilbert.DistilBertForTokenClassification),
     "electra": (electra.ElectraModel, electra.ElectraForSequenceClassification, electra.ElectraForTokenClassification),
@@ -25,7 +29,7 @@ FAMILIES = {  # name: (base, sequence classification, token classification)
     "xlm-roberta": (xlm_roberta.XLMRobertaModel, xlm_roberta.XLMRobertaForSequenceClassification,
                     xlm_roberta.XLMRobertaForTokenClassification),  # tests/fixtures/make_unigram_fixtures.py
 }
-TRAINABLE = ["deberta-v2", "distilbert", "electra", "roberta", "xlm-roberta", "bert-bin"]  # bert-bin: a BERT stored only as pytorch_model.bin
+TRAINABLE = ["deberta-v2", "distilbert", "electra", "modernbert", "mpnet", "roberta", "xlm-roberta", "bert-bin"]  # bert-bin: a BERT stored only as pytorch_model.bin
 
 
 @pytest.fixture(params=sorted(FAMILIES))
@@ -59,7 +63,8 @@ def test_the_base_model_loads_a_task_checkpoint_and_padding_changes_nothing(fami
         length = int(ref["attention_mask"][2].sum())
         alone = model(ref["input_ids"][2:3, :length]).last_hidden_state.numpy()
     assert_close(batch[2:3, :length], alone, atol=1e-5, rtol=0)
-    assert_close(batch, ref["hidden_states/2"], atol=1e-5, rtol=0)
+    layers = sum(1 for k in ref.files if k.startswith("attentions/"))
+    assert_close(batch, ref[f"hidden_states/{layers}"], atol=1e-5, rtol=0)
 
 
 def test_token_classification_head_and_save_round_trip(family, tmp_path):
@@ -67,7 +72,7 @@ def test_token_classification_head_and_save_round_trip(family, tmp_path):
     model = AutoModelForTokenClassification.from_pretrained(directory, num_labels=3).eval()
     assert type(model) is classes[2]
     logits = model(**inputs(ref)).logits
-    assert logits.shape == (3, 9, 3)
+    assert logits.shape == ref["input_ids"].shape + (3,)
     model.save_pretrained(tmp_path / "saved")
     config = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert config["model_type"] == name and config["architectures"] == [classes[2].__name__]
@@ -196,11 +201,13 @@ def test_twenty_multiple_choice_steps_give_transformers_losses(name):
 
 
 def test_gradient_checkpointing_gives_every_family_the_same_gradients(family):
-    """ELECTRA's embeddings projection and DistilBERT's own embeddings recompute too. DeBERTa's
-    layers also take the relative positions: refused by name, for now."""
+    """ELECTRA's embeddings projection and DistilBERT's own embeddings recompute too. DeBERTa's,
+    ModernBERT's and MPNet's layers also take relative positions, rotary tables or a learned
+    position bias: refused by name, for now."""
     name, directory, ref, _ = family
-    if name == "deberta-v2":
-        with pytest.raises(ValueError, match=r"gradient checkpointing is not available for DebertaV2Layer yet"):
+    if name in ("deberta-v2", "modernbert", "mpnet"):
+        with pytest.raises(ValueError, match=r"gradient checkpointing is not available for (DebertaV2Layer|"
+                                             r"ModernBertEncoderLayer|MPNetLayer) yet"):
             lean.gradient_checkpointing(AutoModelForSequenceClassification.from_pretrained(directory))
         return
     grads = []
@@ -240,3 +247,37 @@ def test_deberta_log_buckets_are_transformers(length, buckets, max_position):
     q = torch.zeros(1, length, 4)
     expected = build_relative_position(q, q, bucket_size=buckets, max_position=max_position)[0].numpy()
     assert (deberta_v2.relative_positions(length, buckets, max_position) == expected).all()
+
+
+def test_modernbert_s_other_options_match_transformers():
+    """cls pooling, biases and norm biases on, global attention on every other layer, a local
+    window of 3 tokens each way (tests/fixtures/make_encoder_fixtures.py); the family fixture above
+    pools the mean, with 2 local layers of 4 tokens each way."""
+    ref = np.load(FIXTURES / "tiny_modernbert_cls_outputs.npz")
+    model = AutoModelForSequenceClassification.from_pretrained(FIXTURES / "tiny-modernbert-cls").eval()
+    assert model.config.layer_types == ["full_attention", "sliding_attention"] and model.config.sliding_window == 3
+    out = model(**inputs(ref), labels=ref["labels"], output_hidden_states=True, output_attentions=True)
+    assert_close(out.logits, ref["logits"], atol=1e-5, rtol=0, what="logits")
+    assert_close(out.loss, ref["loss"], atol=1e-5, rtol=0, what="loss")
+    assert_layers_and_gradients_match(model, out, out.loss, ref)
+
+
+def test_modernbert_s_local_layers_see_only_their_window():
+    """A token changed beyond a local layer's window changes nothing of a first-layer local output
+    there, but changes the global layers' (the first layer is global: layer types by position)."""
+    config = AutoConfig.from_pretrained(FIXTURES / "tiny-modernbert")
+    window = config.sliding_window
+    bias = modernbert.attention_biases(None, 12, window, np.float32)
+    assert bias["full_attention"] is None
+    allowed = bias["sliding_attention"][0, 0] == 0
+    assert allowed[5].tolist() == [abs(5 - j) <= window for j in range(12)]
+
+
+@pytest.mark.parametrize("length", [1, 14, 130, 512])
+def test_mpnet_s_relative_position_buckets_are_transformers(length):
+    torch = pytest.importorskip("torch")
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    positions = torch.arange(length)
+    expected = MPNetEncoder.relative_position_bucket(positions[None, :] - positions[:, None]).numpy()
+    assert (mpnet.relative_position_buckets(length) == expected).all()

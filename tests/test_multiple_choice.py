@@ -82,5 +82,5 @@ def test_a_family_without_a_multiple_choice_head_says_which_have_one():
     from minisft.models.auto import AutoModelForMultipleChoice
 
     with pytest.raises(ValueError, match=r"no multiple-choice head for electra checkpoints; use one of bert, "
-                                         r"deberta-v2, distilbert, roberta, xlm-roberta"):
+                                         r"deberta-v2, distilbert, modernbert, mpnet, roberta, xlm-roberta"):
         AutoModelForMultipleChoice.from_pretrained(FIXTURES / "tiny-electra")

@@ -204,3 +204,27 @@ def test_a_stride_as_long_as_a_window_is_an_error(tokenizer):
     with pytest.raises(ValueError, match="stride 30 must be less than the 30 tokens a window holds"):
         tokenizer(["what is it?"], ["a context " * 40], truncation="only_second", max_length=37, stride=30,
             return_overflowing_tokens=True)
+
+
+def test_mpnet_s_tokenizer_is_identical_to_transformers():
+    """MPNetTokenizer: BERT's WordPiece with <s> A </s></s> B </s>, one token type, <mask> taking
+    the space before it (its offsets without it): ids, offsets, word and sequence ids and decodings
+    on 2,600 cases (tests/fixtures/make_encoder_fixtures.py), from its tokenizer.json."""
+    from minisft.models.auto import AutoTokenizer
+    from minisft.tokenizers.wordpiece import MPNetTokenizer
+
+    def observe(tok, case):
+        enc = tok(case["text"], case["pair"], return_offsets_mapping=True, return_tensors=None, **case["call"])
+        ids = enc["input_ids"][0]
+        return {"input_ids": ids, "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
+                "word_ids": enc.word_ids(0), "sequence_ids": enc.sequence_ids(0), "decoded": tok.decode(ids),
+                "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)}
+
+    directory = FIXTURES / "tiny-mpnet"
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert isinstance(tokenizer, MPNetTokenizer)
+    cases, mismatches = fixture_mismatches(FIXTURES / "mpnet_tokenizer_cases.jsonl.gz",
+                                           lambda **options: MPNetTokenizer.from_pretrained(directory, **options),
+                                           observe)
+    assert len(cases) >= 2500 and not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
+    assert not tokenizer("a film", "a story")["token_type_ids"].any()

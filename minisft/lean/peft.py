@@ -26,7 +26,7 @@ from minisft.files.weights import load_safetensors, save_safetensors
 
 TARGET_MODULES = {  # peft's default LoRA targets by config.json's model_type
     "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
+    "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
 }
 TASK_TYPES = {  # peft's task_type by the head's class name
     "ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS",

@@ -10,11 +10,11 @@ import pathlib
 from dataclasses import dataclass
 
 from minisft import lean as _lean
-from minisft.models import bert, deberta_v2, distilbert, electra, roberta, xlm_roberta
+from minisft.models import bert, deberta_v2, distilbert, electra, modernbert, mpnet, roberta, xlm_roberta
 from minisft.models.config import BertConfig
 from minisft.tokenizers.bpe import ByteLevelBPETokenizer
 from minisft.tokenizers.unigram import UnigramTokenizer
-from minisft.tokenizers.wordpiece import BertTokenizer
+from minisft.tokenizers.wordpiece import BertTokenizer, MPNetTokenizer
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,13 @@ FAMILIES = {
     "electra": Family(electra.ElectraConfig, electra.ElectraModel, electra.ElectraForSequenceClassification,
                       electra.ElectraForTokenClassification, electra.ElectraForQuestionAnswering, None,
                       BertTokenizer),
+    "modernbert": Family(modernbert.ModernBertConfig, modernbert.ModernBertModel,
+                         modernbert.ModernBertForSequenceClassification, modernbert.ModernBertForTokenClassification,
+                         modernbert.ModernBertForQuestionAnswering, modernbert.ModernBertForMultipleChoice,
+                         ByteLevelBPETokenizer),
+    "mpnet": Family(mpnet.MPNetConfig, mpnet.MPNetModel, mpnet.MPNetForSequenceClassification,
+                    mpnet.MPNetForTokenClassification, mpnet.MPNetForQuestionAnswering, mpnet.MPNetForMultipleChoice,
+                    MPNetTokenizer),
     "roberta": Family(roberta.RobertaConfig, roberta.RobertaModel, roberta.RobertaForSequenceClassification,
                       roberta.RobertaForTokenClassification, roberta.RobertaForQuestionAnswering,
                       roberta.RobertaForMultipleChoice, ByteLevelBPETokenizer),
@@ -57,6 +64,7 @@ TOKENIZERS = {  # tokenizer_config.json's tokenizer_class -> ours (transformers'
     "ElectraTokenizer": BertTokenizer, "ElectraTokenizerFast": BertTokenizer,
     "RobertaTokenizer": ByteLevelBPETokenizer, "RobertaTokenizerFast": ByteLevelBPETokenizer,
     "XLMRobertaTokenizer": UnigramTokenizer, "XLMRobertaTokenizerFast": UnigramTokenizer,
+    "MPNetTokenizer": MPNetTokenizer, "MPNetTokenizerFast": MPNetTokenizer,
     "DebertaV2Tokenizer": UnigramTokenizer, "DebertaV2TokenizerFast": UnigramTokenizer,
 }
 
@@ -138,6 +146,16 @@ class AutoModelForMultipleChoice(_AutoModel):
     role = "multiple_choice"
 
 
+BY_MODEL_TYPE = {"BPE": ByteLevelBPETokenizer, "Unigram": UnigramTokenizer, "WordPiece": BertTokenizer}
+
+
+def _by_tokenizer_json(path):
+    kind = (_read_json(path, "PreTrainedTokenizerFast needs tokenizer.json").get("model") or {}).get("type")
+    if kind not in BY_MODEL_TYPE:
+        raise ValueError(f"{path}: field 'model.type' is {kind!r}; supported: {', '.join(BY_MODEL_TYPE)}")
+    return BY_MODEL_TYPE[kind]
+
+
 class AutoTokenizer:
     @classmethod
     def from_pretrained(cls, directory):
@@ -146,6 +164,8 @@ class AutoTokenizer:
         name = _read_json(path, "").get("tokenizer_class") if path.is_file() else None
         if name is None:
             return family(directory).tokenizer.from_pretrained(directory)
+        if name in ("PreTrainedTokenizerFast", "TokenizersBackend"):  # generic: tokenizer.json's model decides
+            return _by_tokenizer_json(pathlib.Path(directory) / "tokenizer.json").from_pretrained(directory)
         if name not in TOKENIZERS:
             raise ValueError(f"{path}: field 'tokenizer_class' is {name!r}; supported: {', '.join(TOKENIZERS)}")
         return TOKENIZERS[name].from_pretrained(directory)

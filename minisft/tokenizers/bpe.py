@@ -16,7 +16,7 @@ import re
 
 from minisft.files.atomic import write_json_atomic, write_text_atomic
 from minisft.tokenizers import unicode
-from minisft.tokenizers.encoding import EncodedText, Tokenizer, WordCache, token_content
+from minisft.tokenizers.encoding import EncodedText, Tokenizer, WordCache, template_layout, token_content
 
 ROLES = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>", "unk_token": "<unk>",
          "pad_token": "<pad>", "mask_token": "<mask>"}
@@ -54,21 +54,26 @@ class ByteLevelBPETokenizer(Tokenizer):
     pair_type_id = 0  # one token type: the pair's tokens are type 0 too
 
     def __init__(self, vocab, merges, add_prefix_space=False, trim_offsets=True, model_max_length=512,
-                 strip=None, tokenizer_class=None, source="vocab", **special_tokens):
+                 strip=None, tokenizer_class=None, source="vocab", template=None, **special_tokens):
         """vocab: {token: id}; merges: [(left, right)], highest priority first; strip:
         {token: (lstrip, rstrip)} for special tokens that take the whitespace beside them;
-        tokenizer_class: the transformers class name saved with it (as it was loaded)."""
+        tokenizer_class: the transformers class name saved with it (as it was loaded);
+        template: tokenizer.json's TemplateProcessing post-processor (ModernBERT's [CLS] A
+        [SEP]), else RoBERTa's <s> A </s></s> B </s>."""
         self.vocab = vocab
         self.ids_to_tokens = {i: t for t, i in vocab.items()}
         self.ranks = {tuple(pair): rank for rank, pair in enumerate(merges)}
         self.add_prefix_space, self.trim_offsets = add_prefix_space, trim_offsets
         self.model_max_length = model_max_length
-        roles = {**ROLES, **{k: v for k, v in special_tokens.items() if v is not None}}
+        roles = {**{role: token for role, token in ROLES.items() if token in vocab or template is None},
+                 **{k: v for k, v in special_tokens.items() if v is not None}}
         unknown = set(roles) - set(ROLES)
         if unknown:
             raise TypeError(f"unknown special token roles {sorted(unknown)}; known: {', '.join(ROLES)}")
         self.strip = dict(strip or {})
         self._init_special_tokens(roles, source, self.strip)
+        self.template = template
+        self.layout, self.pair_type_id = template_layout(template, vocab, source) if template else (None, 0)
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self._cache = WordCache(self.token_ids)
@@ -117,10 +122,26 @@ class ByteLevelBPETokenizer(Tokenizer):
                                         "rstrip": self.strip.get(t, (False, False))[1], "normalized": False,
                                         "single_word": False, "special": True} for t in self.all_special_tokens}
         write_json_atomic({**self.init_kwargs, "added_tokens_decoder": decoder}, directory / "tokenizer_config.json")
+        if self.template is not None:  # only tokenizer.json holds a template
+            write_json_atomic(self._tokenizer_json(merges), directory / "tokenizer.json")
+
+    def _tokenizer_json(self, merges):
+        """tokenizer.json's content: this BPE on bytes with its template (trim_offsets off, as
+        a template leaves offsets)."""
+        byte_level = {"type": "ByteLevel", "add_prefix_space": self.add_prefix_space, "trim_offsets": True,
+                      "use_regex": True}
+        added = [{"id": self.vocab[t], "content": t, "single_word": False, "lstrip": self.strip.get(t, (False,))[0],
+                  "rstrip": self.strip.get(t, (False, False))[1], "normalized": False, "special": True}
+                 for t in self.all_special_tokens]
+        return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+                "pre_tokenizer": byte_level, "post_processor": self.template, "decoder": byte_level,
+                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                          "ignore_merges": False, "vocab": self.vocab, "merges": [f"{a} {b}" for a, b in merges]}}
 
     def special_layout(self):
-        """<s> A </s> and <s> A </s></s> B </s>: the ids before and after each text."""
-        return [self.cls_token_id], [self.sep_token_id], [self.sep_token_id], [self.sep_token_id]
+        """The template's, else <s> A </s> and <s> A </s></s> B </s>: the ids before and after each text."""
+        return self.layout or ([self.cls_token_id], [self.sep_token_id], [self.sep_token_id], [self.sep_token_id])
 
     # --- text to tokens ---------------------------------------------------------------------
     def merge(self, symbols):
@@ -260,7 +281,14 @@ def load_bpe_json(path):
                          "BPE reads tokenizers without a normalizer")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     post = spec.get("post_processor") or {}
-    strip = {t["content"]: (t.get("lstrip", False), t.get("rstrip", False))
-             for t in spec.get("added_tokens", []) if t.get("lstrip") or t.get("rstrip")}
+    if post.get("type") == "TemplateProcessing":  # offsets are trimmed by ByteLevel or RobertaProcessing only
+        return {"vocab": model["vocab"], "merges": merges, "add_prefix_space": pre.get("add_prefix_space", False),
+                "trim_offsets": False, "strip": _strip(spec), "template": post}
     return {"vocab": model["vocab"], "merges": merges, "add_prefix_space": pre.get("add_prefix_space", False),
-            "trim_offsets": post.get("trim_offsets", pre.get("trim_offsets", True)), "strip": strip}
+            "trim_offsets": post.get("trim_offsets", pre.get("trim_offsets", True)), "strip": _strip(spec)}
+
+
+def _strip(spec):
+    """{token: (lstrip, rstrip)} of tokenizer.json's added tokens that take whitespace."""
+    return {t["content"]: (t.get("lstrip", False), t.get("rstrip", False))
+            for t in spec.get("added_tokens", []) if t.get("lstrip") or t.get("rstrip")}

@@ -145,6 +145,13 @@ class Tokenizer:
                     ids.extend(self._cache[word])
         return ids
 
+    @staticmethod
+    def _special_span(segment, start):
+        """A special token's offsets, without the whitespace it took (lstrip, rstrip)."""
+        spaces = unicode.whitespace()
+        lead = len(segment) - len(segment.lstrip(spaces))
+        return start + lead, start + len(segment.rstrip(spaces))
+
     def _may_hold_special_tokens(self, text):
         return any(c in text for c in self._special_first_chars)
 
@@ -362,6 +369,30 @@ def _truncate(first, second, budget, strategy):
             n1, n2 = (budget - half, half) if n1 > n2 else (half, budget - half)
         first.truncate(n1)
         second.truncate(n2)
+
+
+def template_layout(spec, vocab, source):
+    """((before A, after A, before B, after B) special ids, B's token type) of tokenizer.json's
+    TemplateProcessing post-processor; its single template's A is its pair's."""
+    if not spec or spec.get("type") != "TemplateProcessing":
+        kind = spec.get("type") if spec else None
+        raise ValueError(f"{source}: field 'post_processor' is {kind!r}; minisft reads TemplateProcessing")
+
+    def parts(template):
+        """The special ids around each sequence, and each sequence's type id."""
+        runs, types = [[]], {}
+        for item in template:
+            (kind, value), = item.items()
+            if kind == "Sequence":
+                types[value["id"]] = value.get("type_id", 0)
+                runs.append([])
+            else:
+                runs[-1].append(vocab[value["id"]])
+        return runs, types
+    (_, after_single), _ = parts(spec["single"])
+    (before_a, middle, after_b), types = parts(spec["pair"])
+    after_a = middle[:len(after_single)]
+    return (before_a, after_a, middle[len(after_a):], after_b), types.get("B", 0)
 
 
 def token_content(value):

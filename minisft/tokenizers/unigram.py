@@ -14,7 +14,7 @@ import pathlib
 
 from minisft.files.atomic import write_json_atomic
 from minisft.tokenizers import unicode
-from minisft.tokenizers.encoding import EncodedText, Tokenizer, WordCache, token_content
+from minisft.tokenizers.encoding import EncodedText, Tokenizer, WordCache, template_layout, token_content
 from minisft.tokenizers.normalized import Normalized, normalizers
 from minisft.tokenizers import spm_classes
 from minisft.tokenizers.sentencepiece import read_model
@@ -51,7 +51,7 @@ class UnigramTokenizer(Tokenizer):
         self.strip = {t: (a.get("lstrip", False), a.get("rstrip", False)) for t, a in added.items()}
         extra = [t for t, a in added.items() if a.get("special") and t not in roles.values()]
         self._init_special_tokens(roles, source, self.strip, extra)
-        self.layout, self.pair_type_id = _template(spec.get("post_processor"), self, source)
+        self.layout, self.pair_type_id = template_layout(spec.get("post_processor"), self.vocab, source)
         self._cache = WordCache(self.token_ids)
         self.init_kwargs = {"model_max_length": model_max_length, **roles}
         if tokenizer_class is not None:
@@ -191,12 +191,6 @@ class UnigramTokenizer(Tokenizer):
                     words.append(index if word_index is None else word_index)
         return EncodedText(ids, offsets, words)
 
-    def _special_span(self, segment, start):
-        """A special token's offsets: without the whitespace it took."""
-        spaces = unicode.whitespace()
-        lead = len(segment) - len(segment.lstrip(spaces))
-        return start + lead, start + len(segment.rstrip(spaces))
-
     # --- decoding ---------------------------------------------------------------------------
     def decode(self, ids, skip_special_tokens=False):
         """Pieces joined, "▁" as a space (the first one dropped), byte pieces as UTF-8; special
@@ -234,20 +228,6 @@ def _metaspace(spec, source):
     meta = parts[-1]
     scheme = meta.get("prepend_scheme", "always" if meta.get("add_prefix_space", True) else "never")
     return meta.get("replacement", "▁"), scheme, meta.get("split", True), kinds[0] == "WhitespaceSplit"
-
-
-def _template(spec, tokenizer, source):
-    """((before A, after A, before B, after B) special ids, B's token type) of tokenizer.json's
-    TemplateProcessing post-processor; its single template's A is its pair's."""
-    if not spec or spec.get("type") != "TemplateProcessing":
-        kind = spec.get("type") if spec else None
-        raise ValueError(f"{source}: field 'post_processor' is {kind!r}; minisft reads TemplateProcessing")
-    items = [next(iter(item.items())) for item in spec["pair"]]
-    at = {item["id"]: i for i, (kind, item) in enumerate(items) if kind == "Sequence"}
-    ids = [tokenizer.vocab[item["id"]] for _, item in items]
-    after_a = len(spec["single"]) - 1 - next(i for i, item in enumerate(spec["single"]) if "Sequence" in item)
-    middle = ids[at["A"] + 1:at["B"]]
-    return (ids[:at["A"]], middle[:after_a], middle[after_a:], ids[at["B"] + 1:]), items[at["B"]][1].get("type_id", 0)
 
 
 def _read_json(path):

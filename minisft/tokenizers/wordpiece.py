@@ -130,15 +130,18 @@ class WordpieceTokenizer:
 class BertTokenizer(Tokenizer):
     """Text to BERT inputs, reading vocab.txt and tokenizer_config.json."""
 
+    tokenizer_class = "BertTokenizer"  # saved in tokenizer_config.json
+
     def __init__(self, vocab, do_lower_case=True, tokenize_chinese_chars=True, strip_accents=None,
                  model_max_length=512, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                 cls_token="[CLS]", mask_token="[MASK]", source="vocab"):
+                 cls_token="[CLS]", mask_token="[MASK]", source="vocab", strip=None):
+        """strip: {token: (lstrip, rstrip)} for special tokens that take the whitespace beside them."""
         self.vocab = vocab
         self.ids_to_tokens = {i: t for t, i in vocab.items()}
         self.model_max_length = model_max_length
         specials = {"unk_token": unk_token, "sep_token": sep_token, "pad_token": pad_token,
                     "cls_token": cls_token, "mask_token": mask_token}
-        self._init_special_tokens(specials, source)
+        self._init_special_tokens(specials, source, strip)
         self.basic_tokenizer = BasicTokenizer(do_lower_case, self.all_special_tokens, tokenize_chinese_chars,
                                               strip_accents)
         self.wordpiece_tokenizer = WordpieceTokenizer(vocab, unk_token)
@@ -180,7 +183,7 @@ class BertTokenizer(Tokenizer):
         directory.mkdir(parents=True, exist_ok=True)
         tokens = [self.ids_to_tokens[i] for i in range(len(self.ids_to_tokens))]
         write_text_atomic("\n".join(tokens) + "\n", directory / "vocab.txt")
-        write_json_atomic({**self.init_kwargs, "tokenizer_class": "BertTokenizer"},
+        write_json_atomic({**self.init_kwargs, "tokenizer_class": self.tokenizer_class},
                           directory / "tokenizer_config.json")
 
     def _word_ids(self, word):
@@ -209,7 +212,7 @@ class BertTokenizer(Tokenizer):
             if special is not None:
                 index += 1
                 ids.append(special)
-                offsets.append((start, start + len(segment)))
+                offsets.append(self._special_span(segment, start))
                 words.append(index if word_index is None else word_index)
                 continue
             for word, begin, end, origins in self.basic_tokenizer.words(segment, start):
@@ -263,3 +266,18 @@ def load_vocab(path):
     if tokens and tokens[-1] == "":
         tokens.pop()
     return {token.rstrip("\r"): i for i, token in enumerate(tokens)}
+
+
+class MPNetTokenizer(BertTokenizer):
+    """MPNet's (all-mpnet-base-v2's): BERT's WordPiece with RoBERTa's <s> A </s></s> B </s>, one
+    token type, and <mask> taking the space before it."""
+    pair_type_id = 0
+    tokenizer_class = "MPNetTokenizer"
+
+    def __init__(self, vocab, unk_token="[UNK]", sep_token="</s>", pad_token="<pad>", cls_token="<s>",
+                 mask_token="<mask>", **options):
+        super().__init__(vocab, unk_token=unk_token, sep_token=sep_token, pad_token=pad_token, cls_token=cls_token,
+                         mask_token=mask_token, strip={mask_token: (True, False)}, **options)
+
+    def special_layout(self):
+        return [self.cls_token_id], [self.sep_token_id], [self.sep_token_id], [self.sep_token_id]
