@@ -36,12 +36,14 @@ else:
 """
 
 
-def peak_mb(env, name, batch, length, mode="full", allocated=False):
-    """The high-water RSS (MB) of a process of its own that runs 5 steps of `mode` fine-tuning;
-    allocated: its high-water of allocated memory instead (minisft only)."""
+def peak_mb(env, name, batch, length, mode="full", allocated=False, model_dir=None):
+    """The high-water RSS (MB) of a process of its own that runs 5 steps of `mode` fine-tuning
+    (of env's model, or of the checkpoint in model_dir); allocated: its high-water of allocated
+    memory instead (minisft only)."""
     import os
 
-    code = WORKER.format(root=str(env.root), name=name, model=str(env.model_dir), batch=batch, length=length,
+    model = str(model_dir or env.model_dir)
+    code = WORKER.format(root=str(env.root), name=name, model=model, batch=batch, length=length,
                          threads=os.cpu_count(), mode=mode, allocated=allocated)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -53,10 +53,11 @@ class Minisft:
         ("fp16": float16 products, loss scaling; minisft.engine.amp)."""
         from minisft import lean, peft
         from minisft.engine import amp
-        from minisft.models.bert import BertForSequenceClassification
+        from minisft.models.auto import AutoModelForSequenceClassification
         from minisft.optim import AdamW, clip_grad_norm_, parameter_groups
 
-        model = BertForSequenceClassification.from_pretrained(self.model_dir, num_labels=2).train().to(self.device)
+        model = AutoModelForSequenceClassification.from_pretrained(self.model_dir, lean=False,
+                                                                   num_labels=2).train().to(self.device)
         lean.apply(model, block_attention_from=None if mode == "whole-attention" else lean.BLOCK_ATTENTION_FROM,
                    checkpointing=mode.endswith("checkpointing"))  # minisft train's passes
         if mode.startswith("lora"):
@@ -116,7 +117,7 @@ class Reference:
     def train_step(self, batch, length, mode="full"):
         """As Minisft.train_step, with transformers (and peft for "lora")."""
         torch = self.torch
-        model = self.transformers.BertForSequenceClassification.from_pretrained(
+        model = self.transformers.AutoModelForSequenceClassification.from_pretrained(
             self.model_dir, num_labels=2, **self.options).train().to(self.device)
         if mode.endswith("checkpointing"):  # non-reentrant: LoRA's frozen inputs need no grad
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

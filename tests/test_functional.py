@@ -408,3 +408,33 @@ def test_add_columns_adds_each_part_into_its_columns_in_place(device):
     assert_close(out, expected, atol=1e-12)
     assert out.data is fresh.data  # no copy
     minisft.gradcheck(lambda p, a, b: add_columns_(p * 1.0, [a, b], [0, 6]), [packed, a, b])
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["broadcast-table", "full-index"])
+def test_gather_equals_torch_and_gradchecks(shared):
+    """F.gather (torch.gather) along the last dim, with repeated positions (clipped distances, as
+    DeBERTa reads them): the broadcast (L, K) table takes the one-scatter path, a full index the
+    general one; and along another dim."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3, 5, 7))
+    table = np.clip(np.arange(5)[:, None] - np.arange(6)[None, :] + 3, 0, 6)  # repeats at both ends
+    index = np.broadcast_to(table, (2, 3, 5, 6))
+    index = index if shared else np.ascontiguousarray(index)
+    minisft.gradcheck(lambda a: F.gather(a, -1, index), [x])
+    along_heads = rng.integers(0, 3, (2, 3, 5, 7))  # repeats along dim 1 too
+    minisft.gradcheck(lambda a: F.gather(a, 1, along_heads), [x])
+    torch = pytest.importorskip("torch")
+    g = rng.standard_normal(index.shape).astype(np.float32)
+    ours = minisft.tensor(x.astype(np.float32), requires_grad=True)
+    out = F.gather(ours, -1, index)
+    out.backward(g)
+    theirs = torch.tensor(x.astype(np.float32), requires_grad=True)
+    expected = torch.gather(theirs, -1, torch.tensor(np.ascontiguousarray(index)))
+    expected.backward(torch.tensor(g))
+    np.testing.assert_array_equal(out.numpy(), expected.detach().numpy())
+    np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), atol=1e-6)  # float32 sums of repeats, another order
+
+
+def test_gather_names_a_mismatched_index():
+    with pytest.raises(ValueError, match=r"gather: index of shape \(2, 4\) for input \(3, 4\) along dim 1"):
+        F.gather(minisft.tensor(np.zeros((3, 4), np.float32)), 1, np.zeros((2, 4), np.int64))

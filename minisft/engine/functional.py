@@ -12,6 +12,7 @@ import numpy
 from minisft import kernels
 from minisft.engine import amp, random
 from minisft.engine.backend import device_of, get_array_module, read_back
+from minisft.engine.gather import gather  # noqa: F401 (torch.gather, here for F.gather)
 from minisft.engine.ops import in_place_target, unbroadcast
 from minisft.engine.tensor import Function, Tensor, array_of
 

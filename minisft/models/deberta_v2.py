@@ -127,7 +127,7 @@ class DebertaV2Embeddings(nn.Module):
 
 class DisentangledSelfAttention(nn.Module):
     """softmax((q k^T + c2p + p2c) / sqrt(dh * terms) at the pair mask) v, the position terms
-    read from the relative-position embeddings at each pair's distance."""
+    read (gathered) from the relative-position embeddings' scores at each pair's distance."""
 
     def __init__(self, config):
         super().__init__()
@@ -156,28 +156,29 @@ class DisentangledSelfAttention(nn.Module):
         key = split_heads(self.key_proj(hidden_states), heads)
         value = split_heads(self.value_proj(hidden_states), heads)
         scale = math.sqrt(query.shape[-1] * (1 + len(self.pos_att_type)))
-        scores = query @ key.transpose(-1, -2) / scale
-        if self.relative_attention:
-            scores = scores + self.position_scores(query, key, relative_pos, self.pos_dropout(rel_embeddings), scale)
-        probs = self.dropout(F.softmax(scores + attention_bias, dim=-1))
-        return merge_heads(probs @ value), probs if output_attentions else None
+        bias = attention_bias
+        if self.relative_attention:  # the position terms join the mask as one additive bias
+            bias = self.position_scores(query, key, relative_pos, self.pos_dropout(rel_embeddings), scale) + bias
+        out = F.scaled_dot_product_attention(query, key, value, bias, self.dropout.p if self.training else 0.0,
+                                             scale=1 / scale, need_weights=output_attentions)
+        context, probs = out if output_attentions else (out, None)
+        return merge_heads(context), probs
 
     def position_scores(self, query, key, relative_pos, rel_embeddings, scale):
-        """c2p and p2c: (B, nh, L, L)."""
+        """(c2p + p2c) / sqrt(dh * terms): (B, nh, L, L)."""
         heads, span = self.num_attention_heads, self.span
         rel = rel_embeddings[:2 * span][None]                          # (1, R, H)
-        rows = numpy.arange(relative_pos.shape[0])[:, None]
         score = 0
         if "c2p" in self.pos_att_type:
             pos_key = split_heads((self.key_proj if self.share_att_key else self.pos_key_proj)(rel), heads)
             c2p = query @ pos_key.transpose(-1, -2)                     # (B, nh, L, R)
             at = numpy.clip(relative_pos + span, 0, 2 * span - 1)
-            score = score + c2p[:, :, rows, at] / scale
+            score = score + F.gather(c2p, -1, numpy.broadcast_to(at, c2p.shape[:2] + at.shape)) / scale
         if "p2c" in self.pos_att_type:
             pos_query = split_heads((self.query_proj if self.share_att_key else self.pos_query_proj)(rel), heads)
             p2c = key @ pos_query.transpose(-1, -2)                     # (B, nh, L keys, R)
             at = numpy.clip(-relative_pos + span, 0, 2 * span - 1)
-            score = score + p2c[:, :, rows, at].transpose(-1, -2) / scale
+            score = score + F.gather(p2c, -1, numpy.broadcast_to(at, p2c.shape[:2] + at.shape)).transpose(-1, -2) / scale
         return score
 
 
