@@ -44,6 +44,15 @@ def fixture_mismatches(path, make_tokenizer, observe):
     return cases, mismatches
 
 
+def observe_encoding(tok, case):
+    """What a tokenizer fixture records of one case: ids, offsets, word and sequence ids, decodings."""
+    enc = tok(case["text"], case["pair"], return_offsets_mapping=True, return_tensors=None, **case["call"])
+    ids = enc["input_ids"][0]
+    return {"input_ids": ids, "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
+            "word_ids": enc.word_ids(0), "sequence_ids": enc.sequence_ids(0), "decoded": tok.decode(ids),
+            "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)}
+
+
 def assert_layers_and_gradients_match(model, out, loss, ref):
     """Every hidden state and attention of `out` (as many as the fixture's layers), then, after
     loss.backward(), every parameter's gradient equal to the reference fixture's (1e-5 absolute)."""

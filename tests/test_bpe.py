@@ -9,7 +9,7 @@ import pytest
 from minisft.models.auto import AutoTokenizer
 from minisft.tokenizers.bpe import ByteLevelBPETokenizer, bytes_to_unicode
 from conftest import FIXTURES
-from helpers import fixture_mismatches
+from helpers import fixture_mismatches, observe_encoding
 
 TINY = FIXTURES / "tiny-roberta"  # a 1,000-token BPE trained by make_family_fixtures.py
 
@@ -20,15 +20,8 @@ def tokenizer():
 
 
 def test_identical_to_transformers_on_every_fixture_line():
-    def observe(tok, case):
-        enc = tok(case["text"], case["pair"], return_offsets_mapping=True, return_tensors=None, **case["call"])
-        ids = enc["input_ids"][0]
-        return {"input_ids": ids, "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
-                "word_ids": enc.word_ids(0), "sequence_ids": enc.sequence_ids(0), "decoded": tok.decode(ids),
-                "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)}
-
     make = functools.partial(ByteLevelBPETokenizer.from_pretrained, TINY)
-    cases, mismatches = fixture_mismatches(FIXTURES / "bpe_cases.jsonl.gz", make, observe)
+    cases, mismatches = fixture_mismatches(FIXTURES / "bpe_cases.jsonl.gz", make, observe_encoding)
     assert len(cases) >= 2000 and not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
 
 
@@ -108,17 +101,10 @@ def test_modernbert_s_tokenizer_json_is_identical_to_transformers():
     (tests/fixtures/make_encoder_fixtures.py); it saves as transformers loads it."""
     directory = FIXTURES / "tiny-modernbert"
 
-    def observe(tok, case):
-        enc = tok(case["text"], case["pair"], return_offsets_mapping=True, return_tensors=None, **case["call"])
-        ids = enc["input_ids"][0]
-        return {"input_ids": ids, "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
-                "word_ids": enc.word_ids(0), "sequence_ids": enc.sequence_ids(0), "decoded": tok.decode(ids),
-                "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)}
-
     tokenizer = AutoTokenizer.from_pretrained(directory)
     assert isinstance(tokenizer, ByteLevelBPETokenizer) and tokenizer.cls_token == "[CLS]"
     cases, mismatches = fixture_mismatches(FIXTURES / "modernbert_tokenizer_cases.jsonl.gz", lambda **_: tokenizer,
-                                           observe)
+                                           observe_encoding)
     assert len(cases) >= 2300 and not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
     pair = tokenizer("a film", "a story", return_tensors=None)
     assert pair["token_type_ids"][0] == [0] * 4 + [1] * 3

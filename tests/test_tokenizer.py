@@ -9,7 +9,7 @@ import pytest
 
 from minisft.tokenizer import BasicTokenizer, BertTokenizer, WordpieceTokenizer
 from conftest import FIXTURES, ROOT
-from helpers import fixture_mismatches
+from helpers import fixture_mismatches, observe_encoding
 
 
 @pytest.fixture(scope="module")
@@ -213,18 +213,11 @@ def test_mpnet_s_tokenizer_is_identical_to_transformers():
     from minisft.models.auto import AutoTokenizer
     from minisft.tokenizers.wordpiece import MPNetTokenizer
 
-    def observe(tok, case):
-        enc = tok(case["text"], case["pair"], return_offsets_mapping=True, return_tensors=None, **case["call"])
-        ids = enc["input_ids"][0]
-        return {"input_ids": ids, "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
-                "word_ids": enc.word_ids(0), "sequence_ids": enc.sequence_ids(0), "decoded": tok.decode(ids),
-                "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)}
-
     directory = FIXTURES / "tiny-mpnet"
     tokenizer = AutoTokenizer.from_pretrained(directory)
     assert isinstance(tokenizer, MPNetTokenizer)
     cases, mismatches = fixture_mismatches(FIXTURES / "mpnet_tokenizer_cases.jsonl.gz",
                                            lambda **options: MPNetTokenizer.from_pretrained(directory, **options),
-                                           observe)
+                                           observe_encoding)
     assert len(cases) >= 2500 and not mismatches, f"{len(mismatches)} of {len(cases)} differ, first: {mismatches[:3]}"
     assert not tokenizer("a film", "a story")["token_type_ids"].any()

@@ -13,18 +13,10 @@ from minisft.tokenizers.graphemes import clusters
 from minisft.tokenizers.sentencepiece import Charsmap, ModelFileError, read_model
 from minisft.tokenizers.unigram import UnigramTokenizer
 from conftest import FIXTURES
-from helpers import fixture_mismatches
+from helpers import fixture_mismatches, observe_encoding as observe
 
 TINY = FIXTURES / "tiny-xlm-roberta"          # tests/fixtures/make_unigram_fixtures.py
 SPM_ONLY = FIXTURES / "tiny-xlm-roberta-spm"  # its sentencepiece.bpe.model and tokenizer_config.json alone
-
-
-def observe(tok, case):
-    enc = tok(case["text"], case["pair"], return_offsets_mapping=True, return_tensors=None, **case["call"])
-    ids = enc["input_ids"][0]
-    return {"input_ids": ids, "offset_mapping": [list(o) for o in enc["offset_mapping"][0]],
-            "word_ids": enc.word_ids(0), "sequence_ids": enc.sequence_ids(0), "decoded": tok.decode(ids),
-            "decoded_skipping_special": tok.decode(ids, skip_special_tokens=True)}
 
 
 @pytest.mark.parametrize("cases, directory", [
