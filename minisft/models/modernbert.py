@@ -236,8 +236,6 @@ class ModernBertModel(ModernBertPreTrainedModel):
     """Embeddings, the layers (each with its layer type's rotary tables and mask), final_norm.
     hidden_states: the embeddings, each layer's output, the last one normed."""
 
-    ignored_unexpected_keys = ModernBertPreTrainedModel.ignored_unexpected_keys
-
     def __init__(self, config):
         super().__init__()
         self.config = config

@@ -19,6 +19,7 @@ from minisft.engine.tensor import array_of
 from minisft.models.bert import (BaseModelOutputWithPooling, BertIntermediate, BertOutput, BertPooler,
                                  BertPreTrainedModel, _as_ids, _check_range, attention_bias, merge_heads, split_heads)
 from minisft.models.config import BertConfig
+from minisft.models.roberta import positions_after_padding
 from minisft.models.heads import (FirstTokenClassificationHead, MultipleChoiceModelOutput, QuestionAnsweringModelOutput,
                                   SequenceClassifierOutput, TokenClassifierOutput, choices_as_rows, classifier_dropout,
                                   question_answering_loss, sequence_classification_loss, token_classification_loss)
@@ -67,12 +68,7 @@ class MPNetEmbeddings(nn.Module):
     def forward(self, input_ids):
         config = self.config
         _check_range("input_ids", input_ids, config.vocab_size, "vocab_size")
-        real = (input_ids != PADDING_IDX).astype(numpy.int64)
-        position_ids = numpy.cumsum(real, axis=1) * real + PADDING_IDX
-        if int(position_ids.max()) >= config.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids.shape[1]} needs position {int(position_ids.max())}, beyond "
-                             f"max_position_embeddings {config.max_position_embeddings} (config.json): truncate to "
-                             f"{config.max_position_embeddings - PADDING_IDX - 1} tokens")
+        position_ids = positions_after_padding(input_ids, PADDING_IDX, config.max_position_embeddings)
         embeddings = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(embeddings))
 

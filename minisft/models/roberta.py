@@ -35,16 +35,23 @@ class RobertaEmbeddings(BertEmbeddings):
                                                 padding_idx=config.pad_token_id)
 
     def forward(self, input_ids, token_type_ids=None, position_ids=None):
-        padding_idx = self.config.pad_token_id
         if position_ids is None:
-            real = (input_ids != padding_idx).astype(numpy.int64)
-            position_ids = numpy.cumsum(real, axis=1) * real + padding_idx
-        limit = self.config.max_position_embeddings
-        if int(position_ids.max()) >= limit:
-            raise ValueError(f"sequence length {input_ids.shape[1]} needs position {int(position_ids.max())}, beyond "
-                             f"max_position_embeddings {limit} (config.json); RoBERTa counts positions from "
-                             f"pad_token_id + 1: truncate to {limit - padding_idx - 1} tokens")
+            position_ids = positions_after_padding(input_ids, self.config.pad_token_id,
+                                                   self.config.max_position_embeddings)
         return super().forward(input_ids, token_type_ids, position_ids)
+
+
+def positions_after_padding(input_ids, padding_idx, limit):
+    """Position ids padding_idx + 1, + 2, ... over the real tokens, padding_idx at padding
+    (fairseq's make_positions; RoBERTa's and MPNet's): (B, L) -> (B, L), checked below `limit`
+    (max_position_embeddings)."""
+    real = (input_ids != padding_idx).astype(numpy.int64)
+    position_ids = numpy.cumsum(real, axis=1) * real + padding_idx
+    if int(position_ids.max()) >= limit:
+        raise ValueError(f"sequence length {input_ids.shape[1]} needs position {int(position_ids.max())}, beyond "
+                         f"max_position_embeddings {limit} (config.json); positions count from the padding id "
+                         f"{padding_idx} + 1: truncate to {limit - padding_idx - 1} tokens")
+    return position_ids
 
 
 class RobertaPreTrainedModel(BertPreTrainedModel):

@@ -19,8 +19,7 @@ from minisft.tokenizers.normalized import Normalized, normalizers
 from minisft.tokenizers import spm_classes
 from minisft.tokenizers.sentencepiece import read_model
 
-DEFAULT_ROLES = {"bos_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "cls_token": "<s>", "unk_token": "<unk>",
-                 "pad_token": "<pad>", "mask_token": "<mask>"}
+DEFAULT_ROLES = spm_classes.XLMRoberta.defaults  # XLM-R's <s> <pad> </s> <unk> <mask>, where a file names none
 ROLES = tuple(DEFAULT_ROLES)
 UNK_PENALTY = 10.0  # an unknown character scores this far below the least likely piece
 SPM_FILES = ("sentencepiece.bpe.model", "spm.model", "spiece.model")
