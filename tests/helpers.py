@@ -2,6 +2,7 @@
 import gzip
 import json
 
+import numpy as np
 import pytest
 
 import minisft
@@ -15,6 +16,7 @@ class MinisftLib:
     nn = nn
     cat = staticmethod(minisft.cat)
     where = staticmethod(minisft.where)
+    constant = staticmethod(lambda values: np.asarray(values, dtype=np.float32))
 
     @staticmethod
     def call(module, params, *args):

@@ -56,6 +56,8 @@ def _targets_with_ignored(rng):
     return [rng.standard_normal((6, 5)), target]
 
 
+CLASS_WEIGHTS = [0.5, 2.0, 1.0, 1.5, 0.25]  # five classes, none of weight 1
+
 CASES = [
     # --- tensor ops ---
     Case("add_broadcast", lambda L, a, b: a + b, inputs(normal(3, 1, 4), normal(2, 4))),
@@ -123,6 +125,18 @@ CASES = [
     Case("cross_entropy_label_smoothing", lambda L, x, t: L.F.cross_entropy(x, t, label_smoothing=0.1), _targets_with_ignored),
     Case("cross_entropy_sum", lambda L, x, t: L.F.cross_entropy(x, t, reduction="sum"), inputs(normal(4, 3), ints(3, 4))),
     Case("cross_entropy_none", lambda L, x, t: L.F.cross_entropy(x, t, reduction="none"), _targets_with_ignored),
+    # class weights (a constant, as torch's CrossEntropyLoss(weight=...) takes them)
+    Case("cross_entropy_weight", lambda L, x, t: L.F.cross_entropy(x, t, weight=L.constant(CLASS_WEIGHTS)),
+         inputs(normal(6, 5), ints(5, 6))),
+    Case("cross_entropy_weight_ignore_smoothing",
+         lambda L, x, t: L.F.cross_entropy(x, t, weight=L.constant(CLASS_WEIGHTS), label_smoothing=0.1),
+         _targets_with_ignored),
+    Case("cross_entropy_weight_tokens",  # token classification's (B, L, C) logits, unlabeled tokens -100
+         lambda L, x, t: L.F.cross_entropy(x.reshape(-1, 5), t.reshape(-1), weight=L.constant(CLASS_WEIGHTS)),
+         lambda rng: [rng.standard_normal((2, 4, 5)), np.where(rng.random((2, 4)) < 0.3, -100, rng.integers(0, 5, (2, 4)))]),
+    Case("cross_entropy_weight_sum",
+         lambda L, x, t: L.F.cross_entropy(x, t, weight=L.constant(CLASS_WEIGHTS), reduction="sum"),
+         _targets_with_ignored),
     Case("mse_loss", lambda L, x, t: L.F.mse_loss(x, t), inputs(normal(3, 4), normal(3, 4))),
     Case("mse_loss_sum", lambda L, x, t: L.F.mse_loss(x, t, reduction="sum"), inputs(normal(5), normal(5))),
     Case("bce_with_logits", lambda L, x, t: L.F.binary_cross_entropy_with_logits(x, t),

@@ -186,12 +186,14 @@ def _assert_weights_close(a, b, rtol):
 
 
 @needs_mpi
-@pytest.mark.parametrize("case", ["classification", "accumulation", "token-classification"])
+@pytest.mark.parametrize("case", ["classification", "accumulation", "token-classification", "class-weighted tokens"])
 def test_two_ranks_equal_one_process_with_the_same_global_batch(tmp_path, data, tagged, no_dropout, case):
-    """Token classification weighs each rank's mean by its labeled tokens, not its sentences."""
+    """Token classification weighs each rank's mean by its labeled tokens, not its sentences
+    (with class weights: by the sum of its labeled tokens' weights)."""
     extra = {"classification": (), "accumulation": ("--gradient-accumulation-steps", 2),
-             "token-classification": ("--task", "token-classification")}[case]
-    files = tagged if case == "token-classification" else data
+             "token-classification": ("--task", "token-classification"),
+             "class-weighted tokens": ("--task", "token-classification", "--class-weights", "B-POS=3,O=0.5")}[case]
+    files = tagged if "tokens" in case or case == "token-classification" else data
     _train(1, *_train_args(no_dropout, files, tmp_path / "one", *extra))
     two = _train(2, *_train_args(no_dropout, files, tmp_path / "two", *extra))
     _assert_weights_close(tmp_path / "two", tmp_path / "one", rtol=1e-6)

@@ -184,6 +184,10 @@ def _add_training_options(parser):
     number("doc_stride", "question answering: tokens that the windows of a long context overlap")
     add("--skip-misaligned", action="store_true",
         help="question answering: leave out questions whose answer is not at its answer_start (counted)")
+    add("--class-weights", type=options.Text("class weights"),
+        help="classification and token classification: weigh each class in the cross-entropy, as torch's "
+             "CrossEntropyLoss(weight=...): 'balanced' (n / (classes x n_class), over the training labels) or "
+             "LABEL=W,... (other classes 1); recorded in training_args.json")
     number("max_train_examples", "train on a deterministic subset of N examples (0: all)")
     number("max_eval_examples", "evaluate on a deterministic subset of N examples (0: all)")
     add("--plot", action="store_true", help="draw the training curves into OUTPUT/curves.png at each evaluation "

@@ -411,11 +411,14 @@ class _CrossEntropy(Function):
         return self.kernels.cross_entropy_backward(logp, target, valid, g, self.label_smoothing), None
 
 
-def cross_entropy(input, target, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
-    """Softmax cross-entropy. input: (N, C) logits, target: (N,) class indices.
+def cross_entropy(input, target, ignore_index=-100, label_smoothing=0.0, reduction="mean", weight=None):
+    """Softmax cross-entropy. input: (N, C) logits, target: (N,) class indices, weight: (C,)
+    class weights or None.
 
     With reduction="mean" the sum is divided by the number of targets not equal to
-    ignore_index, as torch does (nan when every target is ignored).
+    ignore_index, as torch does (nan when every target is ignored); with weights, by the sum
+    of the targets' weights, and label smoothing's term weighs each class c by weight[c], as
+    torch's CrossEntropyLoss(weight=...) does.
     """
     if input.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (N, C), got {tuple(input.shape)}; "
@@ -430,8 +433,29 @@ def cross_entropy(input, target, ignore_index=-100, label_smoothing=0.0, reducti
     if wrong:
         raise IndexError(f"cross_entropy: target values must be in [0, {input.shape[1]}) or "
                          f"ignore_index={ignore_index}")
+    if weight is not None:
+        return _weighted_cross_entropy(input, target_data, valid, weight, label_smoothing, reduction)
     loss = _CrossEntropy.apply(input, target, ignore_index=ignore_index, label_smoothing=label_smoothing)
     return _reduce(loss, reduction, (count or float("nan")) if reduction == "mean" else None)
+
+
+def _weighted_cross_entropy(logits, target, valid, weight, label_smoothing, reduction):
+    """Per example: loss = -sum_c m[c] log p[c], m = (1 - s) w[target] onehot(target) + s w / C
+    (0 for ignored rows), made of log_softmax and a product with the constant m; the mean
+    divides by the sum of w[target] over the rows kept."""
+    xp = get_array_module(logits.data)
+    put = logits.device.put
+    w, target, valid = put(array_of(weight)).astype(logits.dtype), put(target), put(valid)  # w: data, not a parameter
+    classes = logits.shape[1]
+    if tuple(w.shape) != (classes,):
+        raise ValueError(f"cross_entropy: weight has shape {tuple(w.shape)}; expected ({classes},), one per class")
+    safe = xp.where(valid, target, 0)
+    onehot = (safe[:, None] == xp.arange(classes)[None, :]) & valid[:, None]
+    m = onehot * ((1 - label_smoothing) * w[safe])[:, None]
+    if label_smoothing:
+        m = m + valid[:, None] * (w * (label_smoothing / classes))[None, :]
+    loss = -(log_softmax(logits, dim=-1) * Tensor(m.astype(logits.dtype))).sum(-1)
+    return _reduce(loss, reduction, (w[safe] * valid).sum() if reduction == "mean" else None)
 
 
 def _check_same_shape(op, input, target):

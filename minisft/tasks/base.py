@@ -17,6 +17,7 @@ class Task:
     numeric_labels = False  # labels are numbers (made floats), not class names
     file_suffixes = ()     # data files whose format implies this task (see for_file)
     default_max_length = None  # the task's --max-length when none is given (else TrainingArguments')
+    class_weighted = False  # the loss is a cross-entropy over classes that --class-weights can weigh
 
     @property
     def default_metric(self):
@@ -95,10 +96,21 @@ class Task:
     def encode_label(self, example, labels, source):
         return labels.encode(example.label, source, example.line)
 
-    def loss_terms(self, feature):
-        """How many terms of the loss's mean a training feature brings: data-parallel training
-        weighs each rank's mean loss by its share of a batch's terms."""
-        return 1
+    def loss_terms(self, feature, class_weights=None):
+        """How many terms of the loss's mean a training feature brings (with class weights, the
+        sum of its terms' weights): data-parallel training weighs each rank's mean loss by its
+        share of a batch's terms."""
+        if class_weights is None:
+            return 1
+        return float(sum(class_weights[c] for c in self.loss_classes(feature)))
+
+    def loss_classes(self, feature):
+        """The class ids of a training feature's loss terms (class_weighted tasks)."""
+        raise NotImplementedError(f"{self.name} has no classes")
+
+    def weighted_loss(self, logits, labels, class_weights):
+        """The class-weighted cross-entropy of a batch's logits (class_weighted tasks)."""
+        raise NotImplementedError(f"{self.name} has no classes")
 
     # --- the model, its outputs and metrics ------------------------------------------------
     def model(self, directory, labels, **overrides):

@@ -3,6 +3,7 @@ import math
 
 import numpy
 
+from minisft.engine import functional as F
 from minisft.tasks import metrics as M
 from minisft.tasks.data import (DataError, LabelVocab, rows_error)
 from minisft.tasks.base import Task
@@ -11,6 +12,13 @@ from minisft.tasks.base import Task
 class Classification(Task):
     name, description = "classification", "text -> class (sentiment, topic, spam)"
     metrics = ("accuracy", "f1", "precision", "recall", "mcc")
+    class_weighted = True
+
+    def loss_classes(self, feature):
+        return [feature["label"]]
+
+    def weighted_loss(self, logits, labels, class_weights):
+        return F.cross_entropy(logits, labels.reshape(-1), weight=class_weights)
 
     def check_training_examples(self, path, examples):
         classes = sorted({e.label for e in examples})

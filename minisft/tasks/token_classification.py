@@ -1,5 +1,6 @@
 """Token classification (NER): word labels aligned to sub-tokens."""
 
+from minisft.engine import functional as F
 from minisft.tasks import metrics as M
 from minisft.tasks.data import (IGNORE_INDEX, TAG_COLUMNS, TOKEN_COLUMNS, DataError, Example, LabelVocab, align_labels,
                           pick_column, read_conll, read_records, rows_error)
@@ -10,6 +11,7 @@ class TokenClassification(Task):
     name, description = "token-classification", "words -> one tag each (named entities)"
     file_suffixes = (".conll",)
     metrics = ("f1", "precision", "recall", "accuracy")
+    class_weighted = True
 
     def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True,
              skip_misaligned=False):
@@ -55,8 +57,16 @@ class TokenClassification(Task):
             features.append(feature)
         return features
 
-    def loss_terms(self, feature):
-        return sum(label != IGNORE_INDEX for label in feature["label"])  # the loss averages over labeled tokens
+    def loss_terms(self, feature, class_weights=None):
+        if class_weights is None:
+            return len(self.loss_classes(feature))  # the loss averages over labeled tokens
+        return super().loss_terms(feature, class_weights)
+
+    def loss_classes(self, feature):
+        return [label for label in feature["label"] if label != IGNORE_INDEX]
+
+    def weighted_loss(self, logits, labels, class_weights):
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), weight=class_weights)
 
     def model(self, directory, labels, **overrides):
         from minisft.models.auto import AutoModelForTokenClassification

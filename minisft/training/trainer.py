@@ -32,7 +32,7 @@ from minisft.engine.tensor import no_grad
 from minisft.files.atomic import write_json_atomic
 from minisft.files.weights import load_safetensors, save_safetensors
 from minisft.tasks.data import collate, eval_order, steps_per_epoch, train_order
-from minisft.training import distributed
+from minisft.training import class_weights, distributed
 from minisft.training.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
 from minisft.training.options import check_training_arguments
 from minisft.training.progress import Progress, fmt
@@ -87,6 +87,7 @@ class TrainingArguments:
     skip_misaligned: bool = False        # question answering: leave out answers not at their answer_start
     max_train_examples: int = 0          # > 0: a deterministic subset of the training examples
     max_eval_examples: int = 0           # > 0: a deterministic subset of the evaluation examples
+    class_weights: str = None            # "balanced" or "LABEL=W,...": a weighted cross-entropy (class_weights.py)
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -137,6 +138,10 @@ class Trainer:
         self.state = TrainerState()
         self.scaler = amp.GradScaler() if args.fp16 else None
         self._last_eval_step = None
+        self.class_weights = None
+        if args.class_weights and train_features:
+            self.class_weights = class_weights.resolve(args.class_weights, args.task, label_names, train_features)
+            self.log(f"class weights: {class_weights.describe(self.class_weights, label_names)}")
 
     # --- setup ----------------------------------------------------------------------------
     def total_steps(self):
@@ -258,9 +263,9 @@ class Trainer:
         weight = 1.0
         if self.comm.size > 1:
             terms = tasks.get(self.args.task).loss_terms
-            total = sum(terms(self.train_features[i]) for i in indices)
+            total = sum(terms(self.train_features[i], self.class_weights) for i in indices)
             indices = distributed.shard(indices, self.comm.rank, self.comm.size)
-            weight = sum(terms(self.train_features[i]) for i in indices) / max(total, 1)
+            weight = sum(terms(self.train_features[i], self.class_weights) for i in indices) / (total or 1)
         value = self._local_loss(indices, weight / accumulation) if weight else 0.0
         value = self.comm.allreduce_sum(value * weight)
         if not math.isfinite(value):
@@ -275,11 +280,16 @@ class Trainer:
         """The mean loss of these features; backward of scale x it."""
         batch = collate([self.train_features[i] for i in indices], self.pad_token_id)
         with amp.autocast(enabled=self.scaler is not None):
-            out = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                             token_type_ids=batch["token_type_ids"], labels=batch["labels"])
-        loss = out.loss * scale if scale != 1 else out.loss
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-        return float(out.loss.item())
+            if self.class_weights is None:
+                loss = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  token_type_ids=batch["token_type_ids"], labels=batch["labels"]).loss
+            else:  # the task's weighted cross-entropy on the head's logits
+                logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    token_type_ids=batch["token_type_ids"]).logits
+                loss = tasks.get(self.args.task).weighted_loss(logits, batch["labels"], self.class_weights)
+        scaled = loss * scale if scale != 1 else loss
+        (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
+        return float(loss.item())
 
     # --- evaluation --------------------------------------------------------------------------
     def predict(self, features):
