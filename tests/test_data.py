@@ -65,7 +65,9 @@ def test_batches_are_seeded_grouped_and_cover_everything():
     ("a.csv", "text,label\na,\n", "classification", r"a.csv line 2: missing label"),
     ("a.jsonl", '{"text": "a", "label": 1}\nnot json\n', "classification", r"a.jsonl line 2: not valid JSON"),
     ("a.conll", "John\tB-PER\nworks\tO\textra\n", "token-classification", r"a.conll line 2: expected 2 fields \(token and tag\), found 3"),
-    ("a.txt", "x", "classification", r"unknown file type '.txt'"),
+    ("a.txt", "x", "classification", r"a.txt: texts a line without labels, which predict and embed take; labeled "
+                                     r"data is .csv, .tsv, .jsonl or .conll"),
+    ("a.xlsx", "x", "classification", r"a.xlsx: an unknown file type '.xlsx'"),
 ])
 def test_bad_files_are_named_with_line_and_fix(tmp_path, name, content, task, message):
     path = write(tmp_path, name, content)

@@ -147,3 +147,24 @@ def test_overwrite_starts_clean_but_keeps_other_files(tmp_path, sentiment):
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     assert max(r["step"] for r in records) == 2
     assert (output / "notes.txt").read_text() == "mine"
+
+
+def test_predict_takes_a_text_file_as_it_takes_standard_input(tmp_path, sentiment, capsys, monkeypatch):
+    """A .txt file: a text a line, blank lines skipped; the same records as the CSV's texts.
+    evaluate refuses it: it has no labels."""
+    import io
+
+    output = tmp_path / "out"
+    assert train("--max-steps", 2, output=output, data=sentiment) == 0
+    capsys.readouterr()
+    texts = [line.rsplit(",", 1)[0] for line in sentiment[1].read_text().splitlines()[1:]]
+    (tmp_path / "texts.txt").write_text("\n".join(texts[:3]) + "\n\n" + "\n".join(texts[3:]) + "\n")
+    assert cli.main(["predict", "--model", str(output), "--data", str(tmp_path / "texts.txt")]) == 0
+    from_text = capsys.readouterr().out
+    assert cli.main(["predict", "--model", str(output), "--data", str(sentiment[1])]) == 0
+    assert from_text == capsys.readouterr().out and len(from_text.splitlines()) == 16
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts) + "\n"))
+    assert cli.main(["predict", "--model", str(output), "--data", "-"]) == 0
+    assert capsys.readouterr().out == from_text
+    assert cli.main(["evaluate", "--model", str(output), "--data", str(tmp_path / "texts.txt")]) == 2
+    assert "texts a line, without labels; evaluate needs labeled data" in capsys.readouterr().err

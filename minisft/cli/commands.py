@@ -43,14 +43,14 @@ def _train(args):
 def _evaluate(args):
     from minisft.cli import workflows
 
-    print(json.dumps(workflows.evaluate(args.model, args.data, args.batch_size, args.device), indent=2))
+    print(json.dumps(workflows.evaluate(args.model, args.data, args.batch_size, args.device, args.threshold), indent=2))
     return 0
 
 
 def _predict(args):
     from minisft.cli import workflows
 
-    for record in workflows.predict(args.model, args.data, args.batch_size, args.device):
+    for record in workflows.predict(args.model, args.data, args.batch_size, args.device, args.threshold):
         print(json.dumps(record, ensure_ascii=False))
     return 0
 
@@ -188,10 +188,24 @@ def _add_training_options(parser):
         help="classification and token classification: weigh each class in the cross-entropy, as torch's "
              "CrossEntropyLoss(weight=...): 'balanced' (n / (classes x n_class), over the training labels) or "
              "LABEL=W,... (other classes 1); recorded in training_args.json")
+    add("--label-separator", type=options.Text("separator"),
+        help="multi-label classification: what joins a CSV/TSV cell's class names (default ';'; in JSON lines "
+             "the label is a list)")
+    _threshold_option(parser)
     number("max_train_examples", "train on a deterministic subset of N examples (0: all)")
     number("max_eval_examples", "evaluate on a deterministic subset of N examples (0: all)")
+    add("--report-to", choices=["none", "tensorboard"], dest="report_to",
+        help="tensorboard: every scalar of metrics.jsonl also as TensorBoard events in OUTPUT/runs/ (needs the log "
+             "extra: pip install -e '.[log]')")
     add("--plot", action="store_true", help="draw the training curves into OUTPUT/curves.png at each evaluation "
                                             "(needs the viz extra: pip install -e '.[viz]')")
+
+
+def _threshold_option(parser):
+    parser.add_argument("--threshold", type=options.TRAINING["threshold"],
+                        help="multi-label classification: a class is predicted where its probability (sigmoid) "
+                             "reaches this (default 0.5, or the one the model was trained with); "
+                             + options.TRAINING["threshold"].describe())
 
 
 def _add_inference_options(parser, data_help, model_help="a directory written by `minisft train`"):
@@ -238,6 +252,7 @@ def build_parser():
                                    description="Print the metrics of a model directory written by `minisft train` "
                                                "on a labeled file (columns as in training).")
     _add_inference_options(evaluate, data_help="labeled file, or data set name[:split] (default split: test)")
+    _threshold_option(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
     predict = commands.add_parser("predict", help="predictions as JSON lines",
@@ -246,6 +261,7 @@ def build_parser():
                                               "(token classification).")
     _add_inference_options(predict, data_help="file (labels not needed), data set name[:split], or - for "
                                               "standard input (one text per line)")
+    _threshold_option(predict)
     predict.set_defaults(run=_predict)
 
     embed = commands.add_parser("embed", help="sentence embeddings as JSON lines or a .npy file",

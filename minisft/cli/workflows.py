@@ -14,15 +14,15 @@ from minisft.engine import random, runtime
 from minisft.engine.backend import Device
 from minisft.lean import peft
 from minisft.models.auto import AutoConfig, AutoTokenizer
-from minisft.tasks.data import DataError, LabelVocab
+from minisft.tasks.data import DataError, LabelVocab, read_text
 from minisft.training import distributed
-from minisft.training.options import OptionError
+from minisft.training.options import OptionError, flag
 from minisft.training.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
 
 
 def _read(path, args, task, require_labels=True, limit=0):
     examples = task.read(path, args.text_column, args.text_pair_column, args.label_column,
-                         require_labels=require_labels, skip_misaligned=args.skip_misaligned)
+                         require_labels=require_labels, skip_misaligned=args.skip_misaligned, **task.read_options(args))
     return task.subset(examples, limit, args.seed) if limit else examples
 
 
@@ -55,6 +55,7 @@ def train(options):
     model_dir = resolve_model(options.model)
     train_path, fetched = resolve_data(options.train, "train")
     task = tasks.get(options.task) if options.task else tasks.for_file(train_path)
+    _refuse_options_of_other_tasks(vars(options), task)
     eval_spec = options.eval or (f"{options.train}:dev" if fetched and ":" not in options.train else None)
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     args = TrainingArguments(output_dir=str(output), task=task.name,
@@ -100,13 +101,16 @@ def train(options):
     say(f"training {task.name} on {train_path} ({len(train_examples)} examples{windows}"
         + (f", {len(labels)} labels" if len(labels) else "") + f") from {model_dir}")
     trainer = Trainer(model, args, train_features, eval_features, labels.names, tokenizer, on_evaluate=draw)
-    metrics = trainer.train(resume_from=resume)
-    if test_path is not None:
-        test = trainer.evaluate(features(test_path), prefix="test")
-        trainer._append_metrics({"step": trainer.state.global_step, **test})
-        metrics = {**metrics, **test}
-        if draw is not None and trainer.is_main:
-            draw()
+    try:
+        metrics = trainer.train(resume_from=resume)
+        if test_path is not None:
+            test = trainer.evaluate(features(test_path), prefix="test")
+            trainer._append_metrics({"step": trainer.state.global_step, **test})
+            metrics = {**metrics, **test}
+            if draw is not None and trainer.is_main:
+                draw()
+    finally:
+        trainer.close()
     return metrics
 
 
@@ -137,6 +141,15 @@ def _check_against_task_and_model(args, model_dir, length_given):
             raise OptionError("--max-length", args.max_length, f"longer than the {positions} positions of {model_dir} "
                               "(max_position_embeddings in config.json)", f"use --max-length {positions} or less")
         args.max_length = positions
+
+
+def _refuse_options_of_other_tasks(given, task):
+    """An option only another task reads, given (not None) for this one: an OptionError."""
+    for other in tasks.TASKS.values():
+        for field in other.own_options:
+            if given.get(field) is not None and field not in task.own_options:
+                raise OptionError(flag(field), given[field], f"applies to {other.name} only, not {task.name}",
+                                  f"add --task {other.name}, or leave {flag(field)} out")
 
 
 def _placed(model, device):
@@ -175,36 +188,58 @@ def _load_finetuned(model_dir, device):
     return args, task, model, labels, AutoTokenizer.from_pretrained(model_dir)
 
 
-def evaluate(model_dir, data, batch_size=64, device="cpu"):
-    """Metrics of a fine-tuned model directory on a labeled file or data set split."""
-    args, task, model, labels, tokenizer = _load_finetuned(model_dir, device)
+def _inference_settings(args, task, batch_size, threshold):
     args.eval_batch_size = batch_size
+    _refuse_options_of_other_tasks({"threshold": threshold}, task)
+    if threshold is not None:
+        args.threshold = threshold
+
+
+def evaluate(model_dir, data, batch_size=64, device="cpu", threshold=None):
+    """Metrics of a fine-tuned model directory on a labeled file or data set split;
+    threshold: multi-label's, instead of the one it was trained with."""
+    args, task, model, labels, tokenizer = _load_finetuned(model_dir, device)
+    _inference_settings(args, task, batch_size, threshold)
+    if is_text_lines(data):
+        raise DataError(f"{data}: texts a line, without labels; evaluate needs labeled data (.csv, .tsv, .jsonl or "
+                        ".conll); `minisft predict` takes a .txt file")
     path, _ = resolve_data(data, "test")
     features = _encode(task, _read(path, args, task), tokenizer, labels, args, path)
     return Trainer(model, args, label_names=labels.names, tokenizer=tokenizer).evaluate(features, prefix="")
 
 
-def _stdin_examples(task):
-    examples = [task.stdin_example(line.rstrip("\n"), number)
-                for number, line in enumerate(sys.stdin, 1) if line.strip()]
+def _line_examples(task, data):
+    """Examples from standard input (data "-") or a .txt file, a line each, as the task reads
+    a line (a text, a text and its pair after a tab, words, or a JSON object)."""
+    if data == "-":
+        where, lines = "standard input", sys.stdin
+    else:
+        where, lines = data, read_text(data).splitlines()
+    examples = [task.stdin_example(line.rstrip("\n"), number) for number, line in enumerate(lines, 1) if line.strip()]
     if not examples:
-        raise DataError("standard input: no lines to predict")
+        raise DataError(f"{where}: no lines to predict")
     return examples
 
 
-def predict(model_dir, data, batch_size=64, device="cpu"):
-    """One record per input: label and probabilities, a score, or tags per word."""
+def is_text_lines(data):
+    """Whether `data` names standard input or a .txt file: texts a line, no labels."""
+    return data == "-" or str(data).lower().endswith(".txt")
+
+
+def predict(model_dir, data, batch_size=64, device="cpu", threshold=None):
+    """One record per input: label and probabilities (multi-label: the labels at or above the
+    threshold, and every probability), a score, or tags per word."""
     args, task, model, labels, tokenizer = _load_finetuned(model_dir, device)
-    args.eval_batch_size = batch_size
-    if data == "-":
-        examples = _stdin_examples(task)
+    _inference_settings(args, task, batch_size, threshold)
+    if is_text_lines(data):
+        examples = _line_examples(task, data)
     else:
         examples = _read(resolve_data(data, "test")[0], args, task, require_labels=False)
     for example in examples:
         example.label = None
     features = _encode(task, examples, tokenizer, labels, args, "the data")
     outputs = Trainer(model, args, label_names=labels.names, tokenizer=tokenizer).predict(features)
-    yield from task.predictions(examples, features, outputs, labels.names)
+    yield from task.predictions(examples, features, outputs, labels.names, **task.output_options(args))
 
 
 def embed(model, data, batch_size=64, device="cpu", max_length=None, pooling=None):
@@ -218,10 +253,9 @@ def embed(model, data, batch_size=64, device="cpu", max_length=None, pooling=Non
     model_dir = resolve_model(model)
     embedder = _placed(SentenceEmbedder.from_pretrained(model_dir, pooling=pooling), device).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if data == "-" or str(data).lower().endswith(".txt"):
-        lines = sys.stdin if data == "-" else open(data, encoding="utf-8")
-        with lines:
-            texts = [line.rstrip("\n") for line in lines if line.strip()]
+    if is_text_lines(data):
+        lines = sys.stdin if data == "-" else read_text(data).splitlines()
+        texts = [line.rstrip("\n") for line in lines if line.strip()]
     else:
         path = resolve_data(data, "test")[0]
         records = read_records(path)

@@ -196,7 +196,8 @@ def draw_curves(run_directories, path):
     values)}}, the curves being "loss", "learning_rate" and "eval_NAME"/"test_NAME"."""
     plt = _pyplot()
     runs = [(pathlib.Path(d).resolve().name, *read_metrics(d)) for d in run_directories]
-    metrics = sorted({k.split("_", 1)[1] for _, _, evaluation in runs for r in evaluation for k in r if k != "step"})
+    metrics = sorted({k.split("_", 1)[1] for _, _, evaluation in runs for r in evaluation for k in r
+                      if k != "step" and "/" not in k})  # per-class scores (f1/NAME) stay in the file
     panels = ["loss", "learning rate", *metrics]
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)

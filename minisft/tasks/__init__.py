@@ -11,14 +11,15 @@ from minisft.tasks.base import Task
 from minisft.tasks.classification import Classification, PairClassification, Regression
 from minisft.tasks.data import DataError
 from minisft.tasks.embedding import Embedding, embedding_record
+from minisft.tasks.multi_label import MultiLabelClassification
 from minisft.tasks.multiple_choice import MultipleChoice
 from minisft.tasks.question_answering import QuestionAnswering
 from minisft.tasks.token_classification import TokenClassification
 
 __all__ = ["Task", "TASKS", "DEFAULT", "for_file", "get", "embedding_record"]
 
-TASKS = {task.name: task for task in (Classification(), PairClassification(), Regression(), TokenClassification(),
-                                      QuestionAnswering(), MultipleChoice(), Embedding())}
+TASKS = {task.name: task for task in (Classification(), PairClassification(), MultiLabelClassification(), Regression(),
+                                      TokenClassification(), QuestionAnswering(), MultipleChoice(), Embedding())}
 DEFAULT = "classification"  # for data whose file format names no task
 
 

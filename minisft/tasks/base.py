@@ -18,17 +18,26 @@ class Task:
     file_suffixes = ()     # data files whose format implies this task (see for_file)
     default_max_length = None  # the task's --max-length when none is given (else TrainingArguments')
     class_weighted = False  # the loss is a cross-entropy over classes that --class-weights can weigh
+    own_options = ()       # TrainingArguments fields that only this task reads (given to another: an error)
 
     @property
     def default_metric(self):
         return self.metrics[0]
 
     # --- reading and checking ----------------------------------------------------------
+    def read_options(self, args):
+        """The task's own keyword options of read(), from the training arguments."""
+        return {}
+
+    def output_options(self, args):
+        """The task's own keyword options of evaluate() and predictions()."""
+        return {}
+
     def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True,
-             skip_misaligned=False):
+             skip_misaligned=False, **options):
         """Examples from a labeled file (CSV, TSV, JSON lines); columns default to the usual
         names (text/sentence/sentence1, text_pair/sentence2, label). skip_misaligned: see
-        QuestionAnswering."""
+        QuestionAnswering; options: the task's read_options, for read_labels."""
         records = read_records(path)
         columns = list(records[0][1])
         text = pick_column(path, columns, text_column, TEXT_COLUMNS, "text", "--text-column")
@@ -52,8 +61,12 @@ class Task:
         examples = [Example(record[text], record[pair] if pair else None, record.get(label) if label else None,
                             number) for number, record in records]
         if label:
-            check_label_types(path, examples, numeric=self.numeric_labels)
+            self.read_labels(path, examples, **options)
         return examples
+
+    def read_labels(self, path, examples):
+        """Check (and normalise) the labels as read: all numbers, or all names."""
+        check_label_types(path, examples, numeric=self.numeric_labels)
 
     def check_training_examples(self, path, examples):
         """What makes fine-tuning on these examples meaningless, before any work."""

@@ -37,7 +37,8 @@ class Example:
 
 
 # --- reading -------------------------------------------------------------------------------
-def _read_text(path):
+def read_text(path):
+    """A UTF-8 text file's text; DataError naming the file (and line) when missing, not UTF-8 or empty."""
     path = pathlib.Path(path)
     try:
         data = path.read_bytes()
@@ -57,7 +58,7 @@ def _read_text(path):
 def read_json(path, expected):
     """A whole JSON file (e.g. SQuAD's); `expected` describes its layout for the error."""
     try:
-        return json.loads(_read_text(path))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}); expected {expected}") from None
 
@@ -65,7 +66,7 @@ def read_json(path, expected):
 def read_records(path):
     """(line number, {column: value}) from a CSV, TSV or JSON lines file."""
     path = pathlib.Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         records = []
@@ -81,7 +82,9 @@ def read_records(path):
             records.append((number, record))
         return records
     if suffix not in (".csv", ".tsv"):
-        raise DataError(f"{path}: unknown file type {suffix!r}; use .csv, .tsv, .jsonl or .conll")
+        what = ("texts a line without labels, which predict and embed take" if suffix == ".txt"
+                else f"an unknown file type {suffix!r}")
+        raise DataError(f"{path}: {what}; labeled data is .csv, .tsv, .jsonl or .conll")
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
     if reader.fieldnames is None:
         raise DataError(f"{path}: the file is empty")
@@ -108,7 +111,7 @@ def pick_column(path, columns, requested, candidates, what, flag):
 def read_conll(path):
     """Sentences from a CoNLL file: `token<TAB>tag` per line (or space-separated), a blank
     line between sentences."""
-    text = _read_text(path)
+    text = read_text(path)
     examples, words, tags, start = [], [], [], 1
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -251,7 +254,9 @@ def collate(features, pad_token_id=0):
     batch = {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
     if features and "label" in features[0]:
         first = features[0]["label"]
-        if isinstance(first, list):
+        if isinstance(first, numpy.ndarray):  # multi-label: a multi-hot float32 row per feature
+            labels = numpy.stack([f["label"] for f in features])
+        elif isinstance(first, list):
             labels = numpy.full((batch_size, length), IGNORE_INDEX, dtype=numpy.int64)
             for i, f in enumerate(features):
                 labels[i, :len(f["label"])] = f["label"]

@@ -123,6 +123,7 @@ TRAINING = {
     "doc_stride": Number(int, 0, 65536, example=128),
     "max_train_examples": Number(int, 0, 10 ** 9, example=8000),
     "max_eval_examples": Number(int, 0, 10 ** 9, example=2000),
+    "threshold": Number(float, 0, 1, above=True, example=0.5),
 }
 
 

@@ -32,7 +32,7 @@ from minisft.engine.tensor import no_grad
 from minisft.files.atomic import write_json_atomic
 from minisft.files.weights import load_safetensors, save_safetensors
 from minisft.tasks.data import collate, eval_order, steps_per_epoch, train_order
-from minisft.training import class_weights, distributed
+from minisft.training import class_weights, distributed, tensorboard
 from minisft.training.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
 from minisft.training.options import check_training_arguments
 from minisft.training.progress import Progress, fmt
@@ -88,6 +88,9 @@ class TrainingArguments:
     max_train_examples: int = 0          # > 0: a deterministic subset of the training examples
     max_eval_examples: int = 0           # > 0: a deterministic subset of the evaluation examples
     class_weights: str = None            # "balanced" or "LABEL=W,...": a weighted cross-entropy (class_weights.py)
+    label_separator: str = ";"           # multi-label classification: between a CSV/TSV cell's class names
+    threshold: float = 0.5               # multi-label classification: a class is predicted where sigmoid >= this
+    report_to: str = "none"              # "tensorboard": metrics.jsonl's scalars also as TensorBoard events in runs/
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -138,6 +141,7 @@ class Trainer:
         self.state = TrainerState()
         self.scaler = amp.GradScaler() if args.fp16 else None
         self._last_eval_step = None
+        self._report = None  # the TensorBoard writer (--report-to tensorboard), made when training starts
         self.class_weights = None
         if args.class_weights and train_features:
             self.class_weights = class_weights.resolve(args.class_weights, args.task, label_names, train_features)
@@ -182,6 +186,8 @@ class Trainer:
             self.log(f"resumed from {resume_from} at step {self.state.global_step}")
         elif self.is_main:
             _remove_previous_run(self.output_dir)
+        if self.is_main and args.report_to == "tensorboard" and self._report is None:
+            self._report = tensorboard.TensorBoardReport(self.output_dir / "runs")
         self.model.train()
         accumulation = args.gradient_accumulation_steps
         progress = Progress(total, self.state.global_step, self.log, args.logging_steps)
@@ -314,7 +320,8 @@ class Trainer:
     def evaluate(self, features, prefix="eval"):
         """Metrics on labeled features, as {f"{prefix}_{name}": value} ({name: value}
         without a prefix)."""
-        scores = tasks.get(self.args.task).evaluate(features, self.predict(features), self.label_names)
+        task = tasks.get(self.args.task)
+        scores = task.evaluate(features, self.predict(features), self.label_names, **task.output_options(self.args))
         return {(f"{prefix}_{k}" if prefix else k): v for k, v in scores.items()}
 
     def _evaluate_and_select(self):
@@ -351,6 +358,14 @@ class Trainer:
             return
         with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self._report is not None:
+            self._report.write(record)
+
+    def close(self):
+        """Close what the run keeps open (the TensorBoard writer)."""
+        if self._report is not None:
+            self._report.close()
+            self._report = None
 
     def _write_model(self, directory):
         """Model, tokenizer and arguments: a directory transformers and minisft load."""
@@ -462,6 +477,7 @@ def _remove_previous_run(output_dir):
     for path in [output_dir / "best", *_checkpoints(output_dir)]:
         shutil.rmtree(path, ignore_errors=True)
     (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(output_dir / "runs", ignore_errors=True)  # the old run's TensorBoard events
 
 
 def _remove_partial_checkpoints(output_dir):
