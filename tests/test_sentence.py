@@ -47,6 +47,30 @@ def test_embeddings_loss_and_gradients_equal_sentence_transformers():
             assert param.grad is None, name  # the pooler: not in the embeddings
 
 
+@pytest.mark.parametrize("loss", ["hard", "matryoshka"])
+def test_hard_negatives_and_matryoshka_losses_equal_sentence_transformers(loss):
+    """(anchor, positive, negative, negative) rows: MultipleNegativesRankingLoss with the hard
+    negatives among every anchor's candidates, and MatryoshkaLoss around it at 32, 16 and 8
+    dimensions; the loss and every gradient as sentence-transformers gives them."""
+    from minisft.models.sentence import pairs_loss
+
+    ref = np.load(REF)
+    model, tokenizer = SentenceEmbedder.from_pretrained(TINY).eval(), BertTokenizer.from_pretrained(TINY)
+    task = tasks.get("embedding")
+    examples = [tasks.data.Example(str(a), str(p), negatives=tuple(map(str, n)))
+                for a, p, n in zip(ref["anchors"], ref["positives"], ref["negatives"])]
+    batch = collate(task.encode(examples, tokenizer, None))
+    assert batch["input_ids"].shape[:2] == (4, 4)
+    dims = [int(d) for d in ref["matryoshka_dims"]] if loss == "matryoshka" else None
+    value = pairs_loss(model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             token_type_ids=batch["token_type_ids"]).logits, dims)
+    assert_close(value, ref[f"{loss}/loss"], atol=1e-5, rtol=0, what="loss")
+    value.backward()
+    for name, param in model.model.named_parameters():
+        if f"{loss}/grad/{name}" in ref.files:
+            assert_close(param.grad, ref[f"{loss}/grad/{name}"], atol=1e-5, rtol=0, what=f"grad of {name}")
+
+
 def test_the_saved_directory_is_sentence_transformers_layout_and_reloads(tmp_path):
     ref = np.load(REF)
     model, tokenizer = SentenceEmbedder.from_pretrained(TINY, pooling="cls").eval(), BertTokenizer.from_pretrained(TINY)
@@ -108,6 +132,53 @@ def test_the_command_line_trains_evaluates_and_embeds(tmp_path, capsys):
     assert cli.main(["embed", "--model", str(output), "--data", str(texts)]) == 0
     rows = [json.loads(line)["embedding"] for line in capsys.readouterr().out.splitlines()]
     np.testing.assert_allclose(rows, vectors, atol=1e-6)
+
+
+def triplets_file(path, count, seed, negatives=1):
+    """(anchor, positive, negative...) rows: a review, one of the same kind, ones of the other."""
+    rng = np.random.default_rng(seed)
+    columns = ["anchor", "positive"] + (["negative"] if negatives == 1 else [f"negative_{k + 1}" for k in range(negatives)])
+    lines = [",".join(columns)]
+    for i in range(count):
+        same, other = (POSITIVE, NEGATIVE) if i % 2 else (NEGATIVE, POSITIVE)
+        lines.append(",".join([f"the film was {rng.choice(same)}", f"it was {rng.choice(same)}"]
+                              + [f"it was {rng.choice(other)}" for _ in range(negatives)]))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_triplets_train_with_matryoshka_and_report_each_dimension(tmp_path, capsys):
+    train, dev = triplets_file(tmp_path / "train.csv", 32, 0, 2), triplets_file(tmp_path / "dev.csv", 12, 1)
+    output = tmp_path / "out"
+    assert cli.main(["train", "--model", str(TINY), "--train", str(train), "--eval", str(dev), "--task", "embedding",
+                     "--output", str(output), "--batch-size", "8", "--max-steps", "4", "--matryoshka-dims", "32,16,8"]) == 0
+    final = json.loads(capsys.readouterr().out)
+    assert {"eval_recall@1", "eval_recall@1/dim16", "eval_mrr@10/dim8", "eval_recall@10/dim32"} <= set(final)
+    assert final["eval_recall@1/dim32"] == final["eval_recall@1"]  # all 32 dimensions: the same ranking
+    assert json.loads((output / "training_args.json").read_text())["matryoshka_dims"] == [32, 16, 8]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--matryoshka-dims", "64,16"), "--matryoshka-dims '64,16': 64 is more than the 32 dimensions of"),
+    (("--matryoshka-dims", "16,16"), "'16,16': each dimension >= 1, none twice"),
+])
+def test_matryoshka_dimensions_are_checked(tmp_path, capsys, extra, message):
+    train = triplets_file(tmp_path / "train.csv", 8, 0)
+    try:  # argparse's own check exits; the one against the model returns
+        code = cli.main(["train", "--model", str(TINY), "--train", str(train), "--task", "embedding", "--output",
+                         str(tmp_path / "out"), "--batch-size", "4", "--max-steps", "1", *extra])
+    except SystemExit as stop:
+        code = stop.code
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_triplet_row_with_an_empty_negative_is_named(tmp_path, capsys):
+    path = tmp_path / "t.csv"
+    path.write_text("anchor,positive,negative\nthe film was good,it was fun,it was dull\nthe film was bad,it was dull,\n")
+    code = cli.main(["train", "--model", str(TINY), "--train", str(path), "--task", "embedding", "--output",
+                     str(tmp_path / "out"), "--batch-size", "2", "--max-steps", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "t.csv: 1 row has an empty negative 'negative' (line 3); fill them in or remove them" in err
 
 
 def test_a_row_padded_on_the_left_keeps_every_token():

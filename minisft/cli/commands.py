@@ -192,6 +192,9 @@ def _add_training_options(parser):
         help="multi-label classification: what joins a CSV/TSV cell's class names (default ';'; in JSON lines "
              "the label is a list)")
     _threshold_option(parser)
+    add("--matryoshka-dims", type=options.dimensions,
+        help="embedding: train with MatryoshkaLoss around MultipleNegativesRankingLoss at these leading dimensions "
+             "(e.g. 384,256,128,64), and report the retrieval metrics at each")
     number("max_train_examples", "train on a deterministic subset of N examples (0: all)")
     number("max_eval_examples", "evaluate on a deterministic subset of N examples (0: all)")
     add("--report-to", choices=["none", "tensorboard"], dest="report_to",

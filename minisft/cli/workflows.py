@@ -135,7 +135,13 @@ def _check_against_task_and_model(args, model_dir, length_given):
     if args.metric_for_best_model and args.metric_for_best_model not in task.metrics:
         raise OptionError("--metric", args.metric_for_best_model, f"{task.name} computes {', '.join(task.metrics)}",
                           f"use one of them, e.g. --metric {task.default_metric}")
-    positions = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    config = AutoConfig.from_pretrained(model_dir)
+    too_wide = [d for d in args.matryoshka_dims or () if d > config.hidden_size]
+    if too_wide:
+        raise OptionError("--matryoshka-dims", ",".join(map(str, args.matryoshka_dims)), f"{too_wide[0]} is more than "
+                          f"the {config.hidden_size} dimensions of {model_dir}'s embeddings",
+                          f"use dimensions up to {config.hidden_size}")
+    positions = config.max_position_embeddings
     if args.max_length > positions:
         if length_given:
             raise OptionError("--max-length", args.max_length, f"longer than the {positions} positions of {model_dir} "

@@ -7,7 +7,7 @@ files).
     model = SentenceEmbedder.from_pretrained("weights/all-MiniLM-L6-v2")   # mean pooling, normalised
     out = model(input_ids, attention_mask=mask)        # out.logits: (B, H) embeddings
     out = model(pair_ids, attention_mask=pair_mask, labels=...)   # (B, 2, L): anchor, positive
-    out.loss                                           # in-batch negatives, scale 20
+    out.loss                                           # in-batch negatives, scale 20 (B, 2 + k, L): k hard negatives
 """
 import json
 import pathlib
@@ -48,11 +48,32 @@ def normalize(x):
     return x / (x * x).sum(dim=-1, keepdim=True).sqrt()
 
 
-def multiple_negatives_ranking_loss(anchors, positives, scale=MNRL_SCALE):
-    """Cross-entropy of each anchor's cosine similarities (x scale) to every positive of the
-    batch, the right one being its own: the others are its negatives."""
-    scores = normalize(anchors) @ normalize(positives).transpose(0, 1) * scale
+def multiple_negatives_ranking_loss(anchors, candidates, scale=MNRL_SCALE):
+    """sentence-transformers' MultipleNegativesRankingLoss: the cross-entropy of each anchor's
+    cosine similarities (x scale) to every candidate of the batch, the right one being its
+    own positive. anchors (B, H); candidates (B, H), the positives, or (k B, H), the positives
+    and then each column of hard negatives: the other candidates are each anchor's negatives."""
+    scores = normalize(anchors) @ normalize(candidates).transpose(0, 1) * scale
     return F.cross_entropy(scores, numpy.arange(anchors.shape[0]))
+
+
+def matryoshka_loss(anchors, candidates, dims, weights=None, scale=MNRL_SCALE):
+    """sentence-transformers' MatryoshkaLoss around MultipleNegativesRankingLoss: the
+    weighted sum (weights default 1) over `dims` of the loss on the first d dimensions of
+    every embedding, so that the leading dimensions carry most of the meaning."""
+    weights = [1.0] * len(dims) if weights is None else weights
+    losses = [w * multiple_negatives_ranking_loss(anchors[:, :d], candidates[:, :d], scale) for d, w in zip(dims, weights)]
+    return sum(losses[1:], losses[0])
+
+
+def pairs_loss(embeddings, matryoshka_dims=None):
+    """The loss of (B, C, H) embeddings of (anchor, positive, negative...) rows: MNRL with
+    the negatives, or Matryoshka's around it."""
+    anchors = embeddings[:, 0]
+    candidates = cat([embeddings[:, c] for c in range(1, embeddings.shape[1])], dim=0)
+    if matryoshka_dims:
+        return matryoshka_loss(anchors, candidates, matryoshka_dims)
+    return multiple_negatives_ranking_loss(anchors, candidates)
 
 
 class SentenceEmbedder(nn.Module):
@@ -81,8 +102,9 @@ class SentenceEmbedder(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False):
-        """input_ids (B, L), or (B, 2, L) (anchor, positive) pairs; the loss when pairs come
-        with labels (any: the positives are the pairs' own)."""
+        """input_ids (B, L), or (B, C, L) rows of an anchor, its positive and C - 2 hard
+        negatives; the loss (MultipleNegativesRankingLoss) when rows come with labels (any: the
+        positives are the rows' own)."""
         ids = array_of(input_ids)
         mask = numpy.ones(ids.shape, numpy.int64) if attention_mask is None else array_of(attention_mask)
         types = None if token_type_ids is None else array_of(token_type_ids)
@@ -94,7 +116,7 @@ class SentenceEmbedder(nn.Module):
         columns = [self._embed(ids[:, c], mask[:, c], None if types is None else types[:, c], output_hidden_states,
                                output_attentions) for c in range(ids.shape[1])]
         embeddings = cat([e.reshape(e.shape[0], 1, e.shape[1]) for e, _ in columns], dim=1)
-        loss = None if labels is None else multiple_negatives_ranking_loss(embeddings[:, 0], embeddings[:, 1])
+        loss = None if labels is None else pairs_loss(embeddings)
         return EmbeddingOutput(loss, embeddings, tuple(out.hidden_states for _, out in columns),
                                tuple(out.attentions for _, out in columns))
 

@@ -117,6 +117,14 @@ class Task:
             return 1
         return float(sum(class_weights[c] for c in self.loss_classes(feature)))
 
+    def training_loss(self, model, batch, args, class_weights=None):
+        """The mean loss of a collated training batch: the model's own (its labels' loss), or,
+        with class weights, the task's weighted cross-entropy of its logits."""
+        inputs = {"attention_mask": batch["attention_mask"], "token_type_ids": batch["token_type_ids"]}
+        if class_weights is None:
+            return model(batch["input_ids"], **inputs, labels=batch["labels"]).loss
+        return self.weighted_loss(model(batch["input_ids"], **inputs).logits, batch["labels"], class_weights)
+
     def loss_classes(self, feature):
         """The class ids of a training feature's loss terms (class_weighted tasks)."""
         raise NotImplementedError(f"{self.name} has no classes")

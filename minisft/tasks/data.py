@@ -34,6 +34,7 @@ class Example:
     label: object = None         # a class name, a float, a list of tags, or answers [(text, start)]
     line: int = 0                # where it came from, for error messages (a question's id)
     group: int = None            # the article a question belongs to (SQuAD), for subsets
+    negatives: tuple = ()        # an embedding row's hard negatives (texts)
 
 
 # --- reading -------------------------------------------------------------------------------

@@ -10,17 +10,24 @@ from minisft.tasks.question_answering import squad_records
 
 class Embedding(PositionTask):
     """Retrieval embeddings: a bi-encoder (minisft.sentence: mean pooling, normalised) trained
-    on (anchor, positive) pairs with in-batch negatives (MultipleNegativesRankingLoss, scale
-    20); evaluated by Recall@1/5/10 and MRR@10 of each anchor's positive among all the
-    evaluation positives, by cosine similarity; saved as a sentence-transformers directory."""
+    on (anchor, positive) pairs, or (anchor, positive, negative...) rows, with in-batch and
+    hard negatives (MultipleNegativesRankingLoss, scale 20; within MatryoshkaLoss with
+    --matryoshka-dims); evaluated by Recall@1/5/10 and MRR@10 of each anchor's positive among
+    all the evaluation positives and negatives, by cosine similarity (at each Matryoshka
+    dimension too); saved as a sentence-transformers directory."""
     name, description = "embedding", "(anchor, positive) pairs -> sentence embeddings for retrieval"
     metrics = ("mrr@10", "recall@1", "recall@5", "recall@10")
     stdin_keys = ("anchor",)
+    own_options = ("matryoshka_dims",)
+
+    def output_options(self, args):
+        return {"matryoshka_dims": args.matryoshka_dims}
 
     def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True,
              skip_misaligned=False):
         """Pairs from CSV/TSV/JSON lines (anchor and positive columns: anchor/query/question,
-        positive/passage/context), or from SQuAD JSON as (question, its paragraph)."""
+        positive/passage/context, and any hard negatives in the columns named negative...,
+        in file order), or from SQuAD JSON as (question, its paragraph)."""
         if str(path).lower().endswith(".json"):
             return [Example(question, context, line=qid)
                     for qid, question, context, _, _ in squad_records(path)]
@@ -33,23 +40,35 @@ class Embedding(PositionTask):
         except DataError:
             raise DataError(f"{path}: no positive column ({', '.join(POSITIVE_COLUMNS)}; columns: "
                             f"{', '.join(columns)}); an embedding pair needs one, or name it with --text-pair-column")
-        bad = [n for n, r in records if not str(r.get(anchor) or "").strip() or not str(r.get(positive) or "").strip()]
-        if bad:
-            raise rows_error(path, bad, f"have an empty {anchor!r} or {positive!r}", "fill them in or remove them")
-        return [Example(str(r[anchor]), str(r[positive]), line=n) for n, r in records]
+        negatives = [c for c in columns if c.startswith("negative")]
+        for column, what in [(anchor, "an empty"), (positive, "an empty")] + [(c, "an empty negative") for c in negatives]:
+            bad = [n for n, r in records if not str(r.get(column) or "").strip()]
+            if bad:
+                raise rows_error(path, bad, f"have {what} {column!r}", "fill them in or remove them")
+        return [Example(str(r[anchor]), str(r[positive]), line=n, negatives=tuple(str(r[c]) for c in negatives))
+                for n, r in records]
 
     def stdin_record(self, record, number):
         return Example(record["anchor"], record.get("positive"), line=number)
 
     def encode(self, examples, tokenizer, labels, max_length=128, label_all_tokens=False, source="data",
                doc_stride=128):
-        """One feature per pair: the anchor and the positive as two rows, each tokenised alone."""
-        anchors = tokenizer([e.text for e in examples], truncation=True, max_length=max_length, return_tensors=None)
-        positives = tokenizer([e.text_pair or "" for e in examples], truncation=True, max_length=max_length,
-                              return_tensors=None)
-        return [{"input_ids": [anchors["input_ids"][i], positives["input_ids"][i]],
-                 "token_type_ids": [anchors["token_type_ids"][i], positives["token_type_ids"][i]],
-                 "label": 1, "positive": e.text_pair} for i, e in enumerate(examples)]
+        """One feature per row: the anchor, the positive and each negative as rows of their own,
+        each tokenised alone."""
+        columns = [[e.text for e in examples], [e.text_pair or "" for e in examples]]
+        columns += [[e.negatives[k] for e in examples] for k in range(len(examples[0].negatives) if examples else 0)]
+        encoded = [tokenizer(texts, truncation=True, max_length=max_length, return_tensors=None) for texts in columns]
+        return [{"input_ids": [c["input_ids"][i] for c in encoded], "token_type_ids": [c["token_type_ids"][i] for c in encoded],
+                 "label": 1, "positive": e.text_pair, "negatives": e.negatives} for i, e in enumerate(examples)]
+
+    def training_loss(self, model, batch, args, class_weights=None):
+        """MultipleNegativesRankingLoss over the rows' in-batch and hard negatives, within
+        MatryoshkaLoss at --matryoshka-dims."""
+        from minisft.models.sentence import pairs_loss
+
+        embeddings = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                           token_type_ids=batch["token_type_ids"]).logits
+        return pairs_loss(embeddings, args.matryoshka_dims)
 
     def model(self, directory, labels, **overrides):
         from minisft.models.sentence import SentenceEmbedder
@@ -57,16 +76,23 @@ class Embedding(PositionTask):
         return SentenceEmbedder.from_pretrained(directory, **overrides)
 
     def gather(self, outputs):
-        return outputs  # (2, H): the anchor's and the positive's embeddings
+        return outputs  # (2 + k, H): the anchor's, the positive's and the negatives' embeddings
 
-    def evaluate(self, features, outputs, label_names):
-
+    def evaluate(self, features, outputs, label_names, matryoshka_dims=None):
+        """Retrieval metrics against the corpus of every positive and negative; with
+        Matryoshka dimensions, also on each one's leading dimensions (NAME/dimD)."""
         corpus = {}
-        for feature, pair in zip(features, outputs):
-            corpus.setdefault(feature["positive"], pair[1])
+        for feature, rows in zip(features, outputs):
+            for text, embedding in zip((feature["positive"], *feature.get("negatives", ())), rows[1:]):
+                corpus.setdefault(text, embedding)
         index = {text: i for i, text in enumerate(corpus)}
-        return M.retrieval_metrics(numpy.stack([pair[0] for pair in outputs]), numpy.stack(list(corpus.values())),
-                                 [index[f["positive"]] for f in features])
+        queries, documents = numpy.stack([rows[0] for rows in outputs]), numpy.stack(list(corpus.values()))
+        relevant = [index[f["positive"]] for f in features]
+        scores = M.retrieval_metrics(queries, documents, relevant)
+        for dim in matryoshka_dims or ():
+            at = M.retrieval_metrics(queries[:, :dim], documents[:, :dim], relevant)
+            scores.update({f"{name}/dim{dim}": value for name, value in at.items()})
+        return scores
 
     def prediction(self, example, feature, logits, label_names):
         anchor, positive = logits

@@ -4,7 +4,6 @@ logit per class, BCE with logits against a multi-hot target, a class predicted w
 sigmoid reaches the threshold."""
 import numpy
 
-from minisft.tasks import metrics as M
 from minisft.tasks.base import Task
 from minisft.tasks.data import DataError, LabelVocab
 

@@ -80,6 +80,17 @@ class Names(argparse.Action):
         setattr(namespace, self.dest, names)
 
 
+def dimensions(text):
+    """'384,256,128,64' -> [384, 256, 128, 64]: distinct whole numbers >= 1."""
+    try:
+        dims = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated whole numbers; e.g. 384,256,128,64") from None
+    if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: each dimension >= 1, none twice; e.g. 384,256,128,64")
+    return dims
+
+
 def device(text):
     """'cpu', 'cuda' or 'cuda:N'."""
     from minisft.engine.backend import Device

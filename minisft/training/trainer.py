@@ -91,6 +91,7 @@ class TrainingArguments:
     label_separator: str = ";"           # multi-label classification: between a CSV/TSV cell's class names
     threshold: float = 0.5               # multi-label classification: a class is predicted where sigmoid >= this
     report_to: str = "none"              # "tensorboard": metrics.jsonl's scalars also as TensorBoard events in runs/
+    matryoshka_dims: list = None         # embedding: MatryoshkaLoss around MNRL at these leading dimensions
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -286,13 +287,7 @@ class Trainer:
         """The mean loss of these features; backward of scale x it."""
         batch = collate([self.train_features[i] for i in indices], self.pad_token_id)
         with amp.autocast(enabled=self.scaler is not None):
-            if self.class_weights is None:
-                loss = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  token_type_ids=batch["token_type_ids"], labels=batch["labels"]).loss
-            else:  # the task's weighted cross-entropy on the head's logits
-                logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    token_type_ids=batch["token_type_ids"]).logits
-                loss = tasks.get(self.args.task).weighted_loss(logits, batch["labels"], self.class_weights)
+            loss = tasks.get(self.args.task).training_loss(self.model, batch, self.args, self.class_weights)
         scaled = loss * scale if scale != 1 else loss
         (scaled if self.scaler is None else self.scaler.scale(scaled)).backward()
         return float(loss.item())
