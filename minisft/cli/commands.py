@@ -55,6 +55,14 @@ def _predict(args):
     return 0
 
 
+def _rerank(args):
+    from minisft.cli import workflows
+
+    for record in workflows.rerank(args.model, args.data, args.batch_size, args.device):
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
 def _embed(args):
     import io
 
@@ -266,6 +274,14 @@ def build_parser():
                                               "standard input (one text per line)")
     _threshold_option(predict)
     predict.set_defaults(run=_predict)
+
+    rerank = commands.add_parser("rerank", help="each query's candidates in a reranker's order, as JSON lines",
+                                 description="Score every (query, passage) row of a file with a model that "
+                                             "`minisft train --task reranking` wrote, and print one JSON object per "
+                                             "query: its passages best first, with their scores (and labels, when "
+                                             "the file has them).")
+    _add_inference_options(rerank, data_help="file of (query, passage[, label]) rows (.csv/.tsv/.jsonl)")
+    rerank.set_defaults(run=_rerank)
 
     embed = commands.add_parser("embed", help="sentence embeddings as JSON lines or a .npy file",
                                 description="Embed each text of a file (.txt: a text a line; .csv/.tsv/.jsonl: "

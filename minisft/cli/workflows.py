@@ -248,6 +248,24 @@ def predict(model_dir, data, batch_size=64, device="cpu", threshold=None):
     yield from task.predictions(examples, features, outputs, labels.names, **task.output_options(args))
 
 
+def rerank(model_dir, data, batch_size=64, device="cpu"):
+    """Each query's candidates of `data` ((query, passage[, label]) rows) in the order a
+    reranking model scores them: {"query", "ranking": [{"passage", "score"[, "label"]}, ...]}."""
+    args, task, model, labels, tokenizer = _load_finetuned(model_dir, device)
+    if task.rankings is None:
+        raise OptionError("--model", str(model_dir), f"a {task.name} model, not a reranker",
+                          "give a directory that `minisft train --task reranking` wrote")
+    args.eval_batch_size = batch_size
+    examples = _read(resolve_data(data, "test")[0], args, task, require_labels=False)
+    features = _encode(task, examples, tokenizer, labels, args, data)
+    logits = Trainer(model, args, label_names=labels.names, tokenizer=tokenizer).predict(features)
+    scores = [task.prediction(e, f, row, labels.names)["score"] for e, f, row in zip(examples, features, logits)]
+    for query, candidates in task.rankings(examples, scores).items():
+        yield {"query": query, "ranking": [{"passage": passage, "score": score,
+                                            **({} if label is None else {"label": label})}
+                                           for passage, score, label in candidates]}
+
+
 def embed(model, data, batch_size=64, device="cpu", max_length=None, pooling=None):
     """Sentence embeddings (N, H), in input order, of the texts of `data`: a .txt file (a text a
     line), a CSV/TSV/JSON lines file (its text column), or - (standard input), by a

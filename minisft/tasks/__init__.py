@@ -14,12 +14,13 @@ from minisft.tasks.embedding import Embedding, embedding_record
 from minisft.tasks.multi_label import MultiLabelClassification
 from minisft.tasks.multiple_choice import MultipleChoice
 from minisft.tasks.question_answering import QuestionAnswering
+from minisft.tasks.reranking import Reranking
 from minisft.tasks.token_classification import TokenClassification
 
 __all__ = ["Task", "TASKS", "DEFAULT", "for_file", "get", "embedding_record"]
 
 TASKS = {task.name: task for task in (Classification(), PairClassification(), MultiLabelClassification(), Regression(),
-                                      TokenClassification(), QuestionAnswering(), MultipleChoice(), Embedding())}
+                                      TokenClassification(), QuestionAnswering(), MultipleChoice(), Embedding(), Reranking())}
 DEFAULT = "classification"  # for data whose file format names no task
 
 

@@ -19,6 +19,8 @@ class Task:
     default_max_length = None  # the task's --max-length when none is given (else TrainingArguments')
     class_weighted = False  # the loss is a cross-entropy over classes that --class-weights can weigh
     own_options = ()       # TrainingArguments fields that only this task reads (given to another: an error)
+    text_columns, pair_columns = TEXT_COLUMNS, PAIR_COLUMNS  # the columns read() looks for, in order
+    rankings = None        # a ranking task's (examples, scores) -> {query: candidates best first}
 
     @property
     def default_metric(self):
@@ -40,10 +42,10 @@ class Task:
         QuestionAnswering; options: the task's read_options, for read_labels."""
         records = read_records(path)
         columns = list(records[0][1])
-        text = pick_column(path, columns, text_column, TEXT_COLUMNS, "text", "--text-column")
+        text = pick_column(path, columns, text_column, self.text_columns, "text", "--text-column")
         pair = None
         if self.pair or text_pair_column:
-            pair = pick_column(path, columns, text_pair_column, PAIR_COLUMNS, "text pair", "--text-pair-column")
+            pair = pick_column(path, columns, text_pair_column, self.pair_columns, "text pair", "--text-pair-column")
         label = None
         if require_labels or label_column or any(c in columns for c in LABEL_COLUMNS):
             try:
