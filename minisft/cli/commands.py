@@ -63,6 +63,17 @@ def _rerank(args):
     return 0
 
 
+def _mine_hard_negatives(args):
+    from minisft.cli import mining, workflows
+
+    settings = mining.Mining(**{f.name: getattr(args, f.name) for f in dataclasses.fields(mining.Mining)})
+    rows, short, anchors = workflows.mine_hard_negatives(args.model, args.data, args.output, settings,
+                                                         args.batch_size, args.device)
+    note = f"; {short} (anchor, positive) pairs got fewer than {settings.num_negatives}" if short else ""
+    print(f"wrote {args.output}: {rows} rows for {anchors} anchors{note}", file=sys.stderr)
+    return 0
+
+
 def _embed(args):
     import io
 
@@ -282,6 +293,33 @@ def build_parser():
                                              "the file has them).")
     _add_inference_options(rerank, data_help="file of (query, passage[, label]) rows (.csv/.tsv/.jsonl)")
     rerank.set_defaults(run=_rerank)
+
+    mine = commands.add_parser("mine-hard-negatives", help="add hard negatives to (anchor, positive) pairs",
+                               description="Rank every distinct positive of the file for each anchor by an embedding "
+                                           "model's cosine similarity and write (anchor, positive, negative) rows, as "
+                                           "sentence-transformers' mine_hard_negatives with its top sampling: the "
+                                           "anchor's own positives excluded, then the margins and score bounds, then "
+                                           "--range-min skipped and --num-negatives kept.")
+    _add_inference_options(mine, data_help="(anchor, positive) pairs (.csv/.tsv/.jsonl)",
+                           model_help="a sentence-transformers directory or a checkpoint (directory or fetchable name)")
+    mine.add_argument("--output", required=True, type=options.Text("output file"),
+                      help="the rows with negatives: .csv, .tsv or .jsonl")
+    mine.add_argument("--num-negatives", type=options.Number(int, 1, 10000, example=3), default=3)
+    mine.add_argument("--range-min", type=options.Number(int, 0, 10 ** 6, example=10), default=0,
+                      help="skip this many of the best candidates (likely unlabeled positives)")
+    mine.add_argument("--range-max", type=options.Number(int, 1, 10 ** 6, example=100),
+                      help="look no further than this many candidates (default: range-min + num-negatives, x 10 "
+                           "with a margin or a score bound, + the most positives of an anchor)")
+    mine.add_argument("--absolute-margin", type=options.Number(float, example=0.1),
+                      help="keep a negative only if its score + this <= the anchor's lowest positive score")
+    mine.add_argument("--relative-margin", type=options.Number(float, 0, 1, example=0.05),
+                      help="keep a negative only if its score <= the lowest positive score less |it| x this")
+    mine.add_argument("--max-score", type=options.Number(float, example=0.9), help="drop candidates scoring above this")
+    mine.add_argument("--min-score", type=options.Number(float, example=0.1), help="drop candidates scoring below this")
+    mine.add_argument("--output-format", choices=["triplet", "n-tuple"], default="triplet",
+                      help="triplet: a row per negative (column negative); n-tuple: a row per pair with all its "
+                           "negatives (negative_1 ... negative_N)")
+    mine.set_defaults(run=_mine_hard_negatives)
 
     embed = commands.add_parser("embed", help="sentence embeddings as JSON lines or a .npy file",
                                 description="Embed each text of a file (.txt: a text a line; .csv/.tsv/.jsonl: "

@@ -270,13 +270,8 @@ def embed(model, data, batch_size=64, device="cpu", max_length=None, pooling=Non
     """Sentence embeddings (N, H), in input order, of the texts of `data`: a .txt file (a text a
     line), a CSV/TSV/JSON lines file (its text column), or - (standard input), by a
     sentence-transformers directory or any checkpoint (mean pooling, normalised)."""
-    from minisft.engine.tensor import no_grad
-    from minisft.models.sentence import SentenceEmbedder
-    from minisft.tasks.data import TEXT_COLUMNS, collate, eval_order, pick_column, read_records
+    from minisft.tasks.data import TEXT_COLUMNS, pick_column, read_records
 
-    model_dir = resolve_model(model)
-    embedder = _placed(SentenceEmbedder.from_pretrained(model_dir, pooling=pooling), device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if is_text_lines(data):
         lines = sys.stdin if data == "-" else read_text(data).splitlines()
         texts = [line.rstrip("\n") for line in lines if line.strip()]
@@ -287,16 +282,77 @@ def embed(model, data, batch_size=64, device="cpu", max_length=None, pooling=Non
         texts = [str(record[column]) for _, record in records]
     if not texts:
         raise DataError(f"{data}: no texts to embed")
-    encoded = tokenizer(texts, truncation=True, max_length=max_length or embedder.max_seq_length, return_tensors=None)
-    features = [{"input_ids": ids, "token_type_ids": types}
-                for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])]
-    embeddings = None
-    with no_grad():
-        for indices in eval_order(features, batch_size):
-            batch = collate([features[i] for i in indices], tokenizer.pad_token_id)
-            out = embedder(batch["input_ids"], attention_mask=batch["attention_mask"],
-                           token_type_ids=batch["token_type_ids"]).logits.numpy()
-            if embeddings is None:
-                embeddings = numpy.empty((len(texts), out.shape[-1]), dtype=out.dtype)
-            embeddings[indices] = out
-    return embeddings
+    return _embedder(model, batch_size, device, max_length, pooling)(texts)
+
+
+def _embedder(model, batch_size, device, max_length=None, pooling=None):
+    """texts -> their (N, H) embeddings, in order, by `model` (a sentence-transformers
+    directory, or any checkpoint: mean pooling, normalised)."""
+    from minisft.engine.tensor import no_grad
+    from minisft.models.sentence import SentenceEmbedder
+    from minisft.tasks.data import collate, eval_order
+
+    model_dir = resolve_model(model)
+    embedder = _placed(SentenceEmbedder.from_pretrained(model_dir, pooling=pooling), device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def run(texts):
+        encoded = tokenizer(list(texts), truncation=True, max_length=max_length or embedder.max_seq_length,
+                            return_tensors=None)
+        features = [{"input_ids": ids, "token_type_ids": types}
+                    for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])]
+        embeddings = None
+        with no_grad():
+            for indices in eval_order(features, batch_size):
+                batch = collate([features[i] for i in indices], tokenizer.pad_token_id)
+                out = embedder(batch["input_ids"], attention_mask=batch["attention_mask"],
+                               token_type_ids=batch["token_type_ids"]).logits.numpy()
+                if embeddings is None:
+                    embeddings = numpy.empty((len(texts), out.shape[-1]), dtype=out.dtype)
+                embeddings[indices] = out
+        return embeddings
+    return run
+
+
+def mine_hard_negatives(model, data, output, settings, batch_size=64, device="cpu", max_length=None):
+    """Write `output` (.csv, .tsv or .jsonl): the (anchor, positive) pairs of `data` with hard
+    negatives mined by `model` (see minisft.cli.mining). Returns (rows written, pairs that got
+    fewer negatives than asked for, distinct anchors)."""
+    from minisft.cli import mining
+    from minisft.files.atomic import write_text_atomic
+    from minisft.tasks.data import ANCHOR_COLUMNS, POSITIVE_COLUMNS, pick_column, read_records
+
+    target = pathlib.Path(output)
+    if target.suffix.lower() not in (".csv", ".tsv", ".jsonl"):
+        raise OptionError("--output", output, "not a .csv, .tsv or .jsonl file", "name the output FILE.csv")
+    if not target.parent.is_dir():
+        raise OptionError("--output", output, f"its directory {target.parent} does not exist", "create it first")
+    path = resolve_data(data, "train")[0]
+    records = read_records(path)
+    names = list(records[0][1])
+    anchor = pick_column(path, names, None, ANCHOR_COLUMNS, "anchor", "--text-column")
+    positive = pick_column(path, names, None, POSITIVE_COLUMNS, "positive", "--text-pair-column")
+    pairs = [(str(r.get(anchor) or ""), str(r.get(positive) or "")) for _, r in records]
+    empty = [n for (n, _), (a, p) in zip(records, pairs) if not a.strip() or not p.strip()]
+    if empty:
+        raise DataError(f"{path}: {len(empty)} rows have an empty {anchor!r} or {positive!r} (first: line {empty[0]}); "
+                        "fill them in or remove them")
+    embed = _embedder(model, batch_size, device, max_length)
+    rows, short = mining.mine([a for a, _ in pairs], [p for _, p in pairs], embed, settings)
+    header = mining.columns(anchor, positive, settings)
+    write_text_atomic(_table(target, header, rows), target)
+    return len(rows), short, len(set(a for a, _ in pairs))
+
+
+def _table(path, header, rows):
+    """rows under header as CSV/TSV, or as JSON lines, by path's suffix."""
+    import csv
+    import io
+
+    if path.suffix.lower() == ".jsonl":
+        return "".join(json.dumps(dict(zip(header, row)), ensure_ascii=False) + "\n" for row in rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t" if path.suffix.lower() == ".tsv" else ",", lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
