@@ -61,3 +61,42 @@ def alternate(functions, repeats, warmup=1):
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def torch_fine_tune(model, batches, loss_of, learning_rate, epochs, seed):
+    """The reference side of a quality benchmark: minisft's recipe in a plain torch loop
+    (AdamW without weight decay, linear decay from `learning_rate` without warmup, gradients
+    clipped to norm 1), over `batches` (a list, reshuffled each epoch by a seeded torch
+    generator); loss_of(model, batch) -> the batch's loss. Returns the seconds it took."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, 0, len(batches) * epochs)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        for index in torch.randperm(len(batches), generator=generator).tolist():
+            loss_of(model, batches[index]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+    model.eval()
+    return time.perf_counter() - start
+
+
+def minisft_train(arguments):
+    """Run `python -m minisft train ARGUMENTS...`; -> (its final metrics, seconds)."""
+    import json
+    import subprocess
+    import sys
+
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "minisft", "train", *map(str, arguments)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise RuntimeError(f"minisft train failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout), time.perf_counter() - start
