@@ -88,6 +88,12 @@ def torch_fine_tune(model, batches, loss_of, learning_rate, epochs, seed):
     return time.perf_counter() - start
 
 
+def recipe_arguments(recipe):
+    """minisft train's options for a quality benchmark's recipe."""
+    return ["--learning-rate", recipe["learning_rate"], "--epochs", recipe["epochs"], "--batch-size",
+            recipe["batch_size"], "--max-length", recipe["max_length"], "--seed", recipe["seed"]]
+
+
 def minisft_train(arguments):
     """Run `python -m minisft train ARGUMENTS...`; -> (its final metrics, seconds)."""
     import json

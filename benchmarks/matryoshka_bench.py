@@ -13,7 +13,7 @@ a plain torch loop with the same recipe; both are scored by minisft's retrieval 
 import csv
 import tempfile
 
-from benchmarks.common import Figure, minisft_train, torch_fine_tune
+from benchmarks.common import Figure, minisft_train, recipe_arguments, torch_fine_tune
 
 RECIPE = {"learning_rate": 5e-5, "epochs": 1, "batch_size": 32, "max_length": 256, "seed": 42,
           "train_examples": 2000, "eval_examples": 1000, "dims": (384, 256, 128, 64)}
@@ -81,8 +81,7 @@ def run(env, quick):
         final, seconds = minisft_train([
             "--model", env.model_dir, "--task", "embedding", "--train", path, "--eval", dev_path,
             "--output", f"{tmp}/out", "--matryoshka-dims", ",".join(map(str, recipe["dims"])),
-            "--learning-rate", recipe["learning_rate"], "--epochs", recipe["epochs"],
-            "--batch-size", recipe["batch_size"], "--max-length", recipe["max_length"], "--seed", recipe["seed"]])
+            *recipe_arguments(recipe)])
     ours = {d: {m: final[f"eval_{m}/dim{d}"] for m in ("recall@1", "mrr@10")} for d in recipe["dims"]}
     theirs, reference_seconds = run_reference(env, recipe, train, dev) if env.reference else (None, None)
     note = (f"{len(train)} (question, paragraph, mined negative) triplets; {len(dev)} dev questions against all their "

@@ -15,7 +15,7 @@ import tempfile
 
 import numpy as np
 
-from benchmarks.common import Figure, minisft_train, torch_fine_tune
+from benchmarks.common import Figure, minisft_train, recipe_arguments, torch_fine_tune
 
 RECIPE = {"learning_rate": 2e-4, "epochs": 10, "batch_size": 16, "max_length": 128, "seed": 42}
 QUICK = {"epochs": 1}
@@ -79,9 +79,7 @@ def run(env, quick):
     with tempfile.TemporaryDirectory() as tmp:
         final, seconds = minisft_train([
             "--model", env.model_dir, "--task", "multi-label-classification", "--train", _write(f"{tmp}/train.csv", train),
-            "--eval", _write(f"{tmp}/test.csv", test), "--output", f"{tmp}/out", "--learning-rate",
-            recipe["learning_rate"], "--epochs", recipe["epochs"], "--batch-size", recipe["batch_size"],
-            "--max-length", recipe["max_length"], "--seed", recipe["seed"]])
+            "--eval", _write(f"{tmp}/test.csv", test), "--output", f"{tmp}/out", *recipe_arguments(recipe)])
     ours = {k[len("eval_"):]: v for k, v in final.items()}
     theirs, reference_seconds = run_reference(env, recipe, train, test, names) if env.reference else (None, None)
     note = (f"WNUT-16 entity types of the sentences with any ({len(names)} types): {len(train)} train, {len(test)} dev+test "

@@ -14,7 +14,7 @@ import tempfile
 
 import numpy as np
 
-from benchmarks.common import Figure, minisft_train, torch_fine_tune
+from benchmarks.common import Figure, minisft_train, recipe_arguments, torch_fine_tune
 
 RECIPE = {"learning_rate": 5e-5, "epochs": 1, "batch_size": 32, "max_length": 256, "seed": 42,
           "train_questions": 1000, "eval_questions": 300, "candidates": 10, "negatives": 3}
@@ -94,9 +94,7 @@ def run(env, quick):
     with tempfile.TemporaryDirectory() as tmp:
         final, seconds = minisft_train([
             "--model", env.model_dir, "--task", "reranking", "--train", _write(f"{tmp}/train.csv", train),
-            "--eval", _write(f"{tmp}/dev.csv", test), "--output", f"{tmp}/out", "--learning-rate",
-            recipe["learning_rate"], "--epochs", recipe["epochs"], "--batch-size", recipe["batch_size"],
-            "--max-length", recipe["max_length"], "--seed", recipe["seed"]])
+            "--eval", _write(f"{tmp}/dev.csv", test), "--output", f"{tmp}/out", *recipe_arguments(recipe)])
     ours = {k[len("eval_"):]: v for k, v in final.items()}
     theirs, reference_seconds = run_reference(env, recipe, train, test) if env.reference else (None, None)
     note = (f"{len(train)} training rows ({recipe['train_questions']} questions' gold and 3 bi-encoder negatives); "
