@@ -11,7 +11,7 @@ from minisft import cli, tasks
 from minisft.engine.tensor import no_grad
 from minisft.models.auto import AutoTokenizer
 from minisft.tasks.data import Example, collate
-from minisft.tasks.reranking import sigmoid
+from minisft.tasks.metrics import sigmoid
 from conftest import FIXTURES, assert_close
 from helpers import NEGATIVE, POSITIVE
 

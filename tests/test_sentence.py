@@ -156,6 +156,10 @@ def test_triplets_train_with_matryoshka_and_report_each_dimension(tmp_path, caps
     assert {"eval_recall@1", "eval_recall@1/dim16", "eval_mrr@10/dim8", "eval_recall@10/dim32"} <= set(final)
     assert final["eval_recall@1/dim32"] == final["eval_recall@1"]  # all 32 dimensions: the same ranking
     assert json.loads((output / "training_args.json").read_text())["matryoshka_dims"] == [32, 16, 8]
+    capsys.readouterr()
+    assert cli.main(["predict", "--model", str(output), "--data", str(train)]) == 0  # rows with negatives
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(records) == 32 and set(records[0]) == {"anchor", "positive", "similarity"}
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -320,7 +320,7 @@ def mine_hard_negatives(model, data, output, settings, batch_size=64, device="cp
     fewer negatives than asked for, distinct anchors)."""
     from minisft.cli import mining
     from minisft.files.atomic import write_text_atomic
-    from minisft.tasks.data import ANCHOR_COLUMNS, POSITIVE_COLUMNS, pick_column, read_records
+    from minisft.tasks.data import ANCHOR_COLUMNS, POSITIVE_COLUMNS, pick_column, read_records, rows_error
 
     target = pathlib.Path(output)
     if target.suffix.lower() not in (".csv", ".tsv", ".jsonl"):
@@ -335,8 +335,7 @@ def mine_hard_negatives(model, data, output, settings, batch_size=64, device="cp
     pairs = [(str(r.get(anchor) or ""), str(r.get(positive) or "")) for _, r in records]
     empty = [n for (n, _), (a, p) in zip(records, pairs) if not a.strip() or not p.strip()]
     if empty:
-        raise DataError(f"{path}: {len(empty)} rows have an empty {anchor!r} or {positive!r} (first: line {empty[0]}); "
-                        "fill them in or remove them")
+        raise rows_error(path, empty, f"have an empty {anchor!r} or {positive!r}", "fill them in or remove them")
     embed = _embedder(model, batch_size, device, max_length)
     rows, short = mining.mine([a for a, _ in pairs], [p for _, p in pairs], embed, settings)
     header = mining.columns(anchor, positive, settings)

@@ -151,8 +151,9 @@ class Task:
         """Metrics of the gathered outputs of labeled features."""
         return self.compute_metrics(outputs, [f["label"] for f in features], label_names)
 
-    def predictions(self, examples, features, outputs, label_names):
-        """predict's JSON records, one per example."""
+    def predictions(self, examples, features, outputs, label_names, **options):
+        """predict's JSON records, one per example; options: the task's output_options, which
+        a record may not need (an embedding's Matryoshka dimensions)."""
         for example, feature, logits in zip(examples, features, outputs):
             yield self.prediction(example, feature, logits, label_names)
 

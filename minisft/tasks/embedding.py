@@ -95,7 +95,7 @@ class Embedding(PositionTask):
         return scores
 
     def prediction(self, example, feature, logits, label_names):
-        anchor, positive = logits
+        anchor, positive = logits[:2]  # a row's negatives, if any, follow
         return {"anchor": example.text, "positive": example.text_pair,
                 "similarity": round(float(anchor @ positive / numpy.linalg.norm(anchor) / numpy.linalg.norm(positive)), 6)}
 

@@ -11,6 +11,11 @@ from collections import Counter
 import numpy
 
 
+def sigmoid(x):
+    """1 / (1 + exp(-x)) of a number or an array, without overflow, in float64."""
+    return 0.5 * (1 + numpy.tanh(0.5 * numpy.asarray(x, dtype=numpy.float64)))
+
+
 def accuracy(y_true, y_pred):
     _check(y_true, y_pred)
     return sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true)

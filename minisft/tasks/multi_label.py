@@ -4,6 +4,7 @@ logit per class, BCE with logits against a multi-hot target, a class predicted w
 sigmoid reaches the threshold."""
 import numpy
 
+from minisft.tasks import metrics as M
 from minisft.tasks.base import Task
 from minisft.tasks.data import DataError, LabelVocab
 
@@ -64,7 +65,7 @@ class MultiLabelClassification(Task):
         """micro and macro F1 over the classes, subset accuracy (every class right), and each
         class's F1 (f1/NAME), as scikit-learn's f1_score(average=...) and accuracy_score on
         multi-hot rows; a class never true nor predicted has F1 0 (its zero_division)."""
-        predicted = _probabilities(numpy.asarray(logits)) >= threshold
+        predicted = M.sigmoid(logits) >= threshold
         true = numpy.asarray(labels) > 0.5
         hits, predicted_counts, true_counts = ((predicted & true).sum(0), predicted.sum(0), true.sum(0))
         per_class = [_f1(h, p, t) for h, p, t in zip(hits, predicted_counts, true_counts)]
@@ -75,17 +76,12 @@ class MultiLabelClassification(Task):
 
     def predictions(self, examples, features, outputs, label_names, threshold=0.5):
         for example, logits in zip(examples, outputs):
-            probabilities = _probabilities(logits)
+            probabilities = M.sigmoid(logits)
             record = {"text": example.text}
             if example.text_pair is not None:
                 record["text_pair"] = example.text_pair
             yield {**record, "labels": [n for n, p in zip(label_names, probabilities) if p >= threshold],
                    "probabilities": {n: round(float(p), 6) for n, p in zip(label_names, probabilities)}}
-
-
-def _probabilities(logits):
-    """sigmoid(logits) without overflow, in float64."""
-    return 0.5 * (1 + numpy.tanh(0.5 * numpy.asarray(logits, dtype=numpy.float64)))
 
 
 def _f1(hits, predicted, true):

@@ -7,6 +7,7 @@ import math
 
 import numpy
 
+from minisft.tasks import metrics as M
 from minisft.tasks.base import Task
 from minisft.tasks.data import DataError, LabelVocab, check_label_types, rows_error
 
@@ -72,7 +73,7 @@ class Reranking(Task):
                 "ndcg@10": sum(_ndcg(r) for r in ranked) / len(ranked)}
 
     def prediction(self, example, feature, logits, label_names):
-        return {"query": example.text, "passage": example.text_pair, "score": round(sigmoid(float(logits[0])), 6)}
+        return {"query": example.text, "passage": example.text_pair, "score": round(float(M.sigmoid(logits[0])), 6)}
 
     def rankings(self, examples, scores):
         """{query: [(passage, score, label), ...] best first}, for `minisft rerank`."""
@@ -80,10 +81,6 @@ class Reranking(Task):
         for example, score in zip(examples, scores):
             order.setdefault(example.text, []).append((example.text_pair, score, example.label))
         return {query: sorted(candidates, key=lambda c: -c[1]) for query, candidates in order.items()}
-
-
-def sigmoid(x):
-    return 0.5 * (1 + math.tanh(0.5 * x))
 
 
 def _queries_with_both(examples):
