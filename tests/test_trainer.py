@@ -39,7 +39,8 @@ def test_train_writes_a_loadable_model_metrics_and_args(tmp_path, sentiment, cap
     assert 0 <= final["eval_accuracy"] <= 1
     files = {p.name for p in output.iterdir()}
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json",
-            "training_args.json", "metrics.jsonl", "best"} <= files
+            "training_args.json", "metrics.jsonl"} <= files
+    assert "best" not in files  # the final model is the best one, moved out of best/, not a second copy
     config = json.loads((output / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "positive"}
     assert config["architectures"] == ["BertForSequenceClassification"]
@@ -68,8 +69,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, sentiment, device, pre
     assert train(*args, output=straight, data=sentiment) == 0
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
-    shutil.copytree(straight / "checkpoint-3", interrupted / "checkpoint-3")
-    shutil.copytree(straight / "best", interrupted / "best")
+    shutil.copytree(straight / "checkpoint-3", interrupted / "checkpoint-3")  # no best/ yet: the first evaluation is at 4
     assert train(*args, "--resume", output=interrupted, data=sentiment) == 0
     for name in ("checkpoint-9/model.safetensors", "model.safetensors"):
         a, b = load_safetensors(straight / name), load_safetensors(interrupted / name)
@@ -84,7 +84,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, capsys):
                      "--output", str(output), "--batch-size", "4", "--no-group-by-length"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "the loss became inf" in err and "try a lower --learning-rate" in err
+    assert "the loss was inf" in err and "try a lower --learning-rate" in err
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, sentiment):
@@ -92,8 +92,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, se
     output = tmp_path / "out"
     script = f"""
 import os, signal
-import minisft.files.weights, minisft.training.trainer
-real = minisft.training.trainer.save_safetensors
+import minisft.training.checkpoints
+real = minisft.training.checkpoints.save_safetensors
 calls = []
 def save(tensors, path, metadata=None):
     calls.append(path)
@@ -101,7 +101,7 @@ def save(tensors, path, metadata=None):
         open(str(path) + ".partial", "wb").write(b"half")
         os.kill(os.getpid(), signal.SIGKILL)
     real(tensors, path, metadata)
-minisft.training.trainer.save_safetensors = save
+minisft.training.checkpoints.save_safetensors = save
 from minisft import cli
 cli.main(["train", "--model", {str(TINY)!r}, "--train", {str(sentiment[0])!r}, "--output", {str(output)!r},
           "--batch-size", "4", "--max-steps", "4", "--save-steps", "2"])

@@ -1,13 +1,17 @@
 """The `minisft` command line: argument parsing only; the work happens in the rooms below."""
 import dataclasses
+import errno
 import json
 import os
+import shlex
+import signal
 import sys
 import tempfile
 import traceback
 
 from minisft import tasks
 from minisft.cli import fetch as fetching
+from minisft.engine.errors import UserError
 from minisft.training import distributed, options
 
 
@@ -36,7 +40,7 @@ def _train(args):
 
     metrics = workflows.train(args)
     if distributed.world().rank == 0:
-        print(json.dumps(metrics, indent=2))
+        print(json.dumps(metrics, indent=2) if metrics else args.output)  # no metrics: where the model went
     return 0
 
 
@@ -171,7 +175,8 @@ def _add_training_options(parser):
         dest="lr_scheduler_type")
     number("eval_steps", "evaluate every N steps (0: each epoch end)")
     number("save_steps", "checkpoint every N steps (0: each epoch end)")
-    number("save_total_limit", "checkpoints kept (0: all)")
+    number("save_total_limit", "checkpoints kept, the newest (0: all; the default 2 keeps one to fall back on "
+                               "if the newest is damaged); an old one goes only once the new one is complete")
     number("logging_steps")
     add("--metric", dest="metric_for_best_model", type=options.Text("metric name"),
         help="metric that picks the best model (default: accuracy; pearson for regression; f1 for token "
@@ -214,8 +219,12 @@ def _add_training_options(parser):
     add("--matryoshka-dims", type=options.dimensions,
         help="embedding: train with MatryoshkaLoss around MultipleNegativesRankingLoss at these leading dimensions "
              "(e.g. 384,256,128,64), and report the retrieval metrics at each")
+    number("skip_nonfinite_steps", "float32: skip up to N steps whose loss or gradient is inf or NaN, each one "
+                                   "reported (as torch's GradScaler skips them); beyond N, or with 0, such a step "
+                                   "stops the run, naming its rows")
     number("max_train_examples", "train on a deterministic subset of N examples (0: all)")
-    number("max_eval_examples", "evaluate on a deterministic subset of N examples (0: all)")
+    number("max_eval_examples", "evaluate on a deterministic subset of N examples of --eval and of --test alike "
+                                "(0: all)")
     add("--report-to", choices=["none", "tensorboard"], dest="report_to",
         help="tensorboard: every scalar of metrics.jsonl also as TensorBoard events in OUTPUT/runs/ (needs the log "
              "extra: pip install -e '.[log]')")
@@ -400,34 +409,78 @@ def _one_line(exc):
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def main(argv=None):
-    """Run a command. Errors in what the user gave (options, files, data) print one line and
-    exit 2 (1 for a failed training run); anything else is a bug: one line that says so and
-    where its traceback is (MINISFT_DEBUG=1 raises it instead), exit 3. Under mpiexec, a rank
-    that fails ends every rank, naming itself."""
-    args = build_parser().parse_args(argv)
-    from minisft.inspect.viz import MissingExtra
-    from minisft.tasks.data import DataError
-    from minisft.training.trainer import TrainingError
+# the machine's failures, not the user's nor minisft's: a full disk or quota, an I/O error, a
+# read-only file system, no permission, too many open files
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM,
+                      errno.EMFILE, errno.ENFILE}
 
+
+def main(argv=None):
+    """Run a command. minisft's own error types (minisft.engine.errors.UserError: options,
+    files, data, checkpoints, fetches, the distributed setup, missing extras) print one line
+    and exit with their code: 2, or 1 for a run that failed on the way (a non-finite loss, a
+    write that failed), 143 or 130 for a run stopped by SIGTERM or SIGINT. The machine's own
+    failures (a full disk, an I/O error) print one line and exit 1. Anything else is a bug:
+    one line that says so and where its traceback is (MINISFT_DEBUG=1 raises it instead),
+    exit 3. A closed standard output (`| head`) ends the command quietly. Under mpiexec, a
+    rank that fails ends every rank, naming itself."""
+    args = build_parser().parse_args(argv)
+    args.given = {word.split("=")[0] for word in (sys.argv[1:] if argv is None else argv) if word.startswith("--")}
     try:
         if distributed.launched_size() > 1 and args.command != "train":
             raise distributed.DistributedError(f"only train runs data-parallel; run {args.command} without mpiexec")
-        return args.run(args)
-    except distributed.DistributedError as exc:  # the same on every rank: each stops, rank 0 says why
-        if distributed.world().rank == 0:
-            print(f"minisft {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except (fetching.FetchError, DataError, TrainingError, FileNotFoundError, FileExistsError,
-            ValueError, KeyError, MissingExtra, distributed.MissingMPI) as exc:
-        return _stop(args, f"error: {_one_line(exc)}", 2 if not isinstance(exc, TrainingError) else 1)
+        code = args.run(args)
+        sys.stdout.flush()  # a closed pipe shows here, while BrokenPipeError can still be caught
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
+    except UserError as exc:
+        if getattr(exc, "alike_on_every_rank", False):  # each rank stops by itself, rank 0 says why
+            if distributed.world().rank == 0:
+                print(f"minisft {args.command}: {_user_message(exc)}{_resume_hint(exc, argv)}", file=sys.stderr)
+            return exc.exit_code
+        return _stop(args, _user_message(exc) + _resume_hint(exc, argv), exc.exit_code)
     except KeyboardInterrupt:
         return _stop(args, "interrupted", 130)
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            return _internal_error(args, exc)
+        return _stop(args, f"error: {exc.filename or 'a file'}: {exc.strerror}", 1)
     except Exception as exc:
-        if os.environ.get("MINISFT_DEBUG", "").strip() not in ("", "0"):
-            raise
-        return _stop(args, f"internal error, a bug in minisft ({type(exc).__name__}: {_one_line(exc)}); the full "
-                           f"traceback is in {_traceback_log(args)}, or rerun with MINISFT_DEBUG=1", 3)
+        return _internal_error(args, exc)
+
+
+def _resume_hint(exc, argv):
+    """For a run stopped by a signal: '; continue with: COMMAND --resume'."""
+    from minisft.training.stopping import Stopped
+
+    if not isinstance(exc, Stopped):
+        return ""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    size = distributed.launched_size()
+    command = (["mpiexec", "-n", str(size)] if size > 1 else []) + ["minisft", *argv]
+    return f"; continue with: {shlex.join(command + ([] if '--resume' in argv else ['--resume']))}"
+
+
+def _internal_error(args, exc):
+    if os.environ.get("MINISFT_DEBUG", "").strip() not in ("", "0"):
+        raise exc
+    return _stop(args, f"internal error, a bug in minisft ({type(exc).__name__}: {_one_line(exc)}); the full "
+                       f"traceback is in {_traceback_log(args)}, or rerun with MINISFT_DEBUG=1", 3)
+
+
+def _closed_pipe():
+    """Whoever read standard output stopped reading (`minisft predict ... | head`): end quietly,
+    as Unix tools do, with the shell's code for SIGPIPE; what is still buffered goes nowhere."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, sys.stderr.fileno())
+    return 128 + signal.SIGPIPE
+
+
+def _user_message(exc):
+    """'error: ...' for a usage error or a failed run; a stopped run's line as it is."""
+    return f"{'error: ' if exc.exit_code in (1, 2) else ''}{_one_line(exc)}"
 
 
 def _stop(args, message, code):
@@ -435,7 +488,10 @@ def _stop(args, message, code):
     line = f"minisft {args.command}: {message}"
     if distributed.launched_size() > 1:
         distributed.fail(line, code)
-    print(line, file=sys.stderr)
+    try:
+        print(line, file=sys.stderr)
+    except BrokenPipeError:  # standard error is a closed pipe too (`2>&1 | head`)
+        return _closed_pipe()
     return code
 
 

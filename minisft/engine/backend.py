@@ -9,6 +9,8 @@ import functools
 
 import numpy
 
+from minisft.engine.errors import MissingExtra, UsageError
+
 _cupy = None
 _NO_DEVICE = contextlib.nullcontext()
 
@@ -20,16 +22,16 @@ def _import_cupy():
         try:
             import cupy
         except ImportError as exc:
-            raise RuntimeError(
+            raise MissingExtra(
                 "device 'cuda' needs CuPy, which is not installed: "
                 "pip install 'minisft[gpu]' (or the cupy-cudaXXx wheel matching your CUDA)"
             ) from exc
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as exc:  # CUDA driver missing or unusable
-            raise RuntimeError(f"device 'cuda' needs an NVIDIA GPU and driver: {exc}") from exc
+            raise UsageError(f"device 'cuda' needs an NVIDIA GPU and driver: {exc}") from exc
         if count == 0:
-            raise RuntimeError("device 'cuda' needs an NVIDIA GPU, but CuPy sees none")
+            raise UsageError("device 'cuda' needs an NVIDIA GPU, but CuPy sees none")
         _cupy = cupy
     return _cupy
 

@@ -20,13 +20,14 @@ import numpy
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from minisft.engine.errors import MissingFile, ModelFileError
 from minisft.files.atomic import write_atomic
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _BUFFERS = ("position_ids",)  # registered buffers some checkpoints carry; never parameters
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelFileError):
     """A checkpoint file that cannot be read, or does not fit the model."""
 
 
@@ -46,7 +47,7 @@ def _read_header(path):
             header = json.loads(f.read(length))
             data_size = os.fstat(f.fileno()).st_size - 8 - length
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist: a checkpoint directory needs "
+        raise MissingFile(f"{path} does not exist: a checkpoint directory needs "
                                 "model.safetensors (run `minisft fetch NAME` or save_pretrained)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: the header is not valid JSON; the file is corrupted: "
@@ -254,7 +255,7 @@ def load_checkpoint(directory):
         index = directory / f"{name}.index.json"
         if index.is_file():
             return index, _sharded(index, load)
-    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin (nor a sharded index of "
+    raise MissingFile(f"{directory}: no model.safetensors or pytorch_model.bin (nor a sharded index of "
                             "either): a checkpoint directory needs its weights (run `minisft fetch NAME`)")
 
 

@@ -10,15 +10,13 @@ import json
 import math
 import pathlib
 
+from minisft.engine.errors import MissingFile, UsageError
+from minisft.engine.errors import MissingExtra
 from minisft.engine.tensor import Tensor
 from minisft.files.atomic import write_bytes_atomic
 
 VIZ_EXTRA = "pip install -e '.[viz]'"
 EVALUATION_PREFIXES = ("eval_", "test_")  # metrics.jsonl keys of the dev and test sets' scores
-
-
-class MissingExtra(ImportError):
-    """A picture needs a package of the viz extra that is not installed."""
 
 
 def _require(module):
@@ -161,7 +159,7 @@ def read_metrics(run_directory):
     that an interrupted and resumed run reads as one run."""
     path = pathlib.Path(run_directory) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: give a run directory that `minisft train --output` "
+        raise MissingFile(f"{path} does not exist: give a run directory that `minisft train --output` "
                                 "wrote (it holds metrics.jsonl)")
     training, evaluation = {}, {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -171,7 +169,7 @@ def read_metrics(run_directory):
             record = json.loads(line)
             step = record["step"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}: line {number} is not a metrics record with a step; "
+            raise UsageError(f"{path}: line {number} is not a metrics record with a step; "
                              "it was not written by minisft train") from None
         if "loss" in record:
             training[step] = record

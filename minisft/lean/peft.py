@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy
 
+from minisft.engine.errors import ModelFileError, UsageError
 from minisft import nn
 from minisft.engine import random
 from minisft.files.atomic import write_json_atomic
@@ -40,7 +41,7 @@ def freeze(model, embeddings=False, layers=0):
     """Freeze the base model's embeddings and/or its lowest `layers` encoder layers."""
     stack = model.encoder_layers()
     if not 0 <= layers <= len(stack):
-        raise ValueError(f"--freeze-layers {layers}: the model has {len(stack)} layers; give 0 to {len(stack)}")
+        raise UsageError(f"--freeze-layers {layers}: the model has {len(stack)} layers; give 0 to {len(stack)}")
     if embeddings:
         model.base_model().embeddings.requires_grad_(False)
     for layer in stack[:layers]:
@@ -60,11 +61,11 @@ class LoraConfig:
 
     def __post_init__(self):
         if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoRA r {self.r!r}: the rank must be a positive integer (e.g. 8)")
+            raise UsageError(f"LoRA r {self.r!r}: the rank must be a positive integer (e.g. 8)")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoRA dropout {self.lora_dropout!r}: must be in [0, 1)")
+            raise UsageError(f"LoRA dropout {self.lora_dropout!r}: must be in [0, 1)")
         if self.bias != "none":
-            raise ValueError(f"LoRA bias {self.bias!r}: minisft trains no biases under LoRA; use 'none'")
+            raise UsageError(f"LoRA bias {self.bias!r}: minisft trains no biases under LoRA; use 'none'")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
 
@@ -145,7 +146,7 @@ class LoraModel(nn.Module):
         targets = [path for path in linears
                    if any(path == t or path.endswith("." + t) for t in config.target_modules)]
         if not targets:
-            raise ValueError(f"LoRA target modules {config.target_modules} match no Linear layer of "
+            raise UsageError(f"LoRA target modules {config.target_modules} match no Linear layer of "
                              f"{type(model).__name__}; its Linear layers are: {', '.join(_short_names(linears))}")
         model.requires_grad_(False)
         modules = dict(model.named_modules())
@@ -235,12 +236,12 @@ class LoraModel(nn.Module):
         given = {key.removeprefix(PEFT_PREFIX): value for key, value in state.items()}
         missing = sorted(set(params) - set(given))
         if missing:
-            raise ValueError(f"{source}: adapter weights {', '.join(missing[:4])} are missing; the adapter does not "
+            raise ModelFileError(f"{source}: adapter weights {', '.join(missing[:4])} are missing; the adapter does not "
                              "fit this model (another rank, target modules or base)")
         for name, param in params.items():
             value = given[name]
             if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"{source}: {PEFT_PREFIX}{name} has shape {tuple(value.shape)}, the model's is "
+                raise ModelFileError(f"{source}: {PEFT_PREFIX}{name} has shape {tuple(value.shape)}, the model's is "
                                  f"{tuple(param.shape)}")
             param.data = param.device.put(value).astype(param.dtype, copy=True)
 
@@ -273,9 +274,9 @@ def read_adapter_config(directory):
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise ModelFileError(f"{path}: not valid JSON ({exc})") from None
     if spec.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: field 'peft_type' is {spec.get('peft_type')!r}; minisft reads LoRA adapters")
+        raise ModelFileError(f"{path}: field 'peft_type' is {spec.get('peft_type')!r}; minisft reads LoRA adapters")
     fields = {k: spec[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "modules_to_save")
               if spec.get(k) is not None}
     return LoraConfig(**fields), spec.get("base_model_name_or_path")

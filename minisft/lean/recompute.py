@@ -15,6 +15,7 @@ import inspect
 
 import numpy
 
+from minisft.engine.errors import UsageError
 from minisft.engine import random
 from minisft.engine.backend import get_array_module
 from minisft.engine.runtime import release_free_memory
@@ -117,7 +118,7 @@ def gradient_checkpointing(model):
     layers = model.encoder_layers()
     inputs = list(inspect.signature(type(layers[0]).forward).parameters)[1:]
     if inputs != ["hidden_states", "attention_mask", "output_attentions"]:
-        raise ValueError(f"gradient checkpointing is not available for {type(layers[0]).__name__} yet (its layers "
+        raise UsageError(f"gradient checkpointing is not available for {type(layers[0]).__name__} yet (its layers "
                          f"take {', '.join(inputs)}); train without --gradient-checkpointing")
     for layer in layers[:-1]:
         mix_in(layer, RecomputedLayer)

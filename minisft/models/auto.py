@@ -9,6 +9,7 @@ import json
 import pathlib
 from dataclasses import dataclass
 
+from minisft.engine.errors import MissingFile, ModelFileError
 from minisft import lean as _lean
 from minisft.models import bert, deberta_v2, distilbert, electra, modernbert, mpnet, roberta, xlm_roberta
 from minisft.models.config import BertConfig
@@ -73,9 +74,9 @@ def _read_json(path, what):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist: {what}") from None
+        raise MissingFile(f"{path} does not exist: {what}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise ModelFileError(f"{path}: not valid JSON ({exc})") from None
 
 
 def model_type(directory):
@@ -89,7 +90,7 @@ def model_type(directory):
         architecture = (config.get("architectures") or [""])[0].lower()
         name = next((family for family in FAMILIES if architecture.startswith(family)), None)
     if name not in FAMILIES:
-        raise ValueError(f"{path}: field 'model_type' is {name!r}; supported: {', '.join(FAMILIES)}")
+        raise ModelFileError(f"{path}: field 'model_type' is {name!r}; supported: {', '.join(FAMILIES)}")
     return name
 
 
@@ -106,7 +107,7 @@ class _Auto:
     def from_pretrained(cls, directory, **kwargs):
         model_class = getattr(family(directory), cls.role)
         if model_class is None:
-            raise ValueError(f"{directory}: minisft has no {cls.role.replace('_', '-')} head for "
+            raise ModelFileError(f"{directory}: minisft has no {cls.role.replace('_', '-')} head for "
                              f"{model_type(directory)} checkpoints; use one of "
                              f"{', '.join(n for n, f in FAMILIES.items() if getattr(f, cls.role))}")
         return model_class.from_pretrained(directory, **kwargs)
@@ -152,7 +153,7 @@ BY_MODEL_TYPE = {"BPE": ByteLevelBPETokenizer, "Unigram": UnigramTokenizer, "Wor
 def _by_tokenizer_json(path):
     kind = (_read_json(path, "PreTrainedTokenizerFast needs tokenizer.json").get("model") or {}).get("type")
     if kind not in BY_MODEL_TYPE:
-        raise ValueError(f"{path}: field 'model.type' is {kind!r}; supported: {', '.join(BY_MODEL_TYPE)}")
+        raise ModelFileError(f"{path}: field 'model.type' is {kind!r}; supported: {', '.join(BY_MODEL_TYPE)}")
     return BY_MODEL_TYPE[kind]
 
 
@@ -167,5 +168,5 @@ class AutoTokenizer:
         if name in ("PreTrainedTokenizerFast", "TokenizersBackend"):  # generic: tokenizer.json's model decides
             return _by_tokenizer_json(pathlib.Path(directory) / "tokenizer.json").from_pretrained(directory)
         if name not in TOKENIZERS:
-            raise ValueError(f"{path}: field 'tokenizer_class' is {name!r}; supported: {', '.join(TOKENIZERS)}")
+            raise ModelFileError(f"{path}: field 'tokenizer_class' is {name!r}; supported: {', '.join(TOKENIZERS)}")
         return TOKENIZERS[name].from_pretrained(directory)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from minisft.engine.errors import MissingFile
 from minisft import nn
 from minisft.engine import functional as F
 from minisft.engine import random
@@ -272,7 +273,7 @@ class BertPreTrainedModel(nn.Module):
         """Build from `directory` (config.json + model.safetensors), as transformers saves it."""
         directory = pathlib.Path(directory)
         if not directory.is_dir():
-            raise FileNotFoundError(f"{directory} is not a directory; expected a checkpoint "
+            raise MissingFile(f"{directory} is not a directory; expected a checkpoint "
                                     "directory with config.json and model.safetensors "
                                     "(`minisft fetch all-MiniLM-L6-v2` makes one)")
         config = cls.config_class.from_pretrained(directory, **config_overrides)

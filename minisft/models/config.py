@@ -3,6 +3,7 @@ import copy
 import json
 import pathlib
 
+from minisft.engine.errors import MissingFile, ModelFileError
 from minisft.files.atomic import write_json_atomic
 
 
@@ -74,10 +75,10 @@ class BertConfig:
         try:
             fields = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path} does not exist: a checkpoint directory needs "
+            raise MissingFile(f"{path} does not exist: a checkpoint directory needs "
                                     "config.json (run `minisft fetch NAME` or save_pretrained)") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+            raise ModelFileError(f"{path}: not valid JSON ({exc})") from None
         return cls(source=str(path), **{**fields, **overrides})
 
     @classmethod

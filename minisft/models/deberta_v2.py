@@ -17,6 +17,7 @@ import math
 
 import numpy
 
+from minisft.engine.errors import ModelFileError
 from minisft import nn
 from minisft.engine import functional as F
 from minisft.engine.tensor import array_of
@@ -55,12 +56,12 @@ class DebertaV2Config(BertConfig):
         super().validate()
         unknown = set(self.pos_att_type or []) - {"c2p", "p2c"}
         if unknown:
-            raise ValueError(f"{self._source}: field 'pos_att_type' holds {sorted(unknown)}; DeBERTa's are c2p, p2c")
+            raise ModelFileError(f"{self._source}: field 'pos_att_type' holds {sorted(unknown)}; DeBERTa's are c2p, p2c")
         if self.conv_kernel_size:
-            raise ValueError(f"{self._source}: field 'conv_kernel_size' is {self.conv_kernel_size}; minisft's "
+            raise ModelFileError(f"{self._source}: field 'conv_kernel_size' is {self.conv_kernel_size}; minisft's "
                              "DeBERTa-v2 has no convolution layer (DeBERTa-v3 and most v2 checkpoints have none)")
         if self.pooler_hidden_act not in POOLER_ACTIVATIONS:
-            raise ValueError(f"{self._source}: field 'pooler_hidden_act' is {self.pooler_hidden_act!r}; supported: "
+            raise ModelFileError(f"{self._source}: field 'pooler_hidden_act' is {self.pooler_hidden_act!r}; supported: "
                              f"{', '.join(POOLER_ACTIVATIONS)}")
 
     @property

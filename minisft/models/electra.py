@@ -5,6 +5,7 @@ the first token). Loading, saving, initialisation and the losses are BERT's.
 
 Shapes: B batch, L sequence length, E embedding_size, H hidden_size.
 """
+from minisft.engine.errors import ModelFileError
 from minisft import nn
 from minisft.engine import functional as F
 from minisft.models.bert import (BertEmbeddings, BertEncoder, BertModel, BertPreTrainedModel)
@@ -24,7 +25,7 @@ class ElectraConfig(BertConfig):
     def validate(self):
         super().validate()
         if not isinstance(self.embedding_size, int) or self.embedding_size <= 0:
-            raise ValueError(f"{self._source}: field 'embedding_size' must be a positive integer, "
+            raise ModelFileError(f"{self._source}: field 'embedding_size' must be a positive integer, "
                              f"not {self.embedding_size!r}")
 
 

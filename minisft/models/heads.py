@@ -6,6 +6,7 @@ Shapes: B batch, L sequence length, H hidden_size, C choices.
 """
 from dataclasses import dataclass
 
+from minisft.engine.errors import ModelFileError
 from minisft import nn
 from minisft.engine import functional as F
 from minisft.engine.backend import get_array_module
@@ -75,7 +76,7 @@ def sequence_classification_loss(config, logits, labels):
         return F.cross_entropy(logits, labels.reshape(-1) if hasattr(labels, "reshape") else labels)
     if problem == "multi_label_classification":
         return F.binary_cross_entropy_with_logits(logits, _as_float(labels, logits))
-    raise ValueError(f"config.json: unknown problem_type {problem!r}; use regression, "
+    raise ModelFileError(f"config.json: unknown problem_type {problem!r}; use regression, "
                      "single_label_classification or multi_label_classification")
 
 

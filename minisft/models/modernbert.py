@@ -13,6 +13,7 @@ Shapes: B batch, L sequence length, H hidden_size, nh heads of dh = H / nh, I in
 """
 import numpy
 
+from minisft.engine.errors import ModelFileError
 from minisft import nn
 from minisft.engine import functional as F
 from minisft.engine import random
@@ -61,27 +62,27 @@ class ModernBertConfig(BertConfig):
 
     def validate(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"{self._source}: field 'hidden_size' ({self.hidden_size}) must be a multiple of "
+            raise ModelFileError(f"{self._source}: field 'hidden_size' ({self.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads})")
         for field in ("hidden_activation", "classifier_activation"):
             if getattr(self, field) not in ACTIVATIONS:
-                raise ValueError(f"{self._source}: field {field!r} is {getattr(self, field)!r}; supported: "
+                raise ModelFileError(f"{self._source}: field {field!r} is {getattr(self, field)!r}; supported: "
                                  f"{', '.join(ACTIVATIONS)}")
         if self.classifier_pooling not in ("cls", "mean"):
-            raise ValueError(f"{self._source}: field 'classifier_pooling' is {self.classifier_pooling!r}; use cls "
+            raise ModelFileError(f"{self._source}: field 'classifier_pooling' is {self.classifier_pooling!r}; use cls "
                              "or mean")
         for field in self.positive_fields:
             if not isinstance(getattr(self, field), int) or getattr(self, field) <= 0:
-                raise ValueError(f"{self._source}: field {field!r} must be a positive integer, not "
+                raise ModelFileError(f"{self._source}: field {field!r} must be a positive integer, not "
                                  f"{getattr(self, field)!r}")
 
     def validate_layers(self):
         if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - set(LAYER_TYPES):
-            raise ValueError(f"{self._source}: field 'layer_types' must list {self.num_hidden_layers} of "
+            raise ModelFileError(f"{self._source}: field 'layer_types' must list {self.num_hidden_layers} of "
                              f"{', '.join(LAYER_TYPES)}")
         for kind, rope in self.rope_parameters.items():
             if rope.get("rope_type", "default") != "default":
-                raise ValueError(f"{self._source}: field 'rope_parameters' has rope_type {rope['rope_type']!r} for "
+                raise ModelFileError(f"{self._source}: field 'rope_parameters' has rope_type {rope['rope_type']!r} for "
                                  f"{kind}; minisft's ModernBERT has the default rotary embeddings")
 
     @property

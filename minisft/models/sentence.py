@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from minisft.engine.errors import ModelFileError
 from minisft import nn
 from minisft.engine import functional as F
 from minisft.engine.ops import cat
@@ -181,7 +182,7 @@ def _read_modules(directory):
         config = json.loads((directory / pooling["path"] / "config.json").read_text(encoding="utf-8"))
         mode = config.get("pooling_mode") or ("cls" if config.get("pooling_mode_cls_token") else "mean")
         if mode not in POOLING_MODES or config.get("pooling_mode_max_tokens"):
-            raise ValueError(f"{directory / pooling['path'] / 'config.json'}: pooling {mode!r}; minisft pools by "
+            raise ModelFileError(f"{directory / pooling['path'] / 'config.json'}: pooling {mode!r}; minisft pools by "
                              f"{' or '.join(POOLING_MODES)}")
         found["pooling"] = mode
     settings = directory / "sentence_bert_config.json"

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy
 
+from minisft.engine.errors import UserError
+
 TEXT_COLUMNS = ("text", "sentence", "sentence1", "question", "premise")
 PAIR_COLUMNS = ("text_pair", "sentence2", "question2", "hypothesis")
 LABEL_COLUMNS = ("label", "labels", "score")
@@ -23,7 +25,7 @@ TAG_COLUMNS = ("tags", "ner_tags", "labels", "label")
 IGNORE_INDEX = -100
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file that cannot be used; the message names the file (and line) and the fix."""
 
 

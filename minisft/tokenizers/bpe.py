@@ -14,6 +14,7 @@ import json
 import pathlib
 import re
 
+from minisft.engine.errors import MissingFile, ModelFileError
 from minisft.files.atomic import write_json_atomic, write_text_atomic
 from minisft.tokenizers import unicode
 from minisft.tokenizers.encoding import EncodedText, Tokenizer, WordCache, template_layout, token_content
@@ -95,7 +96,7 @@ class ByteLevelBPETokenizer(Tokenizer):
             source = directory / "vocab.json"
             options = {"vocab": _read_json(source), "merges": load_merges(directory / "merges.txt")}
         else:
-            raise FileNotFoundError(f"{directory}: a byte-level BPE tokenizer needs tokenizer.json, or vocab.json "
+            raise MissingFile(f"{directory}: a byte-level BPE tokenizer needs tokenizer.json, or vocab.json "
                                     "and merges.txt (save the tokenizer with transformers' save_pretrained)")
         config_file = directory / "tokenizer_config.json"
         if config_file.is_file():
@@ -241,9 +242,9 @@ def _read_json(path):
     try:
         return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist: byte-level BPE needs it next to vocab.json") from None
+        raise MissingFile(f"{path} does not exist: byte-level BPE needs it next to vocab.json") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise ModelFileError(f"{path}: not valid JSON ({exc})") from None
 
 
 def load_merges(path):
@@ -251,14 +252,14 @@ def load_merges(path):
     try:
         lines = pathlib.Path(path).read_text(encoding="utf-8").split("\n")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} does not exist: byte-level BPE needs merges.txt next to vocab.json") from None
+        raise MissingFile(f"{path} does not exist: byte-level BPE needs merges.txt next to vocab.json") from None
     merges = []
     for number, line in enumerate(lines, 1):
         if not line.strip() or (number == 1 and line.startswith("#version")):
             continue
         pair = line.rstrip("\r").split(" ")
         if len(pair) != 2:
-            raise ValueError(f"{path}: line {number} is {line!r}, not two tokens separated by one space")
+            raise ModelFileError(f"{path}: line {number} is {line!r}, not two tokens separated by one space")
         merges.append(tuple(pair))
     return merges
 
@@ -270,14 +271,14 @@ def load_bpe_json(path):
     model = spec.get("model") if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE":
         kind = model.get("type") if isinstance(model, dict) else None
-        raise ValueError(f"{path}: field 'model.type' is {kind!r}; minisft reads byte-level 'BPE' tokenizers "
+        raise ModelFileError(f"{path}: field 'model.type' is {kind!r}; minisft reads byte-level 'BPE' tokenizers "
                          "here (and WordPiece ones for BERT-like models)")
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") != "ByteLevel" or pre.get("use_regex", True) is not True:
-        raise ValueError(f"{path}: field 'pre_tokenizer' is {pre.get('type')!r}; minisft's BPE reads the "
+        raise ModelFileError(f"{path}: field 'pre_tokenizer' is {pre.get('type')!r}; minisft's BPE reads the "
                          "ByteLevel pre-tokenizer (with its regex) only")
     if spec.get("normalizer") is not None:
-        raise ValueError(f"{path}: field 'normalizer' is {spec['normalizer'].get('type')!r}; minisft's byte-level "
+        raise ModelFileError(f"{path}: field 'normalizer' is {spec['normalizer'].get('type')!r}; minisft's byte-level "
                          "BPE reads tokenizers without a normalizer")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     post = spec.get("post_processor") or {}

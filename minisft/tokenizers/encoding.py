@@ -12,6 +12,7 @@ import re
 
 import numpy
 
+from minisft.engine.errors import ModelFileError
 from minisft.tokenizers import unicode
 
 
@@ -111,7 +112,7 @@ class Tokenizer:
         extra: special tokens without a role (split out of text, skipped in decoding alike)."""
         missing = [t for t in [*roles.values(), *extra] if t not in self.vocab]
         if missing:
-            raise ValueError(f"{source}: special tokens {', '.join(missing)} are not in the vocabulary")
+            raise ModelFileError(f"{source}: special tokens {', '.join(missing)} are not in the vocabulary")
         for role, token in roles.items():
             setattr(self, role, token)
             setattr(self, role + "_id", self.vocab[token])
@@ -376,7 +377,7 @@ def template_layout(spec, vocab, source):
     TemplateProcessing post-processor; its single template's A is its pair's."""
     if not spec or spec.get("type") != "TemplateProcessing":
         kind = spec.get("type") if spec else None
-        raise ValueError(f"{source}: field 'post_processor' is {kind!r}; minisft reads TemplateProcessing")
+        raise ModelFileError(f"{source}: field 'post_processor' is {kind!r}; minisft reads TemplateProcessing")
 
     def parts(template):
         """The special ids around each sequence, and each sequence's type id."""

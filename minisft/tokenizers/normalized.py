@@ -12,6 +12,7 @@ also drops the n original characters after it.
 import base64
 import re
 
+from minisft.engine.errors import ModelFileError
 from minisft.tokenizers import unicode
 from minisft.tokenizers.graphemes import clusters
 from minisft.tokenizers.sentencepiece import Charsmap
@@ -160,5 +161,5 @@ def normalizers(spec, source):
         return [Prepend(spec["prepend"])]
     if kind == "Lowercase":
         return [Lowercase()]
-    raise ValueError(f"{source}: field 'normalizer' has type {kind!r}; minisft's SentencePiece tokenizers read "
+    raise ModelFileError(f"{source}: field 'normalizer' has type {kind!r}; minisft's SentencePiece tokenizers read "
                      "Sequence, Precompiled, Replace, Strip, Prepend and Lowercase")

@@ -7,6 +7,8 @@ sentencepiece.bpe.model: a protobuf ModelProto) and its precompiled normalisatio
 """
 import struct
 
+from minisft.engine.errors import ModelFileError
+
 # sentencepiece_model.proto's field numbers, and the piece types
 _PIECE = {1: "piece", 2: "score", 3: "type"}
 _TRAINER = {3: "model_type", 35: "byte_fallback", 40: "unk_id", 41: "bos_id", 42: "eos_id", 43: "pad_id"}
@@ -14,10 +16,6 @@ _NORMALIZER = {1: "name", 2: "precompiled_charsmap", 3: "add_dummy_prefix", 4: "
                5: "escape_whitespaces"}
 PIECE_TYPES = {1: "normal", 2: "unknown", 3: "control", 4: "user_defined", 5: "unused", 6: "byte"}
 MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
-
-
-class ModelFileError(ValueError):
-    """A SentencePiece model file that cannot be read."""
 
 
 def _fields(data, path):

@@ -7,6 +7,8 @@ these classes even when tokenizer.json spells another, so the class decides, as 
 """
 import base64
 
+from minisft.engine.errors import ModelFileError
+
 ROLE_ORDER = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -94,7 +96,7 @@ class DebertaV2:
     @classmethod
     def pipeline(cls, charsmap, roles, ids, settings, source):
         if not charsmap or settings.get("split_by_punct"):
-            raise ValueError(f"{source}: a DebertaV2Tokenizer without a charsmap, or with split_by_punct, is not "
+            raise ModelFileError(f"{source}: a DebertaV2Tokenizer without a charsmap, or with split_by_punct, is not "
                              "read by minisft (DeBERTa-v3's has a charsmap and no split_by_punct)")
         normalizers = [{"type": "Lowercase"}] if settings.get("do_lower_case") else []
         normalizers += [_charsmap_spec(charsmap), {"type": "Strip", "strip_left": False, "strip_right": True},
@@ -143,10 +145,10 @@ def from_model_file(proto, settings, source):
     it for tokenizer_config.json's tokenizer_class (XLMRobertaTokenizer where none is named)."""
     name = settings.get("tokenizer_class") or "XLMRobertaTokenizer"
     if name not in CLASSES:
-        raise ValueError(f"{source}: tokenizer_class {name!r} from a SentencePiece model file alone is not read; "
+        raise ModelFileError(f"{source}: tokenizer_class {name!r} from a SentencePiece model file alone is not read; "
                          f"minisft converts {', '.join(CLASSES)} (or give tokenizer.json)")
     if proto["trainer"]["model_type"] != "unigram":
-        raise ValueError(f"{source}: trainer_spec.model_type is {proto['trainer']['model_type']!r}; minisft reads "
+        raise ModelFileError(f"{source}: trainer_spec.model_type is {proto['trainer']['model_type']!r}; minisft reads "
                          "Unigram SentencePiece models")
     kind = CLASSES[name]
     vocab, added, unk_id = kind.vocab_from_model(proto, _roles(kind, settings))

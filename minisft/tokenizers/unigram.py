@@ -12,6 +12,7 @@ or as its UTF-8 bytes <0xNN> where the model has byte fallback -> <s> A </s> (</
 import json
 import pathlib
 
+from minisft.engine.errors import MissingFile, ModelFileError
 from minisft.files.atomic import write_json_atomic
 from minisft.tokenizers import unicode
 from minisft.tokenizers.encoding import EncodedText, Tokenizer, WordCache, template_layout, token_content
@@ -74,12 +75,12 @@ class UnigramTokenizer(Tokenizer):
             spec = _read_json(source)
             kind = (spec.get("model") or {}).get("type") if isinstance(spec, dict) else None
             if kind != "Unigram":
-                raise ValueError(f"{source}: field 'model.type' is {kind!r}, not 'Unigram'")
+                raise ModelFileError(f"{source}: field 'model.type' is {kind!r}, not 'Unigram'")
             spec, roles = spm_classes.from_tokenizer_json(spec, settings, source)
         else:
             source = next((directory / name for name in SPM_FILES if (directory / name).is_file()), None)
             if source is None:
-                raise FileNotFoundError(f"{directory}: a SentencePiece tokenizer needs tokenizer.json or one of "
+                raise MissingFile(f"{directory}: a SentencePiece tokenizer needs tokenizer.json or one of "
                                         f"{', '.join(SPM_FILES)} (save the tokenizer with transformers' "
                                         "save_pretrained)")
             spec, roles = spm_classes.from_model_file(read_model(source), settings, source)
@@ -222,7 +223,7 @@ def _metaspace(spec, source):
     parts = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec or {}]
     kinds = [p.get("type") for p in parts]
     if kinds not in (["Metaspace"], ["WhitespaceSplit", "Metaspace"]):
-        raise ValueError(f"{source}: field 'pre_tokenizer' is {' + '.join(map(str, kinds))}; minisft's "
+        raise ModelFileError(f"{source}: field 'pre_tokenizer' is {' + '.join(map(str, kinds))}; minisft's "
                          "SentencePiece tokenizers read Metaspace, alone or after WhitespaceSplit")
     meta = parts[-1]
     scheme = meta.get("prepend_scheme", "always" if meta.get("add_prefix_space", True) else "never")
@@ -233,4 +234,4 @@ def _read_json(path):
     try:
         return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise ModelFileError(f"{path}: not valid JSON ({exc})") from None

@@ -12,6 +12,7 @@ import json
 import pathlib
 import re
 
+from minisft.engine.errors import MissingFile, ModelFileError
 from minisft.files.atomic import write_json_atomic, write_text_atomic
 from minisft.tokenizers import unicode
 from minisft.tokenizers.encoding import EncodedText, Tokenizer, WordCache, token_content
@@ -162,14 +163,14 @@ class BertTokenizer(Tokenizer):
             vocab_file = directory / "tokenizer.json"
             vocab, options = load_wordpiece_json(vocab_file)
         else:
-            raise FileNotFoundError(f"{vocab_file} does not exist (nor tokenizer.json): a tokenizer needs "
+            raise MissingFile(f"{vocab_file} does not exist (nor tokenizer.json): a tokenizer needs "
                                     "vocab.txt, one token per line (run `minisft fetch NAME`)")
         config_file = directory / "tokenizer_config.json"
         if config_file.is_file():
             try:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{config_file}: not valid JSON ({exc})") from None
+                raise ModelFileError(f"{config_file}: not valid JSON ({exc})") from None
             keys = ("do_lower_case", "tokenize_chinese_chars", "strip_accents", "model_max_length",
                     *SPECIAL_TOKENS)
             options.update({k: token_content(config[k]) for k in keys if config.get(k) is not None})
@@ -247,9 +248,9 @@ def load_wordpiece_json(path):
         spec = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
         model = spec["model"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a tokenizer.json ({exc}); save the tokenizer again") from None
+        raise ModelFileError(f"{path}: not a tokenizer.json ({exc}); save the tokenizer again") from None
     if model.get("type") != "WordPiece" or model.get("continuing_subword_prefix", "##") != "##":
-        raise ValueError(f"{path}: field 'model.type' is {model.get('type')!r}; minisft reads WordPiece "
+        raise ModelFileError(f"{path}: field 'model.type' is {model.get('type')!r}; minisft reads WordPiece "
                          "tokenizers (with the '##' prefix) here: give vocab.txt, or a WordPiece tokenizer.json")
     options = {"unk_token": model.get("unk_token", "[UNK]")}
     normalizer = spec.get("normalizer") or {}

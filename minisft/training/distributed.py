@@ -26,18 +26,20 @@ import time
 import numpy
 
 from minisft.engine.backend import get_array_module
+from minisft.engine.errors import MissingExtra, UserError
 
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # MPICH/Intel, Open MPI, MVAPICH
 BUCKET_MB = 8
 ABORT_DELAY_S = 1.0
 
 
-class DistributedError(RuntimeError):
+class DistributedError(UserError, RuntimeError):
     """Ranks that cannot train together: raised alike on every rank, before training, so
     that every rank can stop without MPI Abort (the command line has rank 0 say it)."""
+    alike_on_every_rank = True
 
 
-class MissingMPI(RuntimeError):
+class MissingMPI(MissingExtra):
     """Started by an MPI launcher, but mpi4py is not installed."""
 
 
@@ -182,10 +184,11 @@ def per_rank_batch(batch_size, size):
 
 
 def fingerprint(features):
-    """A hash of encoded features (ids, segments, labels), to compare what ranks read."""
+    """A hash of encoded features (ids, segments, labels), to compare what ranks read (not
+    where: "row" names the file, which may lie elsewhere on each host)."""
     digest = hashlib.sha256()
     for feature in features or ():
-        for key in sorted(feature):
+        for key in sorted(set(feature) - {"row"}):
             value = feature[key].tolist() if hasattr(feature[key], "tolist") else feature[key]
             digest.update(json.dumps([key, value]).encode())
     return digest.hexdigest()

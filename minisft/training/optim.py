@@ -167,16 +167,24 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0):
     """Scale all gradients together so that their global norm is at most max_norm.
     Returns the norm before clipping (a float)."""
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    xp = get_array_module(grads[0])
-    with one_blas_thread():  # no BLAS worker threads woken (and left spinning) by the dots
-        total = _total_norm(xp, grads, norm_type)
+    total = _total_norm_of(grads, norm_type)
     coefficient = max_norm / (total + 1e-6)
     if coefficient < 1.0:
         for g in grads:
             g *= g.dtype.type(coefficient)
     return total
+
+
+def grad_norm(parameters, norm_type=2.0):
+    """The norm of all gradients together (0.0 without any), as clip_grad_norm_ measures it."""
+    return _total_norm_of([p.grad for p in parameters if p.grad is not None], norm_type)
+
+
+def _total_norm_of(grads, norm_type):
+    if not grads:
+        return 0.0
+    with one_blas_thread():  # no BLAS worker threads woken (and left spinning) by the dots
+        return _total_norm(get_array_module(grads[0]), grads, norm_type)
 
 
 def _total_norm(xp, grads, norm_type):

@@ -7,8 +7,10 @@ violation is an OptionError: one line naming the option, the value, what is vali
 import argparse
 import math
 
+from minisft.engine.errors import UsageError
 
-class OptionError(ValueError):
+
+class OptionError(UsageError):
     """An option value that cannot work: '--OPTION VALUE: what is valid; the fix'."""
 
     def __init__(self, option, value, valid, fix):
@@ -135,6 +137,7 @@ TRAINING = {
     "max_train_examples": Number(int, 0, 10 ** 9, example=8000),
     "max_eval_examples": Number(int, 0, 10 ** 9, example=2000),
     "threshold": Number(float, 0, 1, above=True, example=0.5),
+    "skip_nonfinite_steps": Number(int, 0, 10 ** 9, example=1),
 }
 
 

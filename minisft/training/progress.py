@@ -6,7 +6,9 @@ import time
 
 class Progress:
     """step, loss, lr, it/s and ETA: one updating line on a terminal, else plain log lines
-    every `every` steps. Returns a metrics record whenever a log line is due."""
+    every `every` steps. Returns a metrics record whenever a log line is due. The loss shown
+    is the one metrics.jsonl records: the mean over the steps since the last log line (a
+    skipped step, loss None, left out)."""
 
     def __init__(self, total, start, log, every):
         self.total, self.start_step, self.log, self.every = total, start, log, max(1, every)
@@ -15,17 +17,18 @@ class Progress:
         self.losses = []
 
     def update(self, step, loss, lr, epoch):
-        self.losses.append(loss)
+        if loss is not None:
+            self.losses.append(loss)
+        mean = sum(self.losses) / len(self.losses) if self.losses else None
         done = step - self.start_step
         rate = done / max(time.perf_counter() - self.started, 1e-9)
         eta = (self.total - step) / rate if rate else float("inf")
-        line = (f"step {step}/{self.total} epoch {epoch} loss {loss:.4f} lr {lr:.3g} "
-                f"{rate:.2f} it/s ETA {_duration(eta)}")
+        shown = "-" if mean is None else f"{mean:.4f}"
+        line = f"step {step}/{self.total} epoch {epoch:g} loss {shown} lr {lr:.3g} {rate:.2f} it/s ETA {_duration(eta)}"
         if self.tty:
             print("\r" + line, end="", file=sys.stderr, flush=True)
         if step % self.every == 0 or step == self.total:
-            record = {"step": step, "epoch": epoch, "loss": sum(self.losses) / len(self.losses),
-                      "learning_rate": lr, "it_per_s": rate}
+            record = {"step": step, "epoch": epoch, "loss": mean, "learning_rate": lr, "it_per_s": rate}
             self.losses = []
             if not self.tty:
                 self.log(line)

@@ -7,8 +7,9 @@ Output directory layout:
                                                                        loadable by transformers
     training_args.json      the arguments of the run (task, columns, labels, hyper-parameters)
     metrics.jsonl           one JSON object per log line and per evaluation
-    checkpoint-STEP/        model + optimizer.safetensors + trainer_state.json, for --resume
-    best/                   the best model so far, when evaluating
+    checkpoint-STEP/        model + optimizer.safetensors + trainer_state.json + sha256sums.json,
+                            for --resume (minisft.training.checkpoints)
+    best/                   the best model so far, while evaluating; moved into output_dir at the end
 
 Started by mpiexec with several ranks, the trainer is data-parallel (minisft.training.distributed):
 each rank takes its share of every global batch, gradients are summed across ranks during
@@ -17,28 +18,26 @@ backward, evaluation is shared out and gathered, and only rank 0 writes files an
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import re
 import shutil
 import sys
 from dataclasses import dataclass
 
 from minisft import __version__, tasks
 from minisft.engine import amp, random
-from minisft.engine.backend import Device
+from minisft.engine.errors import UserError
 from minisft.engine.runtime import keep_freed_memory
 from minisft.engine.tensor import no_grad
-from minisft.files.atomic import write_json_atomic
-from minisft.files.weights import load_safetensors, save_safetensors
+from minisft.files.atomic import append_line, move_files, write_json_atomic
 from minisft.tasks.data import collate, eval_order, steps_per_epoch, train_order
-from minisft.training import class_weights, distributed, tensorboard
-from minisft.training.optim import SCHEDULES, AdamW, clip_grad_norm_, parameter_groups
-from minisft.training.options import check_training_arguments
+from minisft.training import checkpoints, class_weights, distributed, stopping, tensorboard
+from minisft.training.optim import SCHEDULES, AdamW, clip_grad_norm_, grad_norm, parameter_groups
+from minisft.training.options import OptionError, check_training_arguments
 from minisft.training.progress import Progress, fmt
 
-class TrainingError(RuntimeError):
-    pass
+class TrainingError(UserError, RuntimeError):
+    """A run that cannot go on (no examples, a non-finite loss, a damaged checkpoint): exit 1."""
+    exit_code = 1
 
 
 @dataclass
@@ -92,6 +91,7 @@ class TrainingArguments:
     threshold: float = 0.5               # multi-label classification: a class is predicted where sigmoid >= this
     report_to: str = "none"              # "tensorboard": metrics.jsonl's scalars also as TensorBoard events in runs/
     matryoshka_dims: list = None         # embedding: MatryoshkaLoss around MNRL at these leading dimensions
+    skip_nonfinite_steps: int = 0        # float32: skip up to N steps whose loss or gradient is inf/NaN
 
     def to_json(self):
         return dataclasses.asdict(self)
@@ -114,6 +114,7 @@ class TrainerState:
     best_metric: float = None
     best_step: int = None
     evaluations_without_improvement: int = 0
+    skipped_steps: int = 0               # non-finite steps skipped (--skip-nonfinite-steps)
 
 
 class Trainer:
@@ -142,6 +143,7 @@ class Trainer:
         self.state = TrainerState()
         self.scaler = amp.GradScaler() if args.fp16 else None
         self._last_eval_step = None
+        self._saved_step = None  # the step of the newest checkpoint written (or resumed from)
         self._report = None  # the TensorBoard writer (--report-to tensorboard), made when training starts
         self.class_weights = None
         if args.class_weights and train_features:
@@ -163,21 +165,23 @@ class Trainer:
                           weight_decay=args.weight_decay)
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total)
         if args.lr_scheduler_type not in SCHEDULES:
-            raise ValueError(f"unknown lr_scheduler_type {args.lr_scheduler_type!r}; "
-                             f"choose {', '.join(SCHEDULES)}")
+            raise OptionError("--scheduler", args.lr_scheduler_type, f"choose {', '.join(SCHEDULES)}",
+                              "give one of those")
         return optimizer, SCHEDULES[args.lr_scheduler_type](optimizer, warmup, total)
 
     # --- the loop ---------------------------------------------------------------------------
-    def train(self, resume_from=None):
+    def train(self, resume_from=None, stop=None):
         """Train to the end (or early stop); write the final model. Returns the last
-        evaluation's metrics (or {} without eval data)."""
+        evaluation's metrics (or {} without eval data). stop: a stopping.SignalStop, asked
+        after every step: once any rank has had a signal, every rank writes the checkpoint of
+        that step and raises stopping.Stopped."""
         args = self.args
         if not self.train_features:
             raise TrainingError("no training examples")
         reducer = self._join_ranks() if self.comm.size > 1 else None
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            _remove_partial_checkpoints(self.output_dir)
+            checkpoints.remove_partial(self.output_dir)
         if args.keep_freed_memory:
             keep_freed_memory()
         total = self.total_steps()
@@ -192,12 +196,12 @@ class Trainer:
         self.model.train()
         accumulation = args.gradient_accumulation_steps
         progress = Progress(total, self.state.global_step, self.log, args.logging_steps)
-        last_metrics, stop = {}, False
+        last_metrics, early_stop = {}, False
         on_gpu = any(p.device.type == "cuda" for p in self.model.parameters())
-        while self.state.global_step < total and not stop:
+        while self.state.global_step < total and not early_stop:
             batches = train_order(self.train_features, args.batch_size, args.seed, self.state.epoch,
                                   args.group_by_length)
-            starts_step = True
+            starts_step, losses, rows = True, [], []
             for index in range(self.state.batch_in_epoch, len(batches)):
                 completes_step = not ((index + 1) % accumulation and index + 1 < len(batches))
                 if starts_step and (reducer is not None or on_gpu):
@@ -207,49 +211,102 @@ class Trainer:
                 if reducer is not None and completes_step:
                     reducer.start()
                 starts_step = completes_step
-                loss = self._forward_backward(batches[index], accumulation)
+                losses.append(self._forward_backward(batches[index], accumulation))
+                rows += batches[index]
                 self.state.batch_in_epoch = index + 1
                 if not completes_step:
                     continue
                 if reducer is not None:
                     reducer.wait()
-                overflow = self.scaler is not None and self.scaler.unscale_(self.model.parameters())
-                if args.max_grad_norm and not overflow:
-                    clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                if not overflow:  # an overflowed fp16 step is skipped, as torch.amp and transformers do
-                    optimizer.step()
-                    schedule.step()
-                if self.scaler is not None:
-                    self.scaler.update(overflow)
-                optimizer.zero_grad()
+                loss = sum(losses) / len(losses)
+                applied = self._optimizer_step(optimizer, schedule, loss, rows)
+                losses, rows = [], []
                 self.state.global_step += 1
                 step = self.state.global_step
-                record = progress.update(step, loss, schedule.get_last_lr()[0], self.state.epoch)
+                record = progress.update(step, loss if applied else None, schedule.get_last_lr()[0], self.epoch())
                 if record:
                     self._append_metrics(record)
                 if args.eval_steps and step % args.eval_steps == 0 and self.eval_features:
                     last_metrics = self._evaluate_and_select()
-                    stop = self._should_stop()
+                    early_stop = self._should_stop()
                 if args.save_steps and step % args.save_steps == 0:
                     self._save_checkpoint(optimizer, schedule)
-                if step >= total or stop:
+                self._stop_if_signalled(stop, optimizer, schedule)
+                if step >= total or early_stop:
                     break
             if self.state.batch_in_epoch == len(batches):  # the epoch is complete
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
                 if self.eval_features and not (args.eval_steps and self.state.global_step % args.eval_steps == 0):
                     last_metrics = self._evaluate_and_select()
-                    stop = self._should_stop()
+                    early_stop = self._should_stop()
                 if not (args.save_steps and self.state.global_step % args.save_steps == 0):
                     self._save_checkpoint(optimizer, schedule)
         progress.close()
         if self.eval_features and self._last_eval_step != self.state.global_step:
             last_metrics = self._evaluate_and_select()
-        if stop:
+        if early_stop:
             self.log(f"early stopping at step {self.state.global_step}: no improvement in "
                      f"{args.early_stopping_patience} evaluations")
         self._save_final()
         return last_metrics
+
+    def epoch(self):
+        """Epochs done, as a fraction (2.5: half-way through the third), as transformers logs it."""
+        per_epoch = math.ceil(len(self.train_features) / self.args.batch_size)
+        return round(self.state.epoch + self.state.batch_in_epoch / per_epoch, 4)
+
+    def _optimizer_step(self, optimizer, schedule, loss, rows):
+        """Unscale (fp16), check, clip and apply the summed gradients; zero them. Returns
+        whether the step was applied: an fp16 overflow is skipped as torch.amp skips it, and
+        a non-finite loss or gradient in float32 stops the run (TrainingError), or is skipped
+        up to --skip-nonfinite-steps times. Either way no non-finite value reaches a weight."""
+        args, parameters = self.args, self.model.parameters()
+        overflow = self.scaler is not None and self.scaler.unscale_(parameters)
+        applied = not overflow
+        if not overflow:
+            norm = clip_grad_norm_(parameters, args.max_grad_norm) if args.max_grad_norm else grad_norm(parameters)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                self._nonfinite_step(loss, norm, rows)
+                applied = False
+        if applied:
+            optimizer.step()
+            schedule.step()
+        if self.scaler is not None:
+            self.scaler.update(overflow)
+        optimizer.zero_grad()
+        return applied
+
+    def _nonfinite_step(self, loss, norm, rows):
+        """A float32 step whose loss or gradient norm is inf or NaN: skipped (and said) while
+        --skip-nonfinite-steps allows, else TrainingError naming the step, its first input
+        rows and the last checkpoint."""
+        step = self.state.global_step + 1
+        what = f"the loss was {loss}" if not math.isfinite(loss) else f"the gradients' norm was {norm}"
+        sources = [self.train_features[i].get("row") for i in sorted(rows)]
+        shown = ", ".join(s for s in sources[:4] if s) or "unknown rows"
+        more = f" and {len(sources) - 4} more" if len(sources) > 4 else ""
+        if self.state.skipped_steps < self.args.skip_nonfinite_steps:
+            self.state.skipped_steps += 1
+            self.log(f"step {step}: {what} (batch of {shown}{more}); skipped, {self.state.skipped_steps} of the "
+                     f"{self.args.skip_nonfinite_steps} --skip-nonfinite-steps allows")
+            return
+        last = checkpoints.latest(self.output_dir)
+        raise TrainingError(
+            f"step {step} (epoch {self.state.epoch + 1}): {what}, in the batch of {shown}{more}; training stopped "
+            f"and no weight was changed. The last good checkpoint is {last or 'none (none saved yet)'}; try a lower "
+            f"--learning-rate or --max-grad-norm, fix those rows, or add --skip-nonfinite-steps N, then --resume")
+
+    def _stop_if_signalled(self, stop, optimizer, schedule):
+        """After a step: when any rank has had SIGTERM or SIGINT, every rank writes (rank 0)
+        this step's checkpoint and raises Stopped, after the same step."""
+        if stop is None or not self.comm.allreduce_sum(float(stop.signal is not None)):
+            return
+        number = next(s for s in self.comm.allgather(stop.signal) if s is not None)
+        if self._saved_step != self.state.global_step:
+            self._save_checkpoint(optimizer, schedule)
+        self.comm.barrier()
+        raise stopping.Stopped(number, self.state.global_step, self.output_dir / f"checkpoint-{self.state.global_step}")
 
     def _join_ranks(self):
         """Before data-parallel training: check that every rank can share the batch and runs
@@ -266,7 +323,7 @@ class Trainer:
 
     def _forward_backward(self, indices, accumulation):
         """Forward and backward of this rank's share of a global batch; returns the batch's
-        mean loss (over every rank's share)."""
+        mean loss (over every rank's share), the same on every rank, finite or not."""
         weight = 1.0
         if self.comm.size > 1:
             terms = tasks.get(self.args.task).loss_terms
@@ -274,14 +331,7 @@ class Trainer:
             indices = distributed.shard(indices, self.comm.rank, self.comm.size)
             weight = sum(terms(self.train_features[i], self.class_weights) for i in indices) / (total or 1)
         value = self._local_loss(indices, weight / accumulation) if weight else 0.0
-        value = self.comm.allreduce_sum(value * weight)
-        if not math.isfinite(value):
-            last = latest_checkpoint(self.output_dir)
-            raise TrainingError(
-                f"the loss became {value} at step {self.state.global_step + 1} (epoch {self.state.epoch}); "
-                f"training stopped. The last good checkpoint is {last or 'none (none saved yet)'}; "
-                f"try a lower --learning-rate or --max-grad-norm, then --resume")
-        return value
+        return self.comm.allreduce_sum(value * weight)
 
     def _local_loss(self, indices, scale):
         """The mean loss of these features; backward of scale x it."""
@@ -336,7 +386,7 @@ class Trainer:
                 self._save_model(self.output_dir / "best")
         else:
             self.state.evaluations_without_improvement += 1
-        record = {"step": self.state.global_step, "epoch": self.state.epoch, **scores}
+        record = {"step": self.state.global_step, "epoch": self.epoch(), **scores}
         self._append_metrics(record)
         if self.on_evaluate is not None and self.is_main:
             self.on_evaluate()
@@ -349,10 +399,11 @@ class Trainer:
 
     # --- saving ------------------------------------------------------------------------------
     def _append_metrics(self, record):
+        """One line of metrics.jsonl (and TensorBoard's events): written whole or not at all."""
         if not self.is_main:
             return
-        with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        append_line(self.output_dir / "metrics.jsonl", json.dumps(finite, allow_nan=False))  # NaN: null
         if self._report is not None:
             self._report.write(record)
 
@@ -364,6 +415,7 @@ class Trainer:
 
     def _write_model(self, directory):
         """Model, tokenizer and arguments: a directory transformers and minisft load."""
+        self._check_finite_weights()
         self.model.save_pretrained(directory)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory)
@@ -371,112 +423,71 @@ class Trainer:
 
     def _save_model(self, directory):
         """_write_model into a temporary directory, then swapped in whole by renames."""
-        _write_staged(directory, self._write_model)
+        checkpoints.write_staged(directory, self._write_model)
+
+    def _check_finite_weights(self):
+        """The last guard before any file: a non-finite weight is a bug (steps with a
+        non-finite gradient are never applied), and must never be written."""
+        bad = [name for name, p in self.model.named_parameters() if not p.device.xp.isfinite(p.data).all()]
+        if bad:
+            raise RuntimeError(f"non-finite weights in {', '.join(bad[:3])}: nothing written")
 
     def _save_final(self):
-        """The best model (or the last, without evaluation) into output_dir itself, each
-        file written to a temporary name and renamed; with merge_adapters, LoRA adapters are
-        merged first, so that a plain checkpoint is written instead of the adapter."""
+        """The best model (or the last, without evaluation) into output_dir itself: best/'s
+        files moved there by renames (no second copy; best/ is then gone), or the model
+        written beside it and renamed in; with merge_adapters, LoRA adapters are merged
+        first, so that a plain checkpoint is written instead of the adapter."""
         self.comm.barrier()  # rank 0 has written best/
         best = self.output_dir / "best"
-        if best.is_dir():
+        has_best = best.is_dir()
+        if has_best:
             self.model.load_saved(best)
-        if self.args.merge_adapters and hasattr(self.model, "merge_and_unload"):
+        self.comm.barrier()  # every rank has read best/ before rank 0 moves its files
+        merge = self.args.merge_adapters and hasattr(self.model, "merge_and_unload")
+        if merge:
             self.model = self.model.merge_and_unload()
-        if self.is_main:
-            self._write_model(self.output_dir)
-
-    def _save_checkpoint(self, optimizer, schedule):
-        """checkpoint-STEP/: written to a temporary directory, then renamed: an interrupted
-        write never touches the previous checkpoint. Rank 0 writes; every rank's state is the same."""
         if not self.is_main:
             return
+        if has_best and not merge:
+            move_files(best, self.output_dir)
+        else:
+            checkpoints.write_staged(self.output_dir / "final", self._write_model)
+            move_files(self.output_dir / "final", self.output_dir)
+            shutil.rmtree(best, ignore_errors=True)
 
-        def write(staging):
-            self.model.save_pretrained(staging)
-            optimizer_state = optimizer.state_dict()
-            arrays = {f"{i}.{name}": Device("cpu").put(value) for i, entry in optimizer_state["state"].items()
-                      for name, value in entry.items() if hasattr(value, "shape")}
-            save_safetensors(arrays, staging / "optimizer.safetensors")
-            scalars = {str(i): {name: value for name, value in entry.items() if not hasattr(value, "shape")}
-                       for i, entry in optimizer_state["state"].items()}
-            write_json_atomic({"trainer": dataclasses.asdict(self.state),
-                               "optimizer": {"state": scalars, "param_groups": optimizer_state["param_groups"]},
-                               "schedule": schedule.state_dict(), "rng": random.get_rng_state(),
-                               "scaler": None if self.scaler is None else self.scaler.state_dict(),
-                               "args": self.args.to_json()}, staging / "trainer_state.json")
-
-        _write_staged(self.output_dir / f"checkpoint-{self.state.global_step}", write)
-        checkpoints = _checkpoints(self.output_dir)
-        for old in checkpoints[:-self.args.save_total_limit] if self.args.save_total_limit else []:
-            shutil.rmtree(old, ignore_errors=True)
+    def _save_checkpoint(self, optimizer, schedule):
+        """checkpoint-STEP/, written whole or not at all (minisft.training.checkpoints); then
+        all but the newest save_total_limit removed. Rank 0 writes; every rank's state is the same."""
+        self._saved_step = self.state.global_step
+        if not self.is_main:
+            return
+        self._check_finite_weights()
+        checkpoints.save(self.output_dir / f"checkpoint-{self.state.global_step}", self.model, optimizer, {
+            "trainer": dataclasses.asdict(self.state), "schedule": schedule.state_dict(),
+            "rng": random.get_rng_state(), "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "args": self.args.to_json()})
+        checkpoints.prune(self.output_dir, self.args.save_total_limit)
 
     def _load_checkpoint(self, directory, optimizer, schedule):
-        directory = pathlib.Path(directory)
-        try:
-            saved = json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TrainingError(f"{directory} is not a checkpoint (no trainer_state.json)") from None
-        self.model.load_saved(directory)
-        arrays = load_safetensors(directory / "optimizer.safetensors")
-        state = {}
-        for i, scalars in saved["optimizer"]["state"].items():
-            state[int(i)] = dict(scalars)
-        for key, value in arrays.items():
-            i, name = key.split(".", 1)
-            state.setdefault(int(i), {})[name] = value
-        for group in saved["optimizer"]["param_groups"]:
-            group["betas"] = tuple(group["betas"])
-        optimizer.load_state_dict({"state": state, "param_groups": saved["optimizer"]["param_groups"]})
+        saved = checkpoints.load(directory, self.model, optimizer)
         schedule.load_state_dict(saved["schedule"])
         random.set_rng_state(saved["rng"])
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.state = TrainerState(**saved["trainer"])
-
-
-def _write_staged(directory, write):
-    """write(staging directory) into .NAME.tmp beside `directory`, then swap it in whole:
-    an interrupted write never touches the previous `directory`."""
-    staging = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    write(staging)
-    _swap_in(staging, directory)
-
-
-def _swap_in(staging, directory):
-    """Replace `directory` by `staging` with renames only."""
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.rename(directory, old)
-    os.rename(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _checkpoints(output_dir):
-    found = [p for p in pathlib.Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+        self._saved_step = self.state.global_step
 
 
 def latest_checkpoint(output_dir):
-    """The newest complete checkpoint-STEP directory, or None."""
-    checkpoints = _checkpoints(output_dir)
-    return checkpoints[-1] if checkpoints else None
+    """The newest checkpoint-STEP directory, or None."""
+    return checkpoints.latest(output_dir)
 
 
 def _remove_previous_run(output_dir):
     """A fresh run in a reused directory (--overwrite-output-dir) must not pick up the old
     run's best model, checkpoints or metrics; other files are left alone."""
     output_dir = pathlib.Path(output_dir)
-    for path in [output_dir / "best", *_checkpoints(output_dir)]:
+    for path in [output_dir / "best", *checkpoints.all_in(output_dir)]:
         shutil.rmtree(path, ignore_errors=True)
     (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     shutil.rmtree(output_dir / "runs", ignore_errors=True)  # the old run's TensorBoard events
-
-
-def _remove_partial_checkpoints(output_dir):
-    """Temporary directories left by an interrupted save."""
-    for path in pathlib.Path(output_dir).glob(".*.tmp"):
-        shutil.rmtree(path, ignore_errors=True)
-
