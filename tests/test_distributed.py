@@ -235,6 +235,24 @@ def test_resume_from_a_two_rank_checkpoint(tmp_path, data, no_dropout):
 
 
 @needs_mpi
+def test_sigterm_on_one_rank_stops_every_rank_after_the_same_step_and_resume_is_bit_identical(tmp_path, data):
+    """SIGTERM reaches rank 1 alone, in step 4's forward pass (dropout on): both ranks stop
+    after step 4, rank 0 writes checkpoint-4, and 2 ranks resumed end where 2 ranks
+    uninterrupted do, bit for bit."""
+    args = ("--eval-steps", 5)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    _train(2, *_train_args(FIXTURES / "tiny-bert", data, straight, *args))
+    worker = ["tests/mpi_worker.py", "--rank", "1", "--sigterm-at-step", "4", "--"]
+    done, _ = _run([*worker, *_train_args(FIXTURES / "tiny-bert", data, stopped, *args)], 2)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert "stopped by SIGTERM after step 4" in done.stderr and "--resume" in done.stderr
+    assert [p.name for p in stopped.glob("checkpoint-*")] == ["checkpoint-4"]
+    _train(2, *_train_args(FIXTURES / "tiny-bert", data, stopped, *args, "--resume"))
+    a, b = _weights(straight), _weights(stopped)
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+@needs_mpi
 def test_a_failing_rank_ends_every_rank_and_names_itself(tmp_path, data):
     worker = ["tests/mpi_worker.py", "--rank", "1", "--fail-at-step", "3", "--"]
     done, seconds = _run([*worker, *_train_args(FIXTURES / "tiny-bert", data, tmp_path / "out")], 2)
