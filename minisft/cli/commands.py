@@ -1,6 +1,5 @@
 """The `minisft` command line: argument parsing only; the work happens in the rooms below."""
 import dataclasses
-import errno
 import json
 import os
 import shlex
@@ -11,7 +10,7 @@ import traceback
 
 from minisft import tasks
 from minisft.cli import fetch as fetching
-from minisft.engine.errors import UserError
+from minisft.engine.errors import ENVIRONMENT_ERRNOS, UserError
 from minisft.training import distributed, options
 
 
@@ -136,8 +135,9 @@ def _add_training_options(parser):
     add = parser.add_argument
 
     def number(field, help=None):
-        """An option with a declared range (minisft.training.options.TRAINING), checked as it is parsed."""
-        add(options.flag(field), dest=field, type=options.TRAINING[field], default=d[field],
+        """An option with a declared range (minisft.training.options.TRAINING), checked as it is
+        parsed; one that needs another (options.NEEDS) is None unless given."""
+        add(options.flag(field), dest=field, type=options.TRAINING[field], default=None if field in options.NEEDS else d[field],
             help=(help + "; " if help else "") + options.TRAINING[field].describe())
 
     add("--model", required=True, type=options.Text("model directory or name"),
@@ -195,7 +195,7 @@ def _add_training_options(parser):
     number("lora_r", "train LoRA adapters of this rank instead of every weight (0: off); the task head stays trainable")
     number("lora_alpha", "LoRA scaling numerator: the update is (alpha / r) B A x")
     number("lora_dropout", "dropout on the adapters' input")
-    add("--lora-target-modules", nargs="+", action=options.Names,
+    add("--lora-target-modules", nargs="+", action=options.Names, default=None,
         help="Linear layers to adapt, by name, spaced or comma-separated (default: the family's: query,value "
              "for BERT)")
     add("--gradient-checkpointing", action="store_true",
@@ -203,7 +203,7 @@ def _add_training_options(parser):
              "(less memory, about 1/3 more time)")
     add("--fp16", action="store_true",
         help="mixed precision on a GPU: float16 matrix products over float32 weights, dynamic loss scaling")
-    add("--merge-adapters", action="store_true",
+    add("--merge-adapters", action="store_true", default=None,
         help="write a plain checkpoint with the adapters merged into its weights instead of the adapter")
     number("doc_stride", "question answering: tokens that the windows of a long context overlap")
     add("--skip-misaligned", action="store_true",
@@ -409,12 +409,6 @@ def _one_line(exc):
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-# the machine's failures, not the user's nor minisft's: a full disk or quota, an I/O error, a
-# read-only file system, no permission, too many open files
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM,
-                      errno.EMFILE, errno.ENFILE}
-
-
 def main(argv=None):
     """Run a command. minisft's own error types (minisft.engine.errors.UserError: options,
     files, data, checkpoints, fetches, the distributed setup, missing extras) print one line
@@ -425,7 +419,6 @@ def main(argv=None):
     exit 3. A closed standard output (`| head`) ends the command quietly. Under mpiexec, a
     rank that fails ends every rank, naming itself."""
     args = build_parser().parse_args(argv)
-    args.given = {word.split("=")[0] for word in (sys.argv[1:] if argv is None else argv) if word.startswith("--")}
     try:
         if distributed.launched_size() > 1 and args.command != "train":
             raise distributed.DistributedError(f"only train runs data-parallel; run {args.command} without mpiexec")
@@ -443,7 +436,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         return _stop(args, "interrupted", 130)
     except OSError as exc:
-        if exc.errno not in ENVIRONMENT_ERRNOS:
+        if exc.errno not in ENVIRONMENT_ERRNOS:  # the machine's failure, not a bug
             return _internal_error(args, exc)
         return _stop(args, f"error: {exc.filename or 'a file'}: {exc.strerror}", 1)
     except Exception as exc:

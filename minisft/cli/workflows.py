@@ -17,7 +17,7 @@ from minisft.lean import peft
 from minisft.models.auto import AutoConfig, AutoTokenizer
 from minisft.tasks.data import DataError, LabelVocab, read_text
 from minisft.training import checkpoints, distributed
-from minisft.training.options import OptionError, flag
+from minisft.training.options import NEEDS, OptionError, flag
 from minisft.training.stopping import SignalStop
 from minisft.training.trainer import Trainer, TrainingArguments, TrainingError
 
@@ -68,7 +68,7 @@ def train(options):
     task = tasks.get(options.task) if options.task else tasks.for_file(train_path)
     _refuse_options_of_other_tasks(vars(options), task)
     eval_spec = options.eval or (f"{options.train}:dev" if fetched and ":" not in options.train else None)
-    _refuse_options_without_effect(getattr(options, "given", set()), options, eval_spec)
+    _refuse_options_without_effect(vars(options), eval_spec)
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
     args = TrainingArguments(output_dir=str(output), task=task.name,
                              **{k: v for k, v in vars(options).items()
@@ -189,18 +189,14 @@ def _check_against_task_and_model(args, model_dir, length_given):
         args.max_length = positions
 
 
-def _refuse_options_without_effect(given, options, eval_spec):
-    """An option given on the command line that this combination would ignore: an OptionError
-    naming the option it needs."""
-    needs = {flag: ("--lora-r", "add --lora-r 8 (LoRA)") for flag in
-             ("--lora-alpha", "--lora-dropout", "--lora-target-modules", "--merge-adapters")}
-    needs.update({flag: ("--eval", "add --eval FILE") for flag in ("--eval-steps", "--early-stopping-patience")})
-    present = {"--lora-r": bool(options.lora_r), "--eval": bool(eval_spec)}
-    for option in sorted(given):
-        if option in needs and not present[needs[option][0]]:
-            needed, fix = needs[option]
-            raise OptionError(option, getattr(options, option[2:].replace("-", "_")),
-                              f"has no effect without {needed}", f"{fix}, or leave {option} out")
+def _refuse_options_without_effect(given, eval_spec):
+    """An option given (not None) that this combination would ignore (options.NEEDS): an
+    OptionError naming the option it needs."""
+    present = {"lora_r": bool(given.get("lora_r")), "eval": bool(eval_spec)}
+    for field, (needed, fix) in NEEDS.items():
+        if given.get(field) is not None and not present[needed]:
+            raise OptionError(flag(field), given[field], f"has no effect without {flag(needed)}",
+                              f"{fix}, or leave {flag(field)} out")
 
 
 def _refuse_options_of_other_tasks(given, task):

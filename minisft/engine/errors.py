@@ -1,7 +1,14 @@
 """What a user can get wrong, as error types. The command line prints one line for these and
 exits 2 (1 when a run fails on the way, as a full disk makes it); every other exception is a
-bug in minisft: exit 3, its traceback logged. Each type keeps the builtin one its callers
-caught before (ValueError, FileNotFoundError, ImportError)."""
+bug in minisft: exit 3, its traceback logged, but for the machine's own failures
+(ENVIRONMENT_ERRNOS: exit 1). Each type keeps the builtin one its callers caught before
+(ValueError, FileNotFoundError, ImportError)."""
+import errno
+
+# the machine's failures, not the user's nor minisft's: a full disk or quota, an I/O error, a
+# read-only file system, no permission, too many open files
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM,
+                      errno.EMFILE, errno.ENFILE}
 
 
 class UserError(Exception):

@@ -40,15 +40,7 @@ def write_atomic(path, write):
             pathlib.Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and not isinstance(exc, WriteError):
             raise WriteError(path, exc) from exc
-        if _is_write_failure(exc):  # a writer that reports the OS error in its own type (safetensors)
-            raise WriteError(path, exc) from exc
         raise
-
-
-def _is_write_failure(exc):
-    """A library's own error type around an OS write failure (safetensors raises its
-    SafetensorError with the OS error's text)."""
-    return type(exc).__name__ == "SafetensorError" and "os error" in str(exc).lower()
 
 
 def append_line(path, line):

@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import pickle
+import re
 import struct
 import zipfile
 
@@ -274,7 +275,19 @@ def convert_to_safetensors(directory):
 def save_safetensors(tensors, path, metadata=None):
     """Write {name: array} to `path` atomically (temporary file, then rename)."""
     arrays = {name: numpy.ascontiguousarray(array) for name, array in tensors.items()}
-    write_atomic(path, lambda tmp: save_file(arrays, tmp, metadata=metadata or {"format": "pt"}))
+    write_atomic(path, lambda tmp: _save_file(arrays, tmp, metadata or {"format": "pt"}))
+
+
+def _save_file(arrays, path, metadata):
+    """safetensors' save_file, its OS errors (a full disk: SafetensorError '... (os error 28)')
+    raised as the OSError they are."""
+    try:
+        save_file(arrays, path, metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from exc
 
 
 def map_keys(state, expected, prefix=""):

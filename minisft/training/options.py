@@ -141,6 +141,13 @@ TRAINING = {
 }
 
 
+# options that only act beside another: field -> (what it needs, how to add it); the parser
+# gives them no default (None: not given), so that a given one without its partner is refused
+NEEDS = {**{field: ("lora_r", "add --lora-r 8 (LoRA)")
+            for field in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge_adapters")},
+         **{field: ("eval", "add --eval FILE") for field in ("eval_steps", "early_stopping_patience")}}
+
+
 def flag(field):
     """The command-line spelling of a TrainingArguments field."""
     return {"num_train_epochs": "--epochs", "lr_scheduler_type": "--scheduler",

@@ -36,7 +36,7 @@ from minisft.training.options import OptionError, check_training_arguments
 from minisft.training.progress import Progress, fmt
 
 class TrainingError(UserError, RuntimeError):
-    """A run that cannot go on (no examples, a non-finite loss, a damaged checkpoint): exit 1."""
+    """A run that cannot go on (no examples, a non-finite loss or gradient, nothing to resume): exit 1."""
     exit_code = 1
 
 
