@@ -20,6 +20,7 @@ from minisft.files.weights import load_safetensors
 from minisft.training import distributed
 from conftest import FIXTURES, ROOT
 from helpers import NEGATIVE, POSITIVE, write_reviews
+from netns import TwoHosts
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 HANG_GUARD_S = 600  # a job that has not ended by then is hung: fail instead of blocking the suite
@@ -86,6 +87,16 @@ def test_a_leaf_s_hook_runs_once_when_its_gradient_is_complete():
     ((w * x).sum() + (w * w).sum() * 0.5 + (w * 0).sum()).backward()  # three uses of w
     assert len(seen) == 1
     np.testing.assert_array_equal(seen[0], x.numpy() + w.numpy())
+
+
+@pytest.mark.parametrize("text, seconds", [("", distributed.TIMEOUT_S), (" 7.5 ", 7.5), ("0", None), ("soon", None)])
+def test_the_wait_for_other_ranks_comes_from_minisft_mpi_timeout(monkeypatch, text, seconds):
+    monkeypatch.setenv("MINISFT_MPI_TIMEOUT", text)
+    if seconds is None:
+        with pytest.raises(distributed.DistributedError, match="MINISFT_MPI_TIMEOUT"):
+            distributed.timeout_from_environment()
+    else:
+        assert distributed.timeout_from_environment() == seconds
 
 
 def test_one_process_never_imports_mpi4py():
@@ -277,3 +288,55 @@ def test_ranks_that_cannot_train_together_are_refused_before_training(tmp_path, 
     done, _ = _run(command, 2)
     assert done.returncode != 0 and expected in done.stderr, done.stderr[-2000:]
     assert not output.exists()
+
+
+# --- two hosts: network namespaces joined by veth (tests/netns.py) -------------------------------
+needs_hosts = pytest.mark.skipif(_mpi_missing() is not None or TwoHosts.unavailable() is not None,
+                                 reason=str(_mpi_missing() or TwoHosts.unavailable()))
+LOST_HOST_LIMIT_S = 30  # the issue's bound on how long a job with a lost host may take to end
+
+
+@needs_hosts
+def test_two_hosts_equal_one_process(tmp_path, data, no_dropout):
+    _train(1, *_train_args(no_dropout, data, tmp_path / "one"))
+    with TwoHosts(tmp_path) as hosts:
+        command = hosts.mpiexec(MPIEXEC, [sys.executable, "-m", "minisft", "train",
+                                          *_train_args(no_dropout, data, tmp_path / "two")])
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S,
+                              env={**os.environ, "MINISFT_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data-parallel on 2 ranks" in done.stderr
+    _assert_weights_close(tmp_path / "two", tmp_path / "one", rtol=1e-6)
+
+
+@needs_hosts
+def test_a_host_that_drops_off_the_network_ends_the_job_naming_it(tmp_path, data):
+    """host-b's link goes down while the job trains (after its first log line): rank 0 waits
+    MINISFT_MPI_TIMEOUT (10 s) for the gradient sum, pings, and ends the job naming rank 1
+    and host-b; rank 1, whose output can no longer reach the launcher, ends on its own."""
+    output = tmp_path / "out"
+    args = ["--model", str(FIXTURES / "tiny-bert"), "--train", str(data[0]), "--output", str(output),
+            "--batch-size", "8", "--max-steps", "100000", "--logging-steps", "5", "--save-steps", "100000"]
+    env = {**os.environ, "MINISFT_NUM_THREADS": "1", "MINISFT_MPI_TIMEOUT": "10"}
+    with TwoHosts(tmp_path) as hosts:
+        job = subprocess.Popen(hosts.mpiexec(MPIEXEC, [sys.executable, "-m", "minisft", "train", *args]), cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        began = time.monotonic()
+        while not (output / "metrics.jsonl").exists() and job.poll() is None and time.monotonic() - began < 300:
+            time.sleep(0.1)
+        assert job.poll() is None, job.communicate()[1][-3000:]
+        hosts.link_down()
+        down = time.monotonic()
+        try:
+            _, stderr = job.communicate(timeout=HANG_GUARD_S)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            pytest.fail(f"the job still ran {HANG_GUARD_S} s after host-b's link went down")
+        ended = time.monotonic() - down
+        while any(" -m minisft " in line for line in hosts.processes(hosts.b).values()) and time.monotonic() - down < 120:
+            time.sleep(0.1)
+        rank_1_ended = time.monotonic() - down
+    print(f"the job ended {ended:.1f} s after the link went down, rank 1 {rank_1_ended:.1f} s after")
+    assert job.returncode != 0
+    assert "no answer from rank 1 (host host-b)" in stderr, stderr[-3000:]
+    assert ended <= LOST_HOST_LIMIT_S and rank_1_ended <= LOST_HOST_LIMIT_S

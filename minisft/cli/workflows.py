@@ -120,8 +120,9 @@ def train(options):
                 draw()
     finally:
         trainer.close()
-    say(f"the model is in {output}{'' if metrics else ' (no --eval or --test: no metrics to report)'}; "
-        f"{disk_use(output)}")
+    if comm.rank == 0:  # another rank's look could meet best/ half moved
+        say(f"the model is in {output}{'' if metrics else ' (no --eval or --test: no metrics to report)'}; "
+            f"{disk_use(output)}")
     return metrics
 
 

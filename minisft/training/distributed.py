@@ -13,14 +13,21 @@ gradients are summed, so that every rank takes the same optimizer step.
   minisft.engine.tensor), so communication runs while backward works on the layers below; the
   optimizer step waits for them. Buckets start in one fixed order on every rank, as MPI
   requires of collectives.
+- Every wait on other ranks has a deadline, MINISFT_MPI_TIMEOUT seconds (TIMEOUT_S by
+  default; more than the longest checkpoint write, since rank 0 writes while the others
+  wait). Past it, a rank asks every other rank for a sign of life, then ends the job naming
+  those that gave none, and their hosts: a host that dropped off the network ends the job
+  instead of hanging it.
 - A process that no MPI launcher started runs alone (SingleProcess) and never imports
   mpi4py.
 """
 import hashlib
 import json
 import os
+import pickle
 import socket
 import sys
+import threading
 import time
 
 import numpy
@@ -31,6 +38,11 @@ from minisft.engine.errors import MissingExtra, UserError
 LAUNCHER_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")  # MPICH/Intel, Open MPI, MVAPICH
 BUCKET_MB = 8
 ABORT_DELAY_S = 1.0
+TIMEOUT_S = 120.0  # MINISFT_MPI_TIMEOUT's default
+PING_WINDOW_S = 5.0  # how long a rank past its deadline waits for the others' signs of life
+EXIT_GRACE_S = 5.0  # then how long it may take to say so (its output may go to a host that is gone)
+POLL_S = 2e-4
+PING, PONG = 1, 2  # message tags on the communicator of signs of life
 
 
 class DistributedError(UserError, RuntimeError):
@@ -90,37 +102,99 @@ class MPICommunicator(SingleProcess):
         host = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = host.Get_rank(), host.Get_size()
         host.Free()
+        self.timeout = timeout_from_environment()
+        self.signs = self.comm.Dup()  # pings and their answers, apart from training's collectives
+        self.answers = []
+        self.hosts = self.comm.allgather(self.host)
 
     def allreduce_sum(self, value):
         """The sum over ranks of a number, or of an array (returned as a new array)."""
-        if hasattr(value, "shape"):
-            out = numpy.empty_like(value)
-            self.comm.Allreduce(value, out, op=self.MPI.SUM)
-            return out
-        return self.comm.allreduce(value, op=self.MPI.SUM)
+        array = numpy.asarray(value)
+        out = numpy.empty_like(array)
+        self.wait([self.comm.Iallreduce(array, out, op=self.MPI.SUM)], "summing a value over ranks")
+        return out if hasattr(value, "shape") else out.item()
 
     def iallreduce_sum(self, buffer):
         """Start summing a contiguous CPU array over ranks in place; returns the request."""
         return self.comm.Iallreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
 
     def allgather(self, value):
-        return self.comm.allgather(value)
+        """Every rank's (picklable) value, in rank order."""
+        mine = numpy.frombuffer(pickle.dumps(value), dtype=numpy.uint8)
+        sizes = numpy.empty(self.size, dtype=numpy.int64)
+        self.wait([self.comm.Iallgather(numpy.array([mine.size], dtype=numpy.int64), sizes)], "gathering from ranks")
+        every = numpy.empty(int(sizes.sum()), dtype=numpy.uint8)
+        self.wait([self.comm.Iallgatherv(mine, [every, sizes])], "gathering from ranks")
+        ends = numpy.cumsum(sizes)
+        return [pickle.loads(every[end - size:end].tobytes()) for size, end in zip(sizes, ends)]
 
     def broadcast(self, value):
-        return self.comm.bcast(value, root=0)
+        """Rank 0's (picklable) value."""
+        size = numpy.array([len(pickle.dumps(value)) if self.rank == 0 else 0], dtype=numpy.int64)
+        self.wait([self.comm.Ibcast(size, root=0)], "receiving from rank 0")
+        data = (numpy.frombuffer(pickle.dumps(value), dtype=numpy.uint8).copy() if self.rank == 0
+                else numpy.empty(int(size[0]), dtype=numpy.uint8))
+        self.wait([self.comm.Ibcast(data, root=0)], "receiving from rank 0")
+        return pickle.loads(data.tobytes())
 
     def broadcast_arrays(self, arrays):
         """Rank 0's arrays into every rank's, in place (through the host for GPU arrays)."""
         for array in arrays:
-            if get_array_module(array) is numpy:
-                self.comm.Bcast(array, root=0)
-            else:
-                host = array.get()
-                self.comm.Bcast(host, root=0)
+            host = array if get_array_module(array) is numpy else array.get()
+            self.wait([self.comm.Ibcast(host, root=0)], "receiving rank 0's weights")
+            if host is not array:
                 array.set(host)
 
     def barrier(self):
-        self.comm.Barrier()
+        self.wait([self.comm.Ibarrier()], "waiting for every rank")
+
+    def wait(self, requests, what):
+        """Wait for MPI requests, answering other ranks' pings meanwhile; after `timeout`
+        seconds, end the job naming the ranks that do not answer (see lost)."""
+        deadline = time.monotonic() + self.timeout
+        while not self.MPI.Request.Testall(requests):
+            self._answer_pings()
+            if time.monotonic() > deadline:
+                self.lost(what)
+            time.sleep(POLL_S)
+
+    def _answer_pings(self):
+        status = self.MPI.Status()
+        while self.signs.Iprobe(source=self.MPI.ANY_SOURCE, tag=PING, status=status):
+            self.signs.Recv(numpy.empty(1, dtype=numpy.uint8), source=status.Get_source(), tag=PING)
+            self.answers.append(self.signs.Isend(numpy.ones(1, dtype=numpy.uint8), dest=status.Get_source(), tag=PONG))
+        if self.answers and self.MPI.Request.Testall(self.answers):
+            self.answers = []
+
+    def silent_ranks(self, window=PING_WINDOW_S):
+        """The other ranks that do not answer a ping within `window` seconds."""
+        others = [rank for rank in range(self.size) if rank != self.rank]
+        pings = [self.signs.Isend(numpy.ones(1, dtype=numpy.uint8), dest=rank, tag=PING) for rank in others]
+        waiting = {rank: self.signs.Irecv(numpy.empty(1, dtype=numpy.uint8), source=rank, tag=PONG) for rank in others}
+        end = time.monotonic() + window
+        while waiting and time.monotonic() < end:
+            self._answer_pings()
+            waiting = {rank: request for rank, request in waiting.items() if not request.Test()}
+            time.sleep(POLL_S)
+        del pings  # the job ends: what was not delivered is dropped
+        return sorted(waiting)
+
+    def lost(self, what):
+        """End the job from a rank whose wait passed its deadline: name the ranks (and hosts)
+        that do not answer, or, if every rank answers, say that the ranks wait in different
+        collectives (a bug). Exits within EXIT_GRACE_S even if saying so blocks."""
+        silent = self.silent_ranks(min(PING_WINDOW_S, self.timeout))
+        code = 1 if silent else 3
+        watchdog = threading.Timer(ABORT_DELAY_S + EXIT_GRACE_S, os._exit, (code,))
+        watchdog.daemon = True
+        watchdog.start()
+        if silent:
+            names = ", ".join(f"rank {rank} (host {self.hosts[rank]})" for rank in silent)
+            fail(f"no answer from {names} for {self.timeout:g} s while {what}: that host is down or unreachable "
+                 "from here, so the job stops (MINISFT_MPI_TIMEOUT sets the wait; --resume continues from the "
+                 "last checkpoint)", code)
+        fail(f"every rank answers, but {what} did not complete in {self.timeout:g} s: the ranks wait in different "
+             "collectives, a bug in minisft", code)
 
     def abort(self, code):
         sys.stdout.flush()
@@ -153,6 +227,19 @@ def fail(message, code):
         os._exit(code)  # Abort may return before the launcher has stopped this process
     print(message, file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def timeout_from_environment():
+    """MINISFT_MPI_TIMEOUT in seconds (TIMEOUT_S when unset)."""
+    text = os.environ.get("MINISFT_MPI_TIMEOUT", "").strip()
+    try:
+        seconds = float(text) if text else TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise DistributedError(f"MINISFT_MPI_TIMEOUT={text}: not a positive number of seconds; unset it for "
+                               f"{TIMEOUT_S:g}, or give the longest a rank may wait for the others, e.g. 300")
+    return seconds
 
 
 def threads_per_rank(comm):
@@ -313,7 +400,7 @@ class _MPITransport:
         self.comm.MPI.Request.Testall([request for _, request in pending])
 
     def wait(self, pending):
-        self.comm.MPI.Request.Waitall([request for _, request in pending])
+        self.comm.wait([request for _, request in pending], "summing gradients")
 
 
 class _NCCLTransport:
