@@ -36,10 +36,9 @@ def run_minisft(env, quick, processes=1):
                    "--train", str(env.data("rotten-tomatoes") / "train.csv"),
                    "--test", str(env.data("rotten-tomatoes") / "test.csv"),
                    "--output", f"{tmp}/out", "--learning-rate", str(RECIPE["learning_rate"]),
-                   "--epochs", str(RECIPE["epochs"]), "--batch-size", str(RECIPE["batch_size"]),
-                   "--max-length", str(RECIPE["max_length"]), "--seed", str(RECIPE["seed"])]
-        if quick:
-            command += ["--max-steps", "5"]
+                   "--batch-size", str(RECIPE["batch_size"]), "--max-length", str(RECIPE["max_length"]),
+                   "--seed", str(RECIPE["seed"])]
+        command += ["--max-steps", "5"] if quick else ["--epochs", str(RECIPE["epochs"])]
         start = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, check=True)
         elapsed = time.perf_counter() - start

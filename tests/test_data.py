@@ -55,8 +55,11 @@ def test_batches_are_seeded_grouped_and_cover_everything():
 
 
 @pytest.mark.parametrize("name, content, task, message", [
-    ("a.csv", "sentence,other\nx,1\n", "classification", r"a.csv: no label column .*columns: sentence, other.*--label-column"),
+    ("a.csv", "sentence,other\nx,1\n", "classification", r"a.csv: no label column .*--label-column\); its columns: sentence, other$"),
     ("a.csv", "words,label\nx,1\n", "classification", r"a.csv: no text column \(looked for text, sentence"),
+    ("a.csv", "words,other\nx,1\n", "classification", r"a.csv: no text column \(looked for text, sentence.*--text-column\), "
+                                                         r"no label column \(looked for label.*--label-column\); its columns: words, other$"),
+    ("a.jsonl", '{"text": 1}\n', "token-classification", r"a.jsonl: no tokens column .*, no tags column .*; its columns: text$"),
     ("a.csv", "", "classification", r"a.csv: the file is empty"),
     ("a.csv", "text,label\n", "classification", r"a.csv: a header but no rows"),
     ("a.csv", "text,label\na,1\nb,positive\n", "classification", r"a.csv: the label column mixes numbers and names \(line 2: '1', line 3: 'positive'\)"),

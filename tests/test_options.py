@@ -190,8 +190,10 @@ def test_the_reported_cases_give_clear_errors(files, capsys, tmp_path):
     assert code == 2 and "--max-length 41" in err and "40 positions" in err
     code, err = run(base + ["--batch-size", "41"], capsys)
     assert code == 2 and "more than the 40 training examples" in err
-    code, err = run(base + ["--metric", "pearson"], capsys)
+    code, err = run(base + ["--metric", "pearson", "--eval", str(files / "train.csv")], capsys)
     assert code == 2 and "classification computes accuracy" in err
+    code, err = run(base + ["--metric", "accuracy"], capsys)
+    assert code == 2 and "--metric 'accuracy': has no effect without --eval" in err
     assert not (tmp_path / "run").exists()
 
 

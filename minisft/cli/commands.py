@@ -128,6 +128,9 @@ def _plot(args):
     return 0
 
 
+CONDITIONAL = {**options.NEEDS, **options.OVERRIDDEN}
+
+
 def _add_training_options(parser):
     from minisft.training.trainer import TrainingArguments
 
@@ -136,9 +139,12 @@ def _add_training_options(parser):
 
     def number(field, help=None):
         """An option with a declared range (minisft.training.options.TRAINING), checked as it is
-        parsed; one that needs another (options.NEEDS) is None unless given."""
-        add(options.flag(field), dest=field, type=options.TRAINING[field], default=None if field in options.NEEDS else d[field],
-            help=(help + "; " if help else "") + options.TRAINING[field].describe())
+        parsed; one that acts only in some combinations (options.NEEDS, OVERRIDDEN) is None
+        unless given, and --help names its default."""
+        conditional = field in CONDITIONAL
+        default = f"default {d[field]:g}; " if conditional and d[field] else ""
+        add(options.flag(field), dest=field, type=options.TRAINING[field], default=None if conditional else d[field],
+            help=(help + "; " if help else "") + default + options.TRAINING[field].describe())
 
     add("--model", required=True, type=options.Text("model directory or name"),
         help="checkpoint directory or fetchable name (all-MiniLM-L6-v2)")
@@ -168,7 +174,7 @@ def _add_training_options(parser):
              + options.TRAINING["max_length"].describe())
     number("gradient_accumulation_steps")
     number("warmup_steps")
-    number("warmup_ratio", "used when --warmup-steps is 0")
+    number("warmup_ratio", "warmup as a fraction of the steps, instead of --warmup-steps")
     number("weight_decay", "AdamW decay (not on biases/LayerNorm)")
     number("max_grad_norm", "0 disables clipping")
     add("--scheduler", choices=["linear", "cosine", "constant"], default=d["lr_scheduler_type"],
@@ -190,7 +196,7 @@ def _add_training_options(parser):
         help="resume from the latest checkpoint in --output (or a given one)")
     add("--overwrite-output-dir", action="store_true")
     add("--device", default="cpu", type=options.device, help="cpu or cuda[:N]")
-    add("--freeze-embeddings", action="store_true", help="freeze the embeddings (no gradient, no optimizer state)")
+    add("--freeze-embeddings", action="store_true", default=None, help="freeze the embeddings (no gradient, no optimizer state)")
     number("freeze_layers", "freeze the lowest N encoder layers")
     number("lora_r", "train LoRA adapters of this rank instead of every weight (0: off); the task head stays trainable")
     number("lora_alpha", "LoRA scaling numerator: the update is (alpha / r) B A x")

@@ -17,7 +17,7 @@ from minisft.lean import peft
 from minisft.models.auto import AutoConfig, AutoTokenizer
 from minisft.tasks.data import DataError, LabelVocab, read_text
 from minisft.training import checkpoints, distributed
-from minisft.training.options import NEEDS, OptionError, flag
+from minisft.training.options import NEEDS, OVERRIDDEN, OptionError, flag
 from minisft.training.stopping import SignalStop
 from minisft.training.trainer import Trainer, TrainingArguments, TrainingError
 
@@ -191,13 +191,20 @@ def _check_against_task_and_model(args, model_dir, length_given):
 
 
 def _refuse_options_without_effect(given, eval_spec):
-    """An option given (not None) that this combination would ignore (options.NEEDS): an
-    OptionError naming the option it needs."""
-    present = {"lora_r": bool(given.get("lora_r")), "eval": bool(eval_spec)}
+    """An option given (not None) that this combination would ignore (options.NEEDS,
+    options.OVERRIDDEN): an OptionError naming the option it needs, or the one that overrides it."""
+    present = {"lora_r": bool(given.get("lora_r")), "eval": bool(eval_spec),
+               "evaluation": bool(eval_spec or given.get("test")), "max_steps": (given.get("max_steps") or -1) > 0,
+               "warmup_steps": bool(given.get("warmup_steps"))}
     for field, (needed, fix) in NEEDS.items():
         if given.get(field) is not None and not present[needed]:
-            raise OptionError(flag(field), given[field], f"has no effect without {flag(needed)}",
+            needs = "--eval or --test" if needed == "evaluation" else flag(needed)
+            raise OptionError(flag(field), given[field], f"has no effect without {needs}",
                               f"{fix}, or leave {flag(field)} out")
+    for field, (other, why) in OVERRIDDEN.items():
+        if given.get(field) is not None and present[other]:
+            raise OptionError(flag(field), given[field], f"has no effect with {flag(other)} ({why})",
+                              f"leave out {flag(field)} or {flag(other)}")
 
 
 def _refuse_options_of_other_tasks(given, task):
@@ -371,7 +378,7 @@ def mine_hard_negatives(model, data, output, settings, batch_size=64, device="cp
     fewer negatives than asked for, distinct anchors)."""
     from minisft.cli import mining
     from minisft.files.atomic import write_text_atomic
-    from minisft.tasks.data import ANCHOR_COLUMNS, POSITIVE_COLUMNS, pick_column, read_records, rows_error
+    from minisft.tasks.data import ANCHOR_COLUMNS, POSITIVE_COLUMNS, pick_columns, read_records, rows_error
 
     target = pathlib.Path(output)
     if target.suffix.lower() not in (".csv", ".tsv", ".jsonl"):
@@ -381,8 +388,8 @@ def mine_hard_negatives(model, data, output, settings, batch_size=64, device="cp
     path = resolve_data(data, "train")[0]
     records = read_records(path)
     names = list(records[0][1])
-    anchor = pick_column(path, names, None, ANCHOR_COLUMNS, "anchor", "--text-column")
-    positive = pick_column(path, names, None, POSITIVE_COLUMNS, "positive", "--text-pair-column")
+    anchor, positive = pick_columns(path, names, (None, ANCHOR_COLUMNS, "anchor", "the file's header"),
+                                    (None, POSITIVE_COLUMNS, "positive", "the file's header"))
     pairs = [(str(r.get(anchor) or ""), str(r.get(positive) or "")) for _, r in records]
     empty = [n for (n, _), (a, p) in zip(records, pairs) if not a.strip() or not p.strip()]
     if empty:

@@ -6,7 +6,7 @@ import numpy
 
 from minisft.tasks import metrics as M
 from minisft.tasks.data import (LABEL_COLUMNS, PAIR_COLUMNS, TEXT_COLUMNS, DataError, Example, LabelVocab,
-                          check_label_types, pick_column, read_records, rows_error)
+                          check_label_types, pick_columns, read_records, rows_error)
 
 
 class Task:
@@ -42,17 +42,13 @@ class Task:
         QuestionAnswering; options: the task's read_options, for read_labels."""
         records = read_records(path)
         columns = list(records[0][1])
-        text = pick_column(path, columns, text_column, self.text_columns, "text", "--text-column")
-        pair = None
-        if self.pair or text_pair_column:
-            pair = pick_column(path, columns, text_pair_column, self.pair_columns, "text pair", "--text-pair-column")
-        label = None
-        if require_labels or label_column or any(c in columns for c in LABEL_COLUMNS):
-            try:
-                label = pick_column(path, columns, label_column, LABEL_COLUMNS, "label", "--label-column")
-            except DataError:
-                if require_labels:
-                    raise
+        wants_pair = self.pair or text_pair_column
+        wants_label = require_labels or label_column or any(c in columns for c in LABEL_COLUMNS)
+        wanted = [(text_column, self.text_columns, "text", "--text-column")]
+        wanted += [(text_pair_column, self.pair_columns, "text pair", "--text-pair-column")] * bool(wants_pair)
+        wanted += [(label_column, LABEL_COLUMNS, "label", "--label-column")] * bool(wants_label)
+        names = pick_columns(path, columns, *wanted)
+        text, pair, label = names[0], names[1] if wants_pair else None, names[-1] if wants_label else None
 
         def blank(value):
             return not isinstance(value, str) or not value.strip()

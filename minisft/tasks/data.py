@@ -97,18 +97,29 @@ def read_records(path):
     return records
 
 
+def pick_columns(path, columns, *wanted):
+    """A column for each `wanted` (requested, candidates, what, flag): the one requested
+    (--text-column etc.), else the first of `candidates` present. One DataError names every
+    column missing, with the file's columns."""
+    found, missing = [], []
+    for requested, candidates, what, flag in wanted:
+        if requested:
+            name = requested if requested in columns else None
+            why = f"no column {requested!r} for the {what} ({flag})"
+        else:
+            name = next((c for c in candidates if c in columns), None)
+            why = f"no {what} column (looked for {', '.join(candidates)}; name it with {flag})"
+        found.append(name)
+        if name is None:
+            missing.append(why)
+    if missing:
+        raise DataError(f"{path}: {', '.join(missing)}; its columns: {', '.join(columns)}")
+    return found
+
+
 def pick_column(path, columns, requested, candidates, what, flag):
-    """The column `requested` (--text-column etc.), else the first of `candidates` present."""
-    if requested:
-        if requested not in columns:
-            raise DataError(f"{path}: no column {requested!r} for the {what} "
-                            f"(columns: {', '.join(columns)})")
-        return requested
-    for name in candidates:
-        if name in columns:
-            return name
-    raise DataError(f"{path}: no {what} column (looked for {', '.join(candidates)}; columns: "
-                    f"{', '.join(columns)}); name it with {flag}")
+    """pick_columns for one column."""
+    return pick_columns(path, columns, (requested, candidates, what, flag))[0]
 
 
 def read_conll(path):

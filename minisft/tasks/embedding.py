@@ -2,7 +2,7 @@
 
 import numpy
 
-from minisft.tasks.data import (ANCHOR_COLUMNS, POSITIVE_COLUMNS, DataError, Example, pick_column, read_records, rows_error)
+from minisft.tasks.data import (ANCHOR_COLUMNS, POSITIVE_COLUMNS, Example, pick_columns, read_records, rows_error)
 from minisft.tasks import metrics as M
 from minisft.tasks.base import PositionTask
 from minisft.tasks.question_answering import squad_records
@@ -33,13 +33,8 @@ class Embedding(PositionTask):
                     for qid, question, context, _, _ in squad_records(path)]
         records = read_records(path)
         columns = list(records[0][1])
-        anchor = pick_column(path, columns, text_column, ANCHOR_COLUMNS, "anchor", "--text-column")
-        try:
-            positive = pick_column(path, columns, text_pair_column, POSITIVE_COLUMNS, "positive",
-                                   "--text-pair-column")
-        except DataError:
-            raise DataError(f"{path}: no positive column ({', '.join(POSITIVE_COLUMNS)}; columns: "
-                            f"{', '.join(columns)}); an embedding pair needs one, or name it with --text-pair-column")
+        anchor, positive = pick_columns(path, columns, (text_column, ANCHOR_COLUMNS, "anchor", "--text-column"),
+                                        (text_pair_column, POSITIVE_COLUMNS, "positive", "--text-pair-column"))
         negatives = [c for c in columns if c.startswith("negative")]
         for column, what in [(anchor, "an empty"), (positive, "an empty")] + [(c, "an empty negative") for c in negatives]:
             bad = [n for n, r in records if not str(r.get(column) or "").strip()]

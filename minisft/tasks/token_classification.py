@@ -3,7 +3,7 @@
 from minisft.engine import functional as F
 from minisft.tasks import metrics as M
 from minisft.tasks.data import (IGNORE_INDEX, TAG_COLUMNS, TOKEN_COLUMNS, DataError, Example, LabelVocab, align_labels,
-                          pick_column, read_conll, read_records, rows_error)
+                          pick_columns, read_conll, read_records, rows_error)
 from minisft.tasks.base import Task
 
 
@@ -20,8 +20,8 @@ class TokenClassification(Task):
         if str(path).lower().endswith((".jsonl", ".json", ".csv", ".tsv")):
             records = read_records(path)
             columns = list(records[0][1])
-            words = pick_column(path, columns, text_column, TOKEN_COLUMNS, "tokens", "--text-column")
-            tags = pick_column(path, columns, label_column, TAG_COLUMNS, "tags", "--label-column")
+            words, tags = pick_columns(path, columns, (text_column, TOKEN_COLUMNS, "tokens", "--text-column"),
+                                       (label_column, TAG_COLUMNS, "tags", "--label-column"))
             return [Example(record[words], label=record.get(tags), line=number) for number, record in records]
         return read_conll(path)
 

@@ -141,11 +141,19 @@ TRAINING = {
 }
 
 
-# options that only act beside another: field -> (what it needs, how to add it); the parser
-# gives them no default (None: not given), so that a given one without its partner is refused
+# Options that act only in some combinations. The parser gives them no default (None: not
+# given), so that a given one is refused where it would do nothing (minisft.cli.workflows).
+# NEEDS: field -> (what it needs, how to add it): options that only act beside another.
 NEEDS = {**{field: ("lora_r", "add --lora-r 8 (LoRA)")
             for field in ("lora_alpha", "lora_dropout", "lora_target_modules", "merge_adapters")},
-         **{field: ("eval", "add --eval FILE") for field in ("eval_steps", "early_stopping_patience")}}
+         **{field: ("eval", "add --eval FILE")
+            for field in ("eval_steps", "early_stopping_patience", "metric_for_best_model")},
+         **{field: ("evaluation", "add --eval FILE or --test FILE") for field in ("eval_batch_size", "max_eval_examples")}}
+# OVERRIDDEN: field -> (the option that overrides it, why): options another one makes moot.
+OVERRIDDEN = {"num_train_epochs": ("max_steps", "--max-steps sets the run's length"),
+              "warmup_ratio": ("warmup_steps", "--warmup-steps sets the warmup"),
+              **{field: ("lora_r", "LoRA trains only its adapters and the task head, and freezes the rest")
+                 for field in ("freeze_embeddings", "freeze_layers")}}
 
 
 def flag(field):
