@@ -41,7 +41,8 @@ ABORT_DELAY_S = 1.0
 TIMEOUT_S = 120.0  # MINISFT_MPI_TIMEOUT's default
 PING_WINDOW_S = 5.0  # how long a rank past its deadline waits for the others' signs of life
 EXIT_GRACE_S = 5.0  # then how long it may take to say so (its output may go to a host that is gone)
-POLL_S = 2e-4
+SPIN_S = 1.0  # a wait polls MPI without pause this long (as MPI's own Wait does), then every POLL_S
+POLL_S = 1e-3
 PING, PONG = 1, 2  # message tags on the communicator of signs of life
 
 
@@ -130,10 +131,10 @@ class MPICommunicator(SingleProcess):
 
     def broadcast(self, value):
         """Rank 0's (picklable) value."""
-        size = numpy.array([len(pickle.dumps(value)) if self.rank == 0 else 0], dtype=numpy.int64)
+        mine = numpy.frombuffer(pickle.dumps(value), dtype=numpy.uint8).copy() if self.rank == 0 else None
+        size = numpy.array([mine.size if self.rank == 0 else 0], dtype=numpy.int64)
         self.wait([self.comm.Ibcast(size, root=0)], "receiving from rank 0")
-        data = (numpy.frombuffer(pickle.dumps(value), dtype=numpy.uint8).copy() if self.rank == 0
-                else numpy.empty(int(size[0]), dtype=numpy.uint8))
+        data = mine if self.rank == 0 else numpy.empty(int(size[0]), dtype=numpy.uint8)
         self.wait([self.comm.Ibcast(data, root=0)], "receiving from rank 0")
         return pickle.loads(data.tobytes())
 
@@ -151,12 +152,14 @@ class MPICommunicator(SingleProcess):
     def wait(self, requests, what):
         """Wait for MPI requests, answering other ranks' pings meanwhile; after `timeout`
         seconds, end the job naming the ranks that do not answer (see lost)."""
-        deadline = time.monotonic() + self.timeout
-        while not self.MPI.Request.Testall(requests):
+        began = time.monotonic()
+        while not self.MPI.Request.Testall(requests):  # MPI moves data on only inside its calls
             self._answer_pings()
-            if time.monotonic() > deadline:
+            waited = time.monotonic() - began
+            if waited > self.timeout:
                 self.lost(what)
-            time.sleep(POLL_S)
+            if waited > SPIN_S:  # a long wait (a rank writing a checkpoint): free the core
+                time.sleep(POLL_S)
 
     def _answer_pings(self):
         status = self.MPI.Status()
@@ -176,7 +179,7 @@ class MPICommunicator(SingleProcess):
             self._answer_pings()
             waiting = {rank: request for rank, request in waiting.items() if not request.Test()}
             time.sleep(POLL_S)
-        del pings  # the job ends: what was not delivered is dropped
+        self.MPI.Request.Testall(pings)  # the job ends: a ping not yet delivered is dropped
         return sorted(waiting)
 
     def lost(self, what):
