@@ -128,7 +128,9 @@ def _plot(args):
     return 0
 
 
-CONDITIONAL = {**options.NEEDS, **options.OVERRIDDEN}
+# options that act only in some combinations: no parser default, so that a given one is found
+CONDITIONAL = {**options.NEEDS, **options.OVERRIDDEN, **{field: task.name for task in tasks.TASKS.values()
+                                                         for field in task.own_options}}
 
 
 def _add_training_options(parser):
@@ -139,7 +141,7 @@ def _add_training_options(parser):
 
     def number(field, help=None):
         """An option with a declared range (minisft.training.options.TRAINING), checked as it is
-        parsed; one that acts only in some combinations (options.NEEDS, OVERRIDDEN) is None
+        parsed; one that acts only in some combinations (CONDITIONAL) is None
         unless given, and --help names its default."""
         conditional = field in CONDITIONAL
         default = f"default {d[field]:g}; " if conditional and d[field] else ""
@@ -191,7 +193,7 @@ def _add_training_options(parser):
     number("seed")
     add("--no-group-by-length", action="store_false", dest="group_by_length",
         help="plain shuffled batches instead of length-grouped ones")
-    add("--label-all-tokens", action="store_true", help="token classification: label every sub-token")
+    add("--label-all-tokens", action="store_true", default=None, help="token classification: label every sub-token")
     add("--resume", nargs="?", const="latest", type=options.Text("checkpoint directory"),
         help="resume from the latest checkpoint in --output (or a given one)")
     add("--overwrite-output-dir", action="store_true")
@@ -212,7 +214,7 @@ def _add_training_options(parser):
     add("--merge-adapters", action="store_true", default=None,
         help="write a plain checkpoint with the adapters merged into its weights instead of the adapter")
     number("doc_stride", "question answering: tokens that the windows of a long context overlap")
-    add("--skip-misaligned", action="store_true",
+    add("--skip-misaligned", action="store_true", default=None,
         help="question answering: leave out questions whose answer is not at its answer_start (counted)")
     add("--class-weights", type=options.Text("class weights"),
         help="classification and token classification: weigh each class in the cross-entropy, as torch's "
@@ -234,7 +236,7 @@ def _add_training_options(parser):
     add("--report-to", choices=["none", "tensorboard"], dest="report_to",
         help="tensorboard: every scalar of metrics.jsonl also as TensorBoard events in OUTPUT/runs/ (needs the log "
              "extra: pip install -e '.[log]')")
-    add("--plot", action="store_true", help="draw the training curves into OUTPUT/curves.png at each evaluation "
+    add("--plot", action="store_true", help="draw the training curves into OUTPUT/curves.png at each evaluation and at the end "
                                             "(needs the viz extra: pip install -e '.[viz]')")
 
 

@@ -89,12 +89,14 @@ def train(options):
                           f"examples in {train_path}", f"use --batch-size {len(train_examples)} or less")
     labels = task.label_vocab(train_examples)
 
-    def features(path, examples=None):
-        examples = examples if examples is not None else _read(path, args, task, limit=args.max_eval_examples)
+    def evaluation_features(path, purpose):
+        """--eval's or --test's features, their count said (--max-eval-examples takes a subset)."""
+        examples = _read(path, args, task, limit=args.max_eval_examples)
+        say(f"{purpose} on {path} ({len(examples)} examples)")
         return _encode(task, examples, tokenizer, labels, args, path)
 
-    train_features = features(train_path, train_examples)
-    eval_features = features(resolve_data(eval_spec, "dev")[0]) if eval_spec else None
+    train_features = _encode(task, train_examples, tokenizer, labels, args, train_path)
+    eval_features = evaluation_features(resolve_data(eval_spec, "dev")[0], "evaluating") if eval_spec else None
     test_path = resolve_data(options.test, "test")[0] if options.test else None
     device = distributed.rank_device(comm, options.device)
     model = task.model(model_dir, labels)  # the lean passes' defaults applied (models.auto)
@@ -113,11 +115,11 @@ def train(options):
         with SignalStop(say) as stop:
             metrics = trainer.train(resume_from=resume, stop=stop)
         if test_path is not None:
-            test = trainer.evaluate(features(test_path), prefix="test")
+            test = trainer.evaluate(evaluation_features(test_path, "testing"), prefix="test")
             trainer._append_metrics({"step": trainer.state.global_step, **test})
             metrics = {**metrics, **test}
-            if draw is not None and trainer.is_main:
-                draw()
+        if draw is not None and trainer.is_main:
+            draw()  # the curves to the last step, with the test scores, or the loss alone without evaluation
     finally:
         trainer.close()
     if comm.rank == 0:  # another rank's look could meet best/ half moved

@@ -19,6 +19,7 @@ class QuestionAnswering(PositionTask):
     metrics = ("f1", "exact_match")
     pair = True
     default_max_length = 384
+    own_options = ("doc_stride", "skip_misaligned")
 
     def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True,
              skip_misaligned=False):

@@ -12,6 +12,7 @@ class TokenClassification(Task):
     file_suffixes = (".conll",)
     metrics = ("f1", "precision", "recall", "accuracy")
     class_weighted = True
+    own_options = ("label_all_tokens",)
 
     def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True,
              skip_misaligned=False):

@@ -72,9 +72,12 @@ def latest(output_dir):
 
 
 def prune(output_dir, keep):
-    """Remove all but the newest `keep` checkpoints (0: keep all); called once the newest is complete."""
-    for old in all_in(output_dir)[:-keep] if keep else []:
+    """Remove all but the newest `keep` checkpoints (0: keep all); called once the newest is
+    complete. Returns the names of those removed."""
+    removed = all_in(output_dir)[:-keep] if keep else []
+    for old in removed:
         shutil.rmtree(old, ignore_errors=True)
+    return [old.name for old in removed]
 
 
 # --- integrity -------------------------------------------------------------------------------

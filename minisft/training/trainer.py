@@ -242,6 +242,9 @@ class Trainer:
                     early_stop = self._should_stop()
                 if not (args.save_steps and self.state.global_step % args.save_steps == 0):
                     self._save_checkpoint(optimizer, schedule)
+        record = progress.finish()
+        if record:
+            self._append_metrics(record)
         progress.close()
         if self.eval_features and self._last_eval_step != self.state.global_step:
             last_metrics = self._evaluate_and_select()
@@ -466,7 +469,9 @@ class Trainer:
             "trainer": dataclasses.asdict(self.state), "schedule": schedule.state_dict(),
             "rng": random.get_rng_state(), "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "args": self.args.to_json()})
-        checkpoints.prune(self.output_dir, self.args.save_total_limit)
+        removed = checkpoints.prune(self.output_dir, self.args.save_total_limit)
+        self.log(f"checkpoint-{self.state.global_step} saved"
+                 + (f" ({', '.join(removed)} removed: --save-total-limit {self.args.save_total_limit})" if removed else ""))
 
     def _load_checkpoint(self, directory, optimizer, schedule):
         saved = checkpoints.load(directory, self.model, optimizer)
