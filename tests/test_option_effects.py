@@ -119,9 +119,12 @@ class Outcome:
     def __init__(self, code, console, output):
         self.code, self.console = code, console
         self.error = console.strip().splitlines()[-1] if code else None
-        self.files = {str(p.relative_to(output)): digest(p) for p in sorted(output.rglob("*"))
-                      if p.is_file() and p.name not in UNCOMPARED} if output.is_dir() else {}
-        self.files = {("runs/" if name.startswith("runs/") else name): d for name, d in self.files.items()}
+        paths = sorted(p for p in output.rglob("*") if p.is_file() and p.name not in UNCOMPARED)
+        # TensorBoard's event files hold wall times in their names and records: runs/ is compared by
+        # presence (its scalars are metrics.jsonl's)
+        self.files = {str(p.relative_to(output)): digest(p) for p in paths if p.parts[len(output.parts)] != "runs"}
+        if (output / "runs").is_dir():
+            self.files["runs/"] = "present"
         metrics = output / "metrics.jsonl"
         records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
         self.evaluations = [r for r in records if any(k.startswith("eval_") for k in r)]

@@ -129,8 +129,8 @@ def _plot(args):
 
 
 # options that act only in some combinations: no parser default, so that a given one is found
-CONDITIONAL = {**options.NEEDS, **options.OVERRIDDEN, **{field: task.name for task in tasks.TASKS.values()
-                                                         for field in task.own_options}}
+CONDITIONAL = {*options.NEEDS, *options.OVERRIDDEN,
+               *(field for task in tasks.TASKS.values() for field in task.own_options)}
 
 
 def _add_training_options(parser):
@@ -236,8 +236,8 @@ def _add_training_options(parser):
     add("--report-to", choices=["none", "tensorboard"], dest="report_to",
         help="tensorboard: every scalar of metrics.jsonl also as TensorBoard events in OUTPUT/runs/ (needs the log "
              "extra: pip install -e '.[log]')")
-    add("--plot", action="store_true", help="draw the training curves into OUTPUT/curves.png at each evaluation and at the end "
-                                            "(needs the viz extra: pip install -e '.[viz]')")
+    add("--plot", action="store_true", help="draw the training curves into OUTPUT/curves.png at each evaluation "
+                                            "and at the end (needs the viz extra: pip install -e '.[viz]')")
 
 
 def _threshold_option(parser):

@@ -118,8 +118,8 @@ def train(options):
             test = trainer.evaluate(evaluation_features(test_path, "testing"), prefix="test")
             trainer._append_metrics({"step": trainer.state.global_step, **test})
             metrics = {**metrics, **test}
-        if draw is not None and trainer.is_main:
-            draw()  # the curves to the last step, with the test scores, or the loss alone without evaluation
+        if draw is not None and trainer.is_main and (test_path is not None or eval_features is None):
+            draw()  # with the test scores, or the loss alone (the last evaluation drew the rest)
     finally:
         trainer.close()
     if comm.rank == 0:  # another rank's look could meet best/ half moved
