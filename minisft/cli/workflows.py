@@ -63,7 +63,7 @@ def train(options):
         raise OptionError("--fp16", True, "mixed precision needs a GPU (NumPy has no fast float16 matrix product)",
                           "add --device cuda, or leave out --fp16")
     draw = _curves_drawer(output) if getattr(options, "plot", False) else None
-    model_dir = resolve_model(options.model)
+    model_dir = resolve_model(options.model, revision=options.revision)
     train_path, fetched = resolve_data(options.train, "train")
     task = tasks.get(options.task) if options.task else tasks.for_file(train_path)
     _refuse_options_of_other_tasks(vars(options), task)
@@ -100,6 +100,7 @@ def train(options):
     test_path = resolve_data(options.test, "test")[0] if options.test else None
     device = distributed.rank_device(comm, options.device)
     model = task.model(model_dir, labels)  # the lean passes' defaults applied (models.auto)
+    model.config._name_or_path = options.model  # what it was loaded from, kept in the saved config.json
     if args.gradient_checkpointing:
         lean.gradient_checkpointing(model)
     model = _placed(peft.prepare(model, args, _base_name(options.model, model_dir)), device)

@@ -86,7 +86,8 @@ class BertConfig:
         return cls.from_json_file(pathlib.Path(directory) / "config.json", **overrides)
 
     def to_dict(self):
-        fields = {k: copy.deepcopy(v) for k, v in vars(self).items() if not k.startswith("_")}
+        fields = {k: copy.deepcopy(v) for k, v in vars(self).items()
+                  if not k.startswith("_") or k == "_name_or_path"}  # where it came from, as transformers 4 kept it
         fields["id2label"] = {str(k): v for k, v in self.id2label.items()}
         fields["label2id"] = self.label2id
         fields["model_type"] = self.model_type
