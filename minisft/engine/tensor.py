@@ -11,6 +11,7 @@ import threading
 import numpy
 
 from minisft.engine.backend import Device, device_of, get_array_module, is_cupy_array, on_device
+from minisft.engine.trace import active as active_trace
 
 _state = threading.local()
 
@@ -83,11 +84,16 @@ class Function:
         with on_device(tensors[0].data):
             out = self.forward(*(t.data for t in tensors), **options)
         if not self.recording:
-            return Tensor(out)
-        self.parents = tuple(t._ctx if t._ctx is not None else (t if t.requires_grad else None)
-                             for t in tensors)
-        self.output_shape = out.shape  # for pictures of the graph (minisft.viz)
-        return Tensor(out, requires_grad=True, _ctx=self)
+            result = Tensor(out)
+        else:
+            self.parents = tuple(t._ctx if t._ctx is not None else (t if t.requires_grad else None)
+                                 for t in tensors)
+            self.output_shape = out.shape  # for pictures of the graph (minisft.viz)
+            result = Tensor(out, requires_grad=True, _ctx=self)
+        trace = active_trace()
+        if trace is not None:  # an exporter's recording (minisft.engine.trace)
+            trace.function(self, tensors, options, result)
+        return result
 
     def forward(self, *arrays, **options):
         raise NotImplementedError

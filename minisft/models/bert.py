@@ -20,6 +20,7 @@ from minisft.models.heads import (MultipleChoiceModelOutput, QuestionAnsweringMo
                                   TokenClassifierOutput, choices_as_rows, classifier_dropout, question_answering_loss,
                                   sequence_classification_loss, token_classification_loss)
 from minisft.engine.tensor import Tensor, array_of
+from minisft.engine.trace import outside_graph
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "BertForTokenClassification",
            "BaseModelOutputWithPooling", "SequenceClassifierOutput", "TokenClassifierOutput"]
@@ -65,6 +66,7 @@ def _check_range(name, ids, size, field):
                          "model's tokenizer (vocab.txt)?")
 
 
+@outside_graph("attention_bias")
 def attention_bias(attention_mask, hidden):
     """The additive (B, 1, 1, L) bias that masks padding keys, or None when nothing is masked:
     padding gets the dtype's most negative value, which exp() makes exactly 0."""
@@ -72,6 +74,12 @@ def attention_bias(attention_mask, hidden):
         return None
     mask = hidden.device.put(attention_mask)
     return ((1 - mask[:, None, None, :]) * numpy.finfo(hidden.dtype).min).astype(hidden.dtype)
+
+
+@outside_graph("absolute_positions")
+def absolute_positions(length):
+    """Position ids 0, 1, ..., length - 1: (1, L)."""
+    return numpy.arange(length, dtype=numpy.int64)[None, :]
 
 
 class BertEmbeddings(nn.Module):
@@ -102,7 +110,7 @@ class BertEmbeddings(nn.Module):
             token_type_ids = numpy.zeros((batch, length), numpy.int64)
         _check_range("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
         if position_ids is None:
-            position_ids = numpy.arange(length, dtype=numpy.int64)[None, :]
+            position_ids = absolute_positions(length)
         embeddings = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
                       + self.token_type_embeddings(token_type_ids))
         return self.dropout(self.LayerNorm(embeddings))

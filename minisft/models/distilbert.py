@@ -5,12 +5,11 @@ pre_classifier. Loading, saving, initialisation and the classification loss are 
 
 Shapes: B batch, L sequence length, D dim, nh n_heads.
 """
-import numpy
 
 from minisft import nn
 from minisft.engine import functional as F
 from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertEncoder, BertPreTrainedModel,
-                                 BertSelfAttention, _as_ids, _check_range, attention_bias, merge_heads, split_heads)
+                                 BertSelfAttention, _as_ids, _check_range, absolute_positions, attention_bias, merge_heads, split_heads)
 from minisft.models.config import BertConfig
 from minisft.models.heads import (MultipleChoiceModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
                                   TokenClassifierOutput, choices_as_rows, question_answering_loss,
@@ -67,7 +66,7 @@ class Embeddings(nn.Module):
             raise ValueError(f"sequence length {length} exceeds max_position_embeddings "
                              f"{config.max_position_embeddings} (config.json): truncate the input")
         _check_range("input_ids", input_ids, config.vocab_size, "vocab_size")
-        positions = self.position_embeddings(numpy.arange(length, dtype=numpy.int64)[None, :])
+        positions = self.position_embeddings(absolute_positions(length))
         return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + positions))
 
 

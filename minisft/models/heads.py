@@ -11,6 +11,7 @@ from minisft import nn
 from minisft.engine import functional as F
 from minisft.engine.backend import get_array_module
 from minisft.engine.tensor import Tensor, array_of
+from minisft.engine.trace import outside_graph
 
 
 @dataclass
@@ -97,6 +98,7 @@ def question_answering_loss(logits, labels):
     return (F.cross_entropy(logits[:, :, 0], labels[:, 0]) + F.cross_entropy(logits[:, :, 1], labels[:, 1])) / 2
 
 
+@outside_graph("choices_as_rows")
 def choices_as_rows(input_ids, *arrays):
     """Multiple choice's (B, C, L) ids, mask and token types as B * C rows (B * C, L) each
     (None stays None), and (B, C)."""

@@ -16,6 +16,7 @@ from minisft.models.heads import (FirstTokenClassificationHead, MultipleChoiceMo
                                   choices_as_rows, classifier_dropout, question_answering_loss,
                                   sequence_classification_loss, token_classification_loss)
 from minisft.engine.tensor import array_of
+from minisft.engine.trace import outside_graph
 from minisft.models.config import BertConfig
 
 
@@ -41,6 +42,7 @@ class RobertaEmbeddings(BertEmbeddings):
         return super().forward(input_ids, token_type_ids, position_ids)
 
 
+@outside_graph("positions_after_padding")
 def positions_after_padding(input_ids, padding_idx, limit):
     """Position ids padding_idx + 1, + 2, ... over the real tokens, padding_idx at padding
     (fairseq's make_positions; RoBERTa's and MPNet's): (B, L) -> (B, L), checked below `limit`

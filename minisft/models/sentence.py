@@ -20,6 +20,7 @@ from minisft import nn
 from minisft.engine import functional as F
 from minisft.engine.ops import cat
 from minisft.engine.tensor import Tensor, array_of
+from minisft.engine.trace import outside_graph
 from minisft.files.atomic import write_json_atomic
 from minisft.models.auto import AutoModel
 
@@ -39,9 +40,15 @@ def pool(last_hidden_state, attention_mask, mode):
     """(B, L, H) -> (B, H): the mean over the attended tokens ("mean"), or the first token's."""
     if mode == "cls":
         return last_hidden_state[:, 0]
-    mask = Tensor(last_hidden_state.device.put(attention_mask[..., None].astype(last_hidden_state.dtype)))
-    counts = numpy.maximum(attention_mask.sum(axis=1, keepdims=True), 1e-9).astype(last_hidden_state.dtype)
-    return (last_hidden_state * mask).sum(dim=1) / Tensor(last_hidden_state.device.put(counts))
+    mask, counts = (Tensor(last_hidden_state.device.put(a)) for a in mean_weights(attention_mask, last_hidden_state.dtype))
+    return (last_hidden_state * mask).sum(dim=1) / counts
+
+
+@outside_graph("mean_weights")
+def mean_weights(attention_mask, dtype):
+    """The mask (B, L, 1) as `dtype` and the attended tokens' counts (B, 1), at least 1e-9."""
+    counts = numpy.maximum(attention_mask.sum(axis=1, keepdims=True), 1e-9).astype(dtype)
+    return attention_mask[..., None].astype(dtype), counts
 
 
 def normalize(x):
@@ -126,10 +133,11 @@ class SentenceEmbedder(nn.Module):
         last one any row attends to are padding for every row and are cut off."""
         attended = mask.any(axis=0).cumsum()  # columns attended so far; it peaks at the last one
         length = int(attended.argmax()) + 1 if mask.size else ids.shape[-1]
-        out = self.model(ids[:, :length], attention_mask=mask[:, :length],
-                         token_type_ids=None if types is None else types[:, :length],
+        if length < ids.shape[-1]:
+            ids, mask, types = (None if a is None else a[:, :length] for a in (ids, mask, types))
+        out = self.model(ids, attention_mask=mask, token_type_ids=types,
                          output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        embeddings = pool(out.last_hidden_state, mask[:, :length], self.pooling)
+        embeddings = pool(out.last_hidden_state, mask, self.pooling)
         return (normalize(embeddings) if self.normalize else embeddings), out
 
     # --- sentence-transformers' directory ---------------------------------------------------
