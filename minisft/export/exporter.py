@@ -49,7 +49,9 @@ def _trace(model, inputs):
 
 
 def _arrays(structure):
-    """The arrays in a helper's result (nested tuples and lists), in order."""
+    """The arrays in a helper's result (nested tuples, lists and dicts' values), in order."""
+    if isinstance(structure, dict):
+        structure = list(structure.values())
     if isinstance(structure, (tuple, list)):
         return [leaf for part in structure for leaf in _arrays(part)]
     return [structure] if hasattr(structure, "shape") else []
@@ -96,7 +98,8 @@ def build(model, task_name, multiple_choice=False):
         traced.append((inputs,) + _trace(model, inputs))
     (inputs, trace, out), (_, other_trace, other_out) = traced
     axes = ("batch", "choices", "sequence") if multiple_choice else ("batch", "sequence")
-    graph = Graph({name: (SHAPES[0][name], SHAPES[1][name], "input_ids", axis) for axis, name in enumerate(axes)})
+    graph = Graph({name: (SHAPES[0][name], SHAPES[1][name], "input_ids", axis) for axis, name in enumerate(axes)},
+                  max_length=model.config.max_position_embeddings)
     values = _Values(graph, model, inputs)
     if len(trace.events) != len(other_trace.events):
         raise ExportError("the forward pass runs different ops at two input shapes; the exporter needs one graph")
@@ -141,7 +144,7 @@ def _function(graph, values, event, other):
     if op not in FUNCTIONS:
         raise ExportError(f"unmapped op: {op} has no ONNX mapping in minisft.export.operators")
     names = [values.tensor(t, t2, op, i) for i, (t, t2) in enumerate(zip(inputs, other[2]))]
-    values.tensors[id(out)] = FUNCTIONS[op](graph, Call(fn, other[1], options, names, inputs, out, other[4]))
+    values.tensors[id(out)] = FUNCTIONS[op](graph, Call(fn, other[1], options, names, inputs, out, other[4], values))
 
 
 def _outputs(graph, values, task_name, out, other_out):

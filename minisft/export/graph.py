@@ -22,13 +22,14 @@ class Graph:
     """Nodes, initializers and the symbolic sizes of one ONNX graph.
 
     dims: {name: (size in trace 1, size in trace 2, graph input, its axis)} of the symbolic
-    dimensions, e.g. {"batch": (2, 3, "input_ids", 0), "sequence": (7, 11, "input_ids", 1)}."""
+    dimensions, e.g. {"batch": (2, 3, "input_ids", 0), "sequence": (7, 11, "input_ids", 1)};
+    max_length: the longest sequence the model takes (tables of the length are cut from it)."""
 
-    def __init__(self, dims):
+    def __init__(self, dims, max_length):
         from onnx import helper, numpy_helper
 
         self.helper, self.numpy_helper = helper, numpy_helper
-        self.nodes, self.initializers, self.dims = [], {}, dims
+        self.nodes, self.initializers, self.dims, self.max_length = [], {}, dims, max_length
         self._names = itertools.count()
         self._dim_values = {}
 

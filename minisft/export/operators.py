@@ -25,6 +25,7 @@ class Call:
     inputs: tuple
     out: object
     other_out: object
+    values: object  # the names of arrays made outside the graph: values.array(a)
 
 
 FUNCTIONS = {}
@@ -188,6 +189,15 @@ def _get_item(g, call):
     return out
 
 
+@emits("_Gather")
+def _gather(g, call):
+    """torch.gather's take_along_axis: GatherElements, its index made outside the graph."""
+    index = call.values.array(call.options["index"])
+    if index is None:
+        raise ExportError("unmapped op: _Gather with an index the exporter does not know (mark its helper outside_graph)")
+    return g.op("GatherElements", [call.names[0], index], axis=call.options["dim"] % call.inputs[0].ndim)
+
+
 @emits("To")
 def _to(g, call):
     from onnx import helper
@@ -241,14 +251,76 @@ def _positions_after_padding(g, names, args, result, other):
     return g.op("Add", [g.op("Mul", [counted, real]), padding_idx], hint="position_ids")
 
 
-@makes("mean_weights")
-def _mean_weights(g, names, args, result, other):
-    """The mask (B, L, 1) and the counts (B, 1), as mean pooling weighs tokens."""
-    dtype = result[0].dtype
+@makes("token_weights")
+def _token_weights(g, names, args, result, other):
+    """The mask as (B, L, 1) weights."""
+    return g.op("Unsqueeze", [_cast(g, names[0], result.dtype), g.ints([2])], hint="token_weights")
+
+
+@makes("token_counts")
+def _token_counts(g, names, args, result, other):
+    """The tokens of each row (B, 1), at least the floor when one is given."""
+    counts = g.op("ReduceSum", [_cast(g, names[0], result.dtype), g.ints([1])], keepdims=1, hint="token_counts")
+    floor = args[2] if len(args) > 2 else None
+    return counts if floor is None else g.op("Max", [counts, g.scalar(floor, result.dtype)], hint="token_counts")
+
+
+@makes("pair_mask_bias")
+def _pair_mask_bias(g, names, args, result, other):
+    """(1 - mask_query mask_key) x the dtype's minimum: (B, 1, L, L)."""
+    dtype = result.dtype
     mask = _cast(g, names[0], dtype)
-    counts = g.op("ReduceSum", [mask, g.ints([1])], keepdims=1)
-    counts = g.op("Max", [counts, g.scalar(1e-9, dtype)])
-    return g.op("Unsqueeze", [mask, g.ints([2])], hint="pooling_mask"), counts
+    pairs = g.op("Mul", [g.op("Unsqueeze", [mask, g.ints([1, 3])]), g.op("Unsqueeze", [mask, g.ints([1, 2])])])
+    return g.op("Mul", [g.op("Sub", [g.scalar(1.0, dtype), pairs]), g.scalar(numpy.finfo(dtype).min, dtype)],
+                hint="pair_mask_bias")
+
+
+@makes("relative_index")
+def _relative_index(g, names, args, result, other):
+    """clip(sign relative_pos + span, 0, 2 span - 1), expanded to (..., L, L)."""
+    _, span, _, sign = args
+    at = g.op("Add", [g.op("Mul", [names[0], g.constant(numpy.asarray(sign, numpy.int64))]),
+                      g.constant(numpy.asarray(span, numpy.int64))])
+    at = g.op("Clip", [at, g.constant(numpy.asarray(0, numpy.int64)), g.constant(numpy.asarray(2 * span - 1, numpy.int64))])
+    return g.op("Expand", [at, g.shape(result.shape, other.shape)], hint="relative_index")
+
+
+@makes("local_attention_biases")
+def _local_attention_biases(g, names, args, result, other):
+    """ModernBERT's biases: padding keys at the dtype's minimum (B, 1, 1, L), and on the local
+    layers also the keys farther than the window from the query (B, 1, L, L)."""
+    _, _, window, dtype = args
+    if any(result[kind] is None for kind in result):
+        raise ExportError("local_attention_biases traced without padding: the exporter's batch must be padded")
+    keys = g.op("Unsqueeze", [g.op("Cast", [names[0]], to=9), g.ints([1, 2])])  # 9: BOOL, (B, 1, 1, L)
+    positions = g.op("Range", [g.constant(numpy.asarray(0, numpy.int64)), g.scalar_dim("sequence"),
+                               g.constant(numpy.asarray(1, numpy.int64))])
+    distance = g.op("Abs", [g.op("Sub", [g.op("Unsqueeze", [positions, g.ints([1])]),
+                                         g.op("Unsqueeze", [positions, g.ints([0])])])])
+    near = g.op("LessOrEqual", [distance, g.constant(numpy.asarray(window, numpy.int64))])
+    allowed = {"full_attention": keys, "sliding_attention": g.op("And", [keys, near])}
+    zero, lowest = g.scalar(0.0, dtype), g.scalar(numpy.finfo(dtype).min, dtype)
+    return [g.op("Where", [allowed[kind], zero, lowest], hint=kind) for kind in result]
+
+
+@makes("length_table")
+def _length_table(g, names, args, result, other):
+    """The table at the model's longest length, sliced to L on each axis whose size follows L
+    (after checking that the traced table is that prefix)."""
+    helper, (length, *rest), kwargs = args
+    full = helper(g.max_length, *rest, **kwargs)
+    tables, full_tables, other_tables = (list(t) if isinstance(t, tuple) else [t] for t in (result, full, other))
+    out = []
+    for table, whole, other_table in zip(tables, full_tables, other_tables):
+        axes = [axis for axis, (a, b) in enumerate(zip(table.shape, other_table.shape)) if a != b]
+        if not numpy.array_equal(whole[tuple(slice(0, length) if a in axes else slice(None) for a in range(whole.ndim))],
+                                 table):
+            raise ExportError(f"{helper.__name__}'s table at length {length} is not the start of its table at "
+                              f"{g.max_length}: it cannot be sliced from one table")
+        stop = g.dim("sequence")
+        out.append(g.op("Slice", [g.constant(whole, hint=helper.__name__), g.ints([0] * len(axes)),
+                                  g.op("Concat", [stop] * len(axes), axis=0), g.ints(axes)], hint=helper.__name__))
+    return out
 
 
 @makes("choices_as_rows")

@@ -76,6 +76,19 @@ def attention_bias(attention_mask, hidden):
     return ((1 - mask[:, None, None, :]) * numpy.finfo(hidden.dtype).min).astype(hidden.dtype)
 
 
+@outside_graph("token_weights")
+def token_weights(attention_mask, dtype):
+    """The mask (B, L) as weights (B, L, 1) of `dtype`: 1 at tokens, 0 at padding."""
+    return attention_mask[..., None].astype(dtype)
+
+
+@outside_graph("token_counts")
+def token_counts(attention_mask, dtype, floor=None):
+    """The tokens of each row, (B, L) -> (B, 1) of `dtype`, at least `floor` when given."""
+    counts = attention_mask.sum(axis=1, keepdims=True)
+    return (counts if floor is None else numpy.maximum(counts, floor)).astype(dtype)
+
+
 @outside_graph("absolute_positions")
 def absolute_positions(length):
     """Position ids 0, 1, ..., length - 1: (1, L)."""

@@ -21,7 +21,8 @@ from minisft.engine.errors import ModelFileError
 from minisft import nn
 from minisft.engine import functional as F
 from minisft.engine.tensor import array_of
-from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertIntermediate, BertOutput,
+from minisft.engine.trace import length_table, outside_graph
+from minisft.models.bert import (ACTIVATIONS, absolute_positions, token_weights, BaseModelOutputWithPooling, BertIntermediate, BertOutput,
                                  BertPreTrainedModel, BertSelfOutput, _as_ids, _check_range, merge_heads, split_heads)
 from minisft.models.config import BertConfig
 from minisft.models.heads import (MultipleChoiceModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
@@ -84,6 +85,7 @@ def log_bucket_position(relative, buckets, max_position):
     return numpy.where(distance <= mid, relative, log_position * sign).astype(numpy.int64)
 
 
+@length_table
 def relative_positions(length, buckets, max_position):
     """(L, L) relative position ids i - j, log-bucketed when buckets and max_position are set."""
     ids = numpy.arange(length, dtype=numpy.int64)
@@ -116,13 +118,13 @@ class DebertaV2Embeddings(nn.Module):
             if input_ids.shape[1] > config.max_position_embeddings:
                 raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
                                  f"{config.max_position_embeddings} (config.json): truncate the input")
-            embeddings = embeddings + self.position_embeddings(numpy.arange(input_ids.shape[1])[None, :])
+            embeddings = embeddings + self.position_embeddings(absolute_positions(input_ids.shape[1]))
         if self.token_type_embeddings is not None:
             _check_range("token_type_ids", token_type_ids, config.type_vocab_size, "type_vocab_size")
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         if self.embed_proj is not None:
             embeddings = self.embed_proj(embeddings)
-        embeddings = self.LayerNorm(embeddings) * embeddings.device.put(mask[:, :, None].astype(embeddings.dtype))
+        embeddings = self.LayerNorm(embeddings) * embeddings.device.put(token_weights(mask, embeddings.dtype))
         return self.dropout(embeddings)
 
 
@@ -173,14 +175,20 @@ class DisentangledSelfAttention(nn.Module):
         if "c2p" in self.pos_att_type:
             pos_key = split_heads((self.key_proj if self.share_att_key else self.pos_key_proj)(rel), heads)
             c2p = query @ pos_key.transpose(-1, -2)                     # (B, nh, L, R)
-            at = numpy.clip(relative_pos + span, 0, 2 * span - 1)
-            score = score + F.gather(c2p, -1, numpy.broadcast_to(at, c2p.shape[:2] + at.shape)) / scale
+            score = score + F.gather(c2p, -1, relative_index(relative_pos, span, c2p.shape[:2], 1)) / scale
         if "p2c" in self.pos_att_type:
             pos_query = split_heads((self.query_proj if self.share_att_key else self.pos_query_proj)(rel), heads)
             p2c = key @ pos_query.transpose(-1, -2)                     # (B, nh, L keys, R)
-            at = numpy.clip(-relative_pos + span, 0, 2 * span - 1)
-            score = score + F.gather(p2c, -1, numpy.broadcast_to(at, p2c.shape[:2] + at.shape)).transpose(-1, -2) / scale
+            score = score + F.gather(p2c, -1, relative_index(relative_pos, span, p2c.shape[:2], -1)).transpose(-1, -2) / scale
         return score
+
+
+@outside_graph("relative_index")
+def relative_index(relative_pos, span, leading, sign):
+    """Where each (query, key) pair's relative position sign x (i - j) falls among the 2 span
+    relative embeddings: clip(sign relative_pos + span, 0, 2 span - 1), (L, L) broadcast to leading + (L, L)."""
+    at = numpy.clip(sign * relative_pos + span, 0, 2 * span - 1)
+    return numpy.broadcast_to(at, tuple(leading) + at.shape)
 
 
 class DebertaV2Attention(nn.Module):
@@ -278,6 +286,7 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         return BaseModelOutputWithPooling(sequence, None, all_hidden, attentions)
 
 
+@outside_graph("pair_mask_bias")
 def pair_mask_bias(mask, hidden):
     """(B, 1, L, L) additive bias: the dtype's minimum where the query or the key is padding."""
     mask = hidden.device.put(mask)

@@ -19,7 +19,8 @@ from minisft.engine import functional as F
 from minisft.engine import random
 from minisft.engine.ops import cat
 from minisft.engine.tensor import Tensor, array_of
-from minisft.models.bert import (ACTIVATIONS, BaseModelOutputWithPooling, BertPreTrainedModel, _as_ids, _check_range,
+from minisft.engine.trace import length_table, outside_graph
+from minisft.models.bert import (ACTIVATIONS, token_counts, token_weights, BaseModelOutputWithPooling, BertPreTrainedModel, _as_ids, _check_range,
                                  merge_heads, split_heads)
 from minisft.models.config import BertConfig
 from minisft.models.heads import (MultipleChoiceModelOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
@@ -91,6 +92,7 @@ class ModernBertConfig(BertConfig):
         return self.local_attention // 2
 
 
+@length_table
 def rotary_tables(length, head_size, theta):
     """(cos, sin) of RoPE, (L, dh) float32 each: position p, frequency theta^(-2i / dh), the
     frequencies repeated for the two halves, as transformers computes them."""
@@ -183,6 +185,7 @@ class ModernBertEncoderLayer(nn.Module):
         return hidden_states + self.mlp(self.mlp_norm(hidden_states)), probs
 
 
+@outside_graph("local_attention_biases")
 def attention_biases(mask, length, window, dtype):
     """{layer type: (B, 1, L, L) additive bias or None}: padding keys masked everywhere, and on
     the local layers the keys farther than `window` from the query too."""
@@ -297,10 +300,9 @@ def pooled(config, last_hidden_state, attention_mask, first=None):
     mean over the mask ("mean"): (B, L, H) -> (B, H)."""
     if config.classifier_pooling == "cls":
         return last_hidden_state[:, 0] if first is None else last_hidden_state[numpy.arange(len(first)), first]
-    mask = numpy.ones(last_hidden_state.shape[:2], numpy.float32) if attention_mask is None else \
-        array_of(attention_mask).astype(numpy.float32)
-    mask = last_hidden_state.device.put(mask)
-    return (last_hidden_state * Tensor(mask[:, :, None])).sum(dim=1) / Tensor(mask.sum(axis=1, keepdims=True))
+    mask = numpy.ones(last_hidden_state.shape[:2], numpy.int64) if attention_mask is None else array_of(attention_mask)
+    put, dtype = last_hidden_state.device.put, last_hidden_state.dtype
+    return (last_hidden_state * Tensor(put(token_weights(mask, dtype)))).sum(dim=1) / Tensor(put(token_counts(mask, dtype)))
 
 
 class _ModernBertHeaded(ModernBertPreTrainedModel):

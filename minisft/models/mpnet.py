@@ -16,6 +16,7 @@ import numpy
 from minisft import nn
 from minisft.engine import functional as F
 from minisft.engine.tensor import array_of
+from minisft.engine.trace import length_table
 from minisft.models.bert import (BaseModelOutputWithPooling, BertIntermediate, BertOutput, BertPooler,
                                  BertPreTrainedModel, _as_ids, _check_range, attention_bias, merge_heads, split_heads)
 from minisft.models.config import BertConfig
@@ -36,6 +37,7 @@ class MPNetConfig(BertConfig):
                 "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "type_vocab_size": 1}
 
 
+@length_table
 def relative_position_buckets(length, buckets=BUCKETS, max_distance=MAX_DISTANCE):
     """(L, L) bucket of j - i for query i and key j: half the buckets for each sign, exact
     distances below a quarter of them, then log-spaced up to max_distance, in float32 as

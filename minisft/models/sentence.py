@@ -20,9 +20,9 @@ from minisft import nn
 from minisft.engine import functional as F
 from minisft.engine.ops import cat
 from minisft.engine.tensor import Tensor, array_of
-from minisft.engine.trace import outside_graph
 from minisft.files.atomic import write_json_atomic
 from minisft.models.auto import AutoModel
+from minisft.models.bert import token_counts, token_weights
 
 POOLING_MODES = ("mean", "cls")
 MNRL_SCALE = 20.0  # sentence-transformers' MultipleNegativesRankingLoss default
@@ -40,15 +40,9 @@ def pool(last_hidden_state, attention_mask, mode):
     """(B, L, H) -> (B, H): the mean over the attended tokens ("mean"), or the first token's."""
     if mode == "cls":
         return last_hidden_state[:, 0]
-    mask, counts = (Tensor(last_hidden_state.device.put(a)) for a in mean_weights(attention_mask, last_hidden_state.dtype))
-    return (last_hidden_state * mask).sum(dim=1) / counts
-
-
-@outside_graph("mean_weights")
-def mean_weights(attention_mask, dtype):
-    """The mask (B, L, 1) as `dtype` and the attended tokens' counts (B, 1), at least 1e-9."""
-    counts = numpy.maximum(attention_mask.sum(axis=1, keepdims=True), 1e-9).astype(dtype)
-    return attention_mask[..., None].astype(dtype), counts
+    put = last_hidden_state.device.put
+    mask = Tensor(put(token_weights(attention_mask, last_hidden_state.dtype)))
+    return (last_hidden_state * mask).sum(dim=1) / Tensor(put(token_counts(attention_mask, last_hidden_state.dtype, 1e-9)))
 
 
 def normalize(x):
