@@ -129,7 +129,7 @@ def threshold_option(parser):
                              + options.TRAINING["threshold"].describe())
 
 
-def inference_options(parser, data_help, model_help="a directory written by `minisft train`"):
+def inference_options(parser, data_help, model_help="a directory written by `minisft train`, or a file by `minisft export`"):
     """The options evaluate, predict and embed share."""
     parser.add_argument("--model", required=True, type=options.Text("model directory"), help=model_help)
     parser.add_argument("--data", required=True, type=options.Text("data file or data set name"), help=data_help)

@@ -98,6 +98,16 @@ def _embed(args):
     return 0
 
 
+def _export(args):
+    from minisft.cli import workflows
+
+    path = workflows.export(args.model, args.output, args.quantize, args.merge_adapters)
+    print(f"wrote {path} ({path.stat().st_size / 2 ** 20:.1f} MiB), with its tokenizer files and labels.json beside it",
+          file=sys.stderr)
+    print(path)
+    return 0
+
+
 def _graph(args):
     from minisft.cli import inside
 
@@ -225,6 +235,21 @@ def build_parser():
                        help="truncate texts to this many tokens (default: the model's max_seq_length)")
     embed.add_argument("--pooling", choices=["mean", "cls"], help="override the directory's pooling")
     embed.set_defaults(run=_embed)
+    export = commands.add_parser("export", help="write a trained model as an ONNX file, for onnxruntime",
+                                 description="Trace the model's eval forward through minisft's own graph and write it as "
+                                             "ONNX (opset 17) with dynamic batch and sequence axes; inputs input_ids, "
+                                             "attention_mask and token_type_ids where the family has them. The "
+                                             "tokenizer files and labels.json go beside it; `minisft predict --model "
+                                             "FILE.onnx` runs it. Needs the export extra (pip install -e '.[export]').")
+    export.add_argument("--model", required=True, type=options.Text("model directory"),
+                        help="a directory written by `minisft train`")
+    export.add_argument("--output", required=True, type=options.Text("output .onnx file"),
+                        help="the file to write (its directory must exist; the tokenizer files go beside it)")
+    export.add_argument("--quantize", choices=["int8"],
+                        help="int8: onnxruntime's dynamic quantisation of the MatMul weights")
+    export.add_argument("--merge-adapters", action="store_true",
+                        help="a LoRA adapter directory: merge the adapters into the base weights as the file is written")
+    export.set_defaults(run=_export)
     _add_inside_commands(commands)
     return parser
 

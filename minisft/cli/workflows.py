@@ -224,8 +224,13 @@ def _placed(model, device):
     return model.to(Device(device).activate())
 
 
-def _load_finetuned(model_dir, device):
+def _load_finetuned(model_dir, device, lean=True):
+    """(training arguments, task, model, labels, tokenizer) of a directory `minisft train` wrote
+    (lean=False: the plain model, no pass applied), or of a file `minisft export` wrote (.onnx,
+    run by onnxruntime)."""
     model_dir = pathlib.Path(model_dir)
+    if model_dir.suffix == ".onnx":
+        return _load_exported(model_dir)
     if not model_dir.is_dir():
         raise MissingFile(f"--model {model_dir}: not a directory; give a directory written by `minisft train`")
     try:
@@ -248,11 +253,52 @@ def _load_finetuned(model_dir, device):
             raise MissingFile(f"{model_dir / peft.ADAPTER_CONFIG}: its base checkpoint "
                                     f"(base_model_name_or_path) {base!r} cannot be found; put the base there or "
                                     "edit the field to its directory") from None
-        model = peft.load_adapter(task.model(base_dir, labels), model_dir, base)
+        model = peft.load_adapter(task.model(base_dir, labels, lean=lean), model_dir, base)
     else:
-        model = task.model(model_dir, labels)
+        model = task.model(model_dir, labels, lean=lean)
     model = _placed(model, device).eval()
     return args, task, model, labels, AutoTokenizer.from_pretrained(model_dir)
+
+
+def _load_exported(path):
+    from minisft.export.runtime import ExportedModel, settings_of
+
+    if not path.is_file():
+        raise MissingFile(f"--model {path}: no such file; give a file that `minisft export` wrote")
+    saved = settings_of(path)
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    args = TrainingArguments(output_dir=str(path.parent), task=saved["task"],
+                             **{k: v for k, v in saved.items() if k in fields and k not in ("task", "output_dir")})
+    labels = LabelVocab([saved["id2label"][str(i)] for i in range(len(saved["id2label"]))])
+    return args, tasks.get(args.task), ExportedModel(path), labels, AutoTokenizer.from_pretrained(path.parent)
+
+
+def export(model_dir, output, quantize=None, merge_adapters=False):
+    """Write the model of directory `model_dir` (as `minisft train` wrote it) as the ONNX file
+    `output`, with its tokenizer files and labels.json beside it."""
+    from minisft.export import exporter
+
+    output = pathlib.Path(output)
+    if output.suffix != ".onnx":
+        raise OptionError("--output", str(output), "is not a .onnx file name", f"give {output.with_suffix('.onnx')}")
+    if not output.parent.is_dir():
+        raise OptionError("--output", str(output), f"its directory {output.parent} does not exist",
+                          f"create it first (mkdir -p {output.parent}), or give a path in an existing directory")
+    adapter = pathlib.Path(model_dir).is_dir() and peft.is_adapter(model_dir)
+    if adapter and not merge_adapters:
+        raise OptionError("--model", str(model_dir), "holds LoRA adapters, not a whole model",
+                          "add --merge-adapters to merge them into the weights as the file is written (or train "
+                          "with --merge-adapters)")
+    if pathlib.Path(model_dir).suffix == ".onnx":
+        raise OptionError("--model", str(model_dir), "is an exported file already", "give the directory it came from")
+    args, task, model, labels, _ = _load_finetuned(model_dir, "cpu", lean=False)
+    if adapter:
+        model = model.merge_and_unload()
+    settings = {"max_length": args.max_length, "threshold": args.threshold, "label_all_tokens": args.label_all_tokens,
+                "doc_stride": args.doc_stride}
+    if task.name == "embedding":
+        settings.update(pooling=model.pooling, normalize=model.normalize)
+    return exporter.save(model.eval(), task.name, output, model_dir, settings, quantize)
 
 
 def _inference_settings(args, task, batch_size, threshold):

@@ -8,6 +8,8 @@ any other constant must be the same at both shapes, or it would freeze one shape
 
     export(model, "classification", "model.onnx")   # inputs input_ids, attention_mask[, token_type_ids]
 """
+import pathlib
+
 import numpy
 
 from minisft.engine.tensor import no_grad
@@ -63,13 +65,10 @@ class _Values:
     def __init__(self, graph, model, inputs):
         self.graph = graph
         self.params = {id(p): name for name, p in model.named_parameters()}
-        self.tensors, self.arrays, self.used = {}, {id(inputs[k]): k for k in INPUTS}, set()
+        self.tensors, self.arrays = {}, {id(inputs[k]): k for k in INPUTS}
 
     def array(self, a):
-        name = self.arrays.get(id(a)) if hasattr(a, "shape") else None
-        if name in INPUTS:
-            self.used.add(name)
-        return name
+        return self.arrays.get(id(a)) if hasattr(a, "shape") else None
 
     def tensor(self, t, other, op, position):
         if id(t) in self.tensors:
@@ -110,12 +109,13 @@ def build(model, task_name, multiple_choice=False):
             _function(graph, values, event, other)
     names = _outputs(graph, values, task_name, out, other_out)
     dims = {n: graph.dims[n][:2] for n in axes}
-    graph_inputs = [helper.make_tensor_value_info(k, TensorProto.INT64, list(axes)) for k in INPUTS if k in values.used]
+    read = graph.prune(names)
+    graph_inputs = [helper.make_tensor_value_info(k, TensorProto.INT64, list(axes)) for k in INPUTS if k in read]
     graph_outputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
                                                    _symbolic(array.shape, other_shape, dims))
                      for name, (array, other_shape) in names.items()]
     proto = helper.make_model(helper.make_graph(graph.nodes, f"minisft {task_name}", graph_inputs, graph_outputs,
-                                                graph.used_initializers()),
+                                                list(graph.initializers.values())),
                               opset_imports=[helper.make_opsetid("", OPSET)], producer_name="minisft")
     onnx.checker.check_model(proto, full_check=False)
     return proto
@@ -175,3 +175,49 @@ def _symbolic(shape, other_shape, dims):
         else:
             out.append(next((n for n, (x, y) in dims.items() if (x, y) == (a, b)), None))
     return out
+
+
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spm.model", "sentencepiece.bpe.model")
+SETTINGS = "labels.json"  # beside the file: its task, labels and the settings predict needs
+
+
+def save(model, task_name, output, source, settings, quantize=None):
+    """Write `model` (plain, eval) as the ONNX file `output`, int8 MatMul weights with
+    quantize="int8" (onnxruntime's dynamic quantisation); beside it, the tokenizer files of
+    directory `source` and labels.json ({task, id2label, inputs, outputs, settings...})."""
+    import shutil
+
+    import onnx
+
+    from minisft.files.atomic import write_atomic, write_json_atomic
+
+    output = pathlib.Path(output)
+    proto = build(model, task_name, multiple_choice=task_name == "multiple-choice")
+    if proto.ByteSize() >= 2 ** 31:
+        raise ExportError(f"{output}: the model is {proto.ByteSize() / 2 ** 30:.1f} GiB, beyond one protobuf's 2 GiB")
+    if quantize is None:
+        write_atomic(output, lambda tmp: onnx.save_model(proto, tmp))
+    else:
+        write_atomic(output, lambda tmp: _quantized(proto, tmp))
+    for name in TOKENIZER_FILES:
+        if (pathlib.Path(source) / name).is_file() and (output.parent / name).resolve() != (pathlib.Path(source) / name).resolve():
+            write_atomic(output.parent / name, lambda tmp, name=name: shutil.copyfile(pathlib.Path(source) / name, tmp))
+    write_json_atomic({"task": task_name, "file": output.name, "quantize": quantize,
+                       "id2label": {str(i): label for i, label in model.config.id2label.items()},
+                       "inputs": [i.name for i in proto.graph.input], "outputs": [o.name for o in proto.graph.output],
+                       "model_type": model.config.model_type, **settings}, output.parent / SETTINGS)
+    return output
+
+
+def _quantized(proto, path):
+    """onnxruntime's dynamic quantisation (int8 weights of MatMul, activations quantised as they come)."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(dir=pathlib.Path(path).parent, prefix=".quantize-") as tmp:
+        plain = pathlib.Path(tmp) / "float32.onnx"
+        onnx.save_model(proto, plain)
+        quantize_dynamic(plain, path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])

@@ -33,10 +33,17 @@ class Graph:
         self._names = itertools.count()
         self._dim_values = {}
 
-    def used_initializers(self):
-        """The initializers some node reads (a Linear's weight is stored transposed, not as it is)."""
-        read = {name for node in self.nodes for name in node.input}
-        return [tensor for name, tensor in self.initializers.items() if name in read]
+    def prune(self, outputs):
+        """Keep only the nodes that the graph's `outputs` depend on, and the initializers they
+        read (a Linear's weight is stored transposed, not as it is); returns the names read."""
+        needed, kept = set(outputs), []
+        for node in reversed(self.nodes):
+            if any(out in needed for out in node.output):
+                kept.append(node)
+                needed.update(node.input)
+        self.nodes = kept[::-1]
+        self.initializers = {name: tensor for name, tensor in self.initializers.items() if name in needed}
+        return needed
 
     def name(self, hint):
         return f"{hint}_{next(self._names)}"

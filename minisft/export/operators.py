@@ -165,6 +165,8 @@ def _get_item(g, call):
     """Basic indexing: ints (Gather), slices of constant bounds (Slice; an open end stays open,
     so it follows the input's size), None (Unsqueeze) and one Ellipsis."""
     parts, other = (i if isinstance(i, tuple) else (i,) for i in (call.fn.index, call.other.index))
+    if parts and all(hasattr(p, "shape") for p in parts):
+        return _gather_nd(g, call, parts)
     if any(hasattr(p, "shape") for p in parts) or repr(parts) != repr(other) or any(
             isinstance(p, slice) and (p.step or 1) < 0 for p in parts):
         raise ExportError(f"unmapped op: GetItem with index {parts!r} (an index array, a negative step, or bounds "
@@ -196,6 +198,16 @@ def _gather(g, call):
     if index is None:
         raise ExportError("unmapped op: _Gather with an index the exporter does not know (mark its helper outside_graph)")
     return g.op("GatherElements", [call.names[0], index], axis=call.options["dim"] % call.inputs[0].ndim)
+
+
+def _gather_nd(g, call, parts):
+    """x[i, j, ...] with index arrays of one shape, each made outside the graph: GatherND."""
+    names = [call.values.array(p) for p in parts]
+    if None in names or len({p.shape for p in parts}) != 1:
+        raise ExportError("unmapped op: GetItem with index arrays the exporter does not know (mark their helper "
+                          "outside_graph)")
+    at = g.op("Concat", [g.op("Unsqueeze", [n, g.ints([-1])]) for n in names], axis=-1)
+    return g.op("GatherND", [call.names[0], at], hint="gather_nd")
 
 
 @emits("To")
@@ -328,3 +340,12 @@ def _choices_as_rows(g, names, args, result, other):
     """Multiple choice's (B, C, L) arrays as (B * C, L) rows, and the (B, C) sizes (not in the graph)."""
     return [g.op("Reshape", [name, g.shape(row.shape, other_row.shape)], hint="rows")
             for name, row, other_row in zip(names, result[0], other[0]) if row is not None]
+
+
+@makes("first_tokens")
+def _first_tokens(g, names, args, result, other):
+    """0 ... N - 1, and each row's first attended position (ArgMax keeps the first of equal maxima, as numpy)."""
+    mask = names[0]
+    rows = g.op("Squeeze", [g.op("Gather", [g.op("Shape", [mask]), g.ints([0])]), g.ints([0])])
+    rows = g.op("Range", [g.constant(numpy.asarray(0, numpy.int64)), rows, g.constant(numpy.asarray(1, numpy.int64))])
+    return [rows, g.op("ArgMax", [_cast(g, mask, numpy.int32)], axis=-1, keepdims=0, hint="first_tokens")]

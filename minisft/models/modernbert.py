@@ -295,11 +295,17 @@ class ModernBertPredictionHead(nn.Module):
         return self.norm(self.act(self.dense(hidden_states)))
 
 
-def pooled(config, last_hidden_state, attention_mask, first=None):
-    """classifier_pooling: the first token ("cls"; `first`: each row's first real token) or the
-    mean over the mask ("mean"): (B, L, H) -> (B, H)."""
+@outside_graph("first_tokens")
+def first_tokens(attention_mask):
+    """(rows, each row's first attended position): the index of each row's first real token, (N,) twice."""
+    return numpy.arange(len(attention_mask)), numpy.argmax(attention_mask, axis=-1)
+
+
+def pooled(config, last_hidden_state, attention_mask, first_real=False):
+    """classifier_pooling: the first token ("cls"; first_real: each row's first real token, as
+    multiple choice pools) or the mean over the mask ("mean"): (B, L, H) -> (B, H)."""
     if config.classifier_pooling == "cls":
-        return last_hidden_state[:, 0] if first is None else last_hidden_state[numpy.arange(len(first)), first]
+        return last_hidden_state[first_tokens(array_of(attention_mask))] if first_real else last_hidden_state[:, 0]
     mask = numpy.ones(last_hidden_state.shape[:2], numpy.int64) if attention_mask is None else array_of(attention_mask)
     put, dtype = last_hidden_state.device.put, last_hidden_state.dtype
     return (last_hidden_state * Tensor(put(token_weights(mask, dtype)))).sum(dim=1) / Tensor(put(token_counts(mask, dtype)))
@@ -376,7 +382,6 @@ class ModernBertForMultipleChoice(_ModernBertHeaded):
                 output_hidden_states=False, output_attentions=False):
         (ids, mask), choices = choices_as_rows(input_ids, attention_mask)
         outputs = self.model(ids, mask, None, output_hidden_states, output_attentions)
-        first = None if mask is None else numpy.argmax(mask, axis=-1)
-        logits = self.scores(pooled(self.config, outputs.last_hidden_state, mask, first)).reshape(*choices)
+        logits = self.scores(pooled(self.config, outputs.last_hidden_state, mask, mask is not None)).reshape(*choices)
         loss = None if labels is None else F.cross_entropy(logits, array_of(labels))
         return MultipleChoiceModelOutput(loss, logits, outputs.hidden_states, outputs.attentions)
