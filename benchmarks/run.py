@@ -30,11 +30,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # finetune_bench (the README job, ~20 minutes), qa_bench and retrieval_bench (one to two hours each),
 # multilabel_bench, rerank_bench and matryoshka_bench (issue 29's quality figures, minutes each),
 # soak_bench (3,000 steps of the tiny model watched for leaks, issue 30's figures, about 20 s),
+# export_bench (the README job's model served by minisft, torch and onnxruntime, about 5 minutes),
 # checkpoint_bench (a part of lean_bench) and gpu_bench (a GPU's, benchmarks/gpu_check.sh) run only
 # when named with --only
 BENCHMARKS = ["model_bench", "op_bench", "encoder_bench", "memory_bench", "tokenizer_bench", "import_bench", "import_order_bench",
               "lean_bench", "length_bench", "distributed_bench", "finetune_bench", "qa_bench", "retrieval_bench",
-              "multilabel_bench", "rerank_bench", "matryoshka_bench", "soak_bench", "checkpoint_bench",
+              "multilabel_bench", "rerank_bench", "matryoshka_bench", "soak_bench", "export_bench", "checkpoint_bench",
               "gpu_bench"]
 DEFAULT = BENCHMARKS[:BENCHMARKS.index("finetune_bench")]
 

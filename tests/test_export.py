@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from minisft import cli
+from minisft import cli, tasks
 from minisft.engine.tensor import no_grad
 from minisft.models import auto
 from minisft.models.sentence import SentenceEmbedder
@@ -52,7 +52,7 @@ def _plain(bases, family, task):
 
 
 def _onnx_matches_minisft(model, task):
-    proto = exporter.build(model, task, multiple_choice=task == "multiple-choice")
+    proto = exporter.build(model, tasks.get(task).exported_outputs, multiple_choice=tasks.get(task).choices_axis)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     for sizes in ({"batch": 4, "choices": 2, "sequence": 9}, {"batch": 1, "choices": 4, "sequence": 5},
@@ -78,7 +78,7 @@ def test_every_family_and_head_runs_in_onnxruntime_as_in_minisft(bases, family, 
     assert ("token_type_ids" in inputs) == has_types
     axes = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input]
     assert set(map(tuple, axes)) == {("batch", "choices", "sequence") if task == "multiple-choice" else ("batch", "sequence")}
-    assert [o.name for o in proto.graph.output] == list(exporter.outputs_of(task))
+    assert [o.name for o in proto.graph.output] == list(tasks.get(task).exported_outputs)
 
 
 def test_cls_pooling_and_no_normalisation_are_exported_too(bases):
@@ -92,7 +92,7 @@ def test_an_op_with_no_mapping_is_an_error_that_names_it(bases):
     the exporter takes the plain model, and says so for any other."""
     model = auto.AutoModelForSequenceClassification.from_pretrained(bases / "bert", num_labels=2).eval()  # lean
     with pytest.raises(ExportError, match=r"unmapped op: \w+ has no ONNX mapping"):
-        exporter.build(model, "classification")
+        exporter.build(model, ("logits",))
 
 
 def _reviews(path, count=24):
@@ -171,7 +171,7 @@ def test_an_output_in_a_missing_directory_is_one_line(trained, tmp_path, capsys)
 @pytest.mark.pretrained
 def test_the_minilm_classifier_matches_at_every_length_and_batch_from_one_file(minilm_dir):
     model = auto.AutoModelForSequenceClassification.from_pretrained(minilm_dir, num_labels=2, lean=False).eval()
-    proto = exporter.build(model, "classification")
+    proto = exporter.build(model, ("logits",))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     for batch in (1, 32):
         for length in (8, 64, 128):

@@ -296,9 +296,7 @@ def export(model_dir, output, quantize=None, merge_adapters=False):
         model = model.merge_and_unload()
     settings = {"max_length": args.max_length, "threshold": args.threshold, "label_all_tokens": args.label_all_tokens,
                 "doc_stride": args.doc_stride}
-    if task.name == "embedding":
-        settings.update(pooling=model.pooling, normalize=model.normalize)
-    return exporter.save(model.eval(), task.name, output, model_dir, settings, quantize)
+    return exporter.save(model.eval(), task, output, model_dir, {**settings, **task.export_settings(model)}, quantize)
 
 
 def _inference_settings(args, task, batch_size, threshold):

@@ -6,7 +6,7 @@ written through minisft.export.operators; a parameter becomes an initializer und
 checkpoint name; an array a model made outside the graph is written by its helper's emitter;
 any other constant must be the same at both shapes, or it would freeze one shape into the file.
 
-    export(model, "classification", "model.onnx")   # inputs input_ids, attention_mask[, token_type_ids]
+    build(model, ("logits",))   # an onnx ModelProto: inputs input_ids, attention_mask[, token_type_ids]
 """
 import pathlib
 
@@ -21,12 +21,6 @@ OPSET = 17
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # (batch, choices, sequence) of the two traces: no product of a subset is the same in both
 SHAPES = ({"batch": 2, "choices": 3, "sequence": 7}, {"batch": 3, "choices": 5, "sequence": 11})
-
-
-def outputs_of(task_name):
-    """The graph's outputs, as transformers' and sentence-transformers' ONNX exports name them."""
-    return {"question-answering": ("start_logits", "end_logits"),
-            "embedding": ("sentence_embedding",)}.get(task_name, ("logits",))
 
 
 def sample_inputs(config, sizes, multiple_choice):
@@ -85,8 +79,10 @@ class _Values:
         return self.graph.constant(t.data)
 
 
-def build(model, task_name, multiple_choice=False):
-    """The onnx ModelProto of `model`'s eval forward (for `task_name`'s outputs), checked by onnx.checker."""
+def build(model, outputs, multiple_choice=False):
+    """The onnx ModelProto of `model`'s eval forward, checked by onnx.checker. outputs: the names of
+    the output's parts (one: `.logits` as it is; two: its last axis split, start and end logits);
+    multiple_choice: inputs (batch, choices, sequence)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -107,14 +103,14 @@ def build(model, task_name, multiple_choice=False):
             _helper(graph, values, event, other)
         else:
             _function(graph, values, event, other)
-    names = _outputs(graph, values, task_name, out, other_out)
+    names = _outputs(graph, values, outputs, out, other_out)
     dims = {n: graph.dims[n][:2] for n in axes}
     read = graph.prune(names)
     graph_inputs = [helper.make_tensor_value_info(k, TensorProto.INT64, list(axes)) for k in INPUTS if k in read]
     graph_outputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(array.dtype),
                                                    _symbolic(array.shape, other_shape, dims))
                      for name, (array, other_shape) in names.items()]
-    proto = helper.make_model(helper.make_graph(graph.nodes, f"minisft {task_name}", graph_inputs, graph_outputs,
+    proto = helper.make_model(helper.make_graph(graph.nodes, f"minisft {type(model).__name__}", graph_inputs, graph_outputs,
                                                 list(graph.initializers.values())),
                               opset_imports=[helper.make_opsetid("", OPSET)], producer_name="minisft")
     onnx.checker.check_model(proto, full_check=False)
@@ -147,13 +143,12 @@ def _function(graph, values, event, other):
     values.tensors[id(out)] = FUNCTIONS[op](graph, Call(fn, other[1], options, names, inputs, out, other[4], values))
 
 
-def _outputs(graph, values, task_name, out, other_out):
+def _outputs(graph, values, wanted, out, other_out):
     """{output name: (first trace's array, second trace's shape)}, each an Identity of what the head made."""
     logits, other_logits = out.logits, other_out.logits
     name = values.tensors.get(id(logits))
     if name is None:
         raise ExportError("the model's output was not made by a traced op")
-    wanted = outputs_of(task_name)
     if len(wanted) == 1:
         parts = [(name, logits.data, other_logits.shape)]
     else:  # question answering: (B, L, 2) -> start and end (B, L)
@@ -182,8 +177,8 @@ TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "sp
 SETTINGS = "labels.json"  # beside the file: its task, labels and the settings predict needs
 
 
-def save(model, task_name, output, source, settings, quantize=None):
-    """Write `model` (plain, eval) as the ONNX file `output`, int8 MatMul weights with
+def save(model, task, output, source, settings, quantize=None):
+    """Write `model` (plain, eval) for `task` (minisft.tasks) as the ONNX file `output`, int8 MatMul weights with
     quantize="int8" (onnxruntime's dynamic quantisation); beside it, the tokenizer files of
     directory `source` and labels.json ({task, id2label, inputs, outputs, settings...})."""
     import shutil
@@ -193,7 +188,7 @@ def save(model, task_name, output, source, settings, quantize=None):
     from minisft.files.atomic import write_atomic, write_json_atomic
 
     output = pathlib.Path(output)
-    proto = build(model, task_name, multiple_choice=task_name == "multiple-choice")
+    proto = build(model, task.exported_outputs, multiple_choice=task.choices_axis)
     if proto.ByteSize() >= 2 ** 31:
         raise ExportError(f"{output}: the model is {proto.ByteSize() / 2 ** 30:.1f} GiB, beyond one protobuf's 2 GiB")
     if quantize is None:
@@ -203,7 +198,7 @@ def save(model, task_name, output, source, settings, quantize=None):
     for name in TOKENIZER_FILES:
         if (pathlib.Path(source) / name).is_file() and (output.parent / name).resolve() != (pathlib.Path(source) / name).resolve():
             write_atomic(output.parent / name, lambda tmp, name=name: shutil.copyfile(pathlib.Path(source) / name, tmp))
-    write_json_atomic({"task": task_name, "file": output.name, "quantize": quantize,
+    write_json_atomic({"task": task.name, "file": output.name, "quantize": quantize,
                        "id2label": {str(i): label for i, label in model.config.id2label.items()},
                        "inputs": [i.name for i in proto.graph.input], "outputs": [o.name for o in proto.graph.output],
                        "model_type": model.config.model_type, **settings}, output.parent / SETTINGS)

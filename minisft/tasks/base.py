@@ -21,6 +21,8 @@ class Task:
     own_options = ()       # TrainingArguments fields that only this task reads (given to another: an error)
     text_columns, pair_columns = TEXT_COLUMNS, PAIR_COLUMNS  # the columns read() looks for, in order
     rankings = None        # a ranking task's (examples, scores) -> {query: candidates best first}
+    exported_outputs = ("logits",)  # an ONNX export's outputs, as transformers' exports name them
+    choices_axis = False   # inputs are (batch, choices, sequence), not (batch, sequence)
 
     @property
     def default_metric(self):
@@ -29,6 +31,10 @@ class Task:
     # --- reading and checking ----------------------------------------------------------
     def read_options(self, args):
         """The task's own keyword options of read(), from the training arguments."""
+        return {}
+
+    def export_settings(self, model):
+        """What an exported model's labels.json records of `model` beyond its labels (minisft.export)."""
         return {}
 
     def output_options(self, args):

@@ -19,6 +19,7 @@ class Embedding(PositionTask):
     metrics = ("mrr@10", "recall@1", "recall@5", "recall@10")
     stdin_keys = ("anchor",)
     own_options = ("matryoshka_dims",)
+    exported_outputs = ("sentence_embedding",)  # sentence-transformers' ONNX name
 
     def output_options(self, args):
         return {"matryoshka_dims": args.matryoshka_dims}
@@ -69,6 +70,9 @@ class Embedding(PositionTask):
         from minisft.models.sentence import SentenceEmbedder
 
         return SentenceEmbedder.from_pretrained(directory, **overrides)
+
+    def export_settings(self, model):
+        return {"pooling": model.pooling, "normalize": model.normalize}
 
     def gather(self, outputs):
         return outputs  # (2 + k, H): the anchor's, the positive's and the negatives' embeddings

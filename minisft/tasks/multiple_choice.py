@@ -12,6 +12,7 @@ class MultipleChoice(PositionTask):
     """A question (or context) and C choices -> the right choice: each choice beside the
     question is a row of its own, and the model scores each (its ForMultipleChoice head)."""
     name, description = "multiple-choice", "question, choices -> the right choice (SWAG)"
+    choices_axis = True
     metrics = ("accuracy",)
 
     def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True,

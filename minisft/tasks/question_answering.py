@@ -20,6 +20,7 @@ class QuestionAnswering(PositionTask):
     pair = True
     default_max_length = 384
     own_options = ("doc_stride", "skip_misaligned")
+    exported_outputs = ("start_logits", "end_logits")
 
     def read(self, path, text_column=None, text_pair_column=None, label_column=None, require_labels=True,
              skip_misaligned=False):
