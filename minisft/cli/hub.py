@@ -61,12 +61,15 @@ def _download(repo_id, revision):
     """snapshot_download of the files minisft reads (safetensors weights, else torch's .bin)."""
     from huggingface_hub import snapshot_download
 
+    def download(patterns):
+        # the cache and the endpoint as the environment says now (huggingface_hub reads them once, at import)
+        return pathlib.Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, cache_dir=cache_dir(),
+                                              endpoint=os.environ.get("HF_ENDPOINT") or None))
+
     try:
-        path = pathlib.Path(snapshot_download(repo_id, revision=revision,
-                                              allow_patterns=CONFIG_AND_TOKENIZER + SAFETENSORS))
+        path = download(CONFIG_AND_TOKENIZER + SAFETENSORS)
         if not any(path.glob("*.safetensors")):
-            path = pathlib.Path(snapshot_download(repo_id, revision=revision,
-                                                  allow_patterns=CONFIG_AND_TOKENIZER + TORCH_BIN))
+            path = download(CONFIG_AND_TOKENIZER + TORCH_BIN)
     except Exception as exc:
         if not isinstance(exc, OSError) and type(exc).__module__.split(".")[0] not in _HUB_ERROR_MODULES:
             raise
