@@ -200,3 +200,20 @@ def test_an_exported_embedding_model_evaluates_as_the_directory_does(tmp_path, c
         scores.append(json.loads(capsys.readouterr().out))
     assert scores[0].keys() == scores[1].keys()
     assert all(abs(scores[0][k] - scores[1][k]) <= 1e-6 for k in scores[0])  # rank metrics: the same order
+
+
+def test_a_checkpoint_exports_as_sentence_embeddings_that_embed_reads(tmp_path, capsys):
+    """A directory that `minisft train` did not write (here a checkpoint without
+    sentence-transformers files: mean pooling, normalised) exports as embeddings."""
+    out = tmp_path / "embedder.onnx"
+    assert cli.main(["export", "--model", str(FIXTURES / "tiny-bert"), "--output", str(out)]) == 0
+    assert json.loads((tmp_path / "labels.json").read_text())["task"] == "embedding"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the film was good\nit was dull and far too long\nfun\n")
+    for model, name in ((FIXTURES / "tiny-bert", "ours.npy"), (out, "theirs.npy")):
+        assert cli.main(["embed", "--model", str(model), "--data", str(texts), "--output", str(tmp_path / name)]) == 0
+    ours, theirs = np.load(tmp_path / "ours.npy"), np.load(tmp_path / "theirs.npy")
+    assert ours.shape == theirs.shape == (3, 32) and np.abs(ours - theirs).max() <= ATOL
+    capsys.readouterr()
+    assert cli.main(["embed", "--model", str(out), "--data", str(texts), "--pooling", "cls"]) == 2
+    assert "fixed in the file" in capsys.readouterr().err

@@ -244,7 +244,9 @@ def build_parser():
                                              "tokenizer files and labels.json go beside it; `minisft predict --model "
                                              "FILE.onnx` runs it. Needs the export extra (pip install -e '.[export]').")
     export.add_argument("--model", required=True, type=options.Text("model directory"),
-                        help="a directory written by `minisft train`")
+                        help="a directory written by `minisft train`; or any checkpoint (directory, fetchable or "
+                             "Hugging Face name), written as sentence embeddings (its sentence-transformers pooling, "
+                             "else mean pooling, normalised)")
     export.add_argument("--output", required=True, type=options.Text("output .onnx file"),
                         help="the file to write (its directory must exist; the tokenizer files go beside it)")
     export.add_argument("--quantize", choices=["int8"],
