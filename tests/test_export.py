@@ -217,3 +217,11 @@ def test_a_checkpoint_exports_as_sentence_embeddings_that_embed_reads(tmp_path, 
     capsys.readouterr()
     assert cli.main(["embed", "--model", str(out), "--data", str(texts), "--pooling", "cls"]) == 2
     assert "fixed in the file" in capsys.readouterr().err
+
+
+def test_without_the_export_extra_the_error_names_the_install(monkeypatch, tmp_path, capsys):
+    real = exporter.importlib.util.find_spec
+    monkeypatch.setattr(exporter.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    capsys.readouterr()
+    assert cli.main(["export", "--model", str(FIXTURES / "tiny-bert"), "--output", str(tmp_path / "m.onnx")]) == 2
+    assert "pip install -e '.[export]'" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()

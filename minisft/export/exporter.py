@@ -8,10 +8,12 @@ any other constant must be the same at both shapes, or it would freeze one shape
 
     build(model, ("logits",))   # an onnx ModelProto: inputs input_ids, attention_mask[, token_type_ids]
 """
+import importlib.util
 import pathlib
 
 import numpy
 
+from minisft.engine.errors import MissingExtra
 from minisft.engine.tensor import no_grad
 from minisft.engine.trace import tracing
 from minisft.export.graph import ExportError, Graph
@@ -36,6 +38,12 @@ def sample_inputs(config, sizes, multiple_choice):
     mask = mask.astype(numpy.int64)
     ids = numpy.where(mask == 1, ids, pad)
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": numpy.zeros(shape, numpy.int64)}
+
+
+def require(package):
+    """Raise MissingExtra naming the install unless `package` (onnx, onnxruntime) can be imported."""
+    if importlib.util.find_spec(package) is None:
+        raise MissingExtra(f"exporting to ONNX needs {package}, of the export extra: pip install -e '.[export]'")
 
 
 def _trace(model, inputs):
@@ -83,6 +91,7 @@ def build(model, outputs, multiple_choice=False):
     """The onnx ModelProto of `model`'s eval forward, checked by onnx.checker. outputs: the names of
     the output's parts (one: `.logits` as it is; two: its last axis split, start and end logits);
     multiple_choice: inputs (batch, choices, sequence)."""
+    require("onnx")
     import onnx
     from onnx import TensorProto, helper
 
@@ -188,6 +197,8 @@ def save(model, task, output, source, settings, quantize=None):
     from minisft.files.atomic import write_atomic, write_json_atomic
 
     output = pathlib.Path(output)
+    if quantize is not None:
+        require("onnxruntime")
     proto = build(model, task.exported_outputs, multiple_choice=task.choices_axis)
     if proto.ByteSize() >= 2 ** 31:
         raise ExportError(f"{output}: the model is {proto.ByteSize() / 2 ** 30:.1f} GiB, beyond one protobuf's 2 GiB")
