@@ -10,6 +10,7 @@ import numpy
 
 from minisft import lean, tasks
 from minisft.cli.fetch import FetchError, resolve_data, resolve_model
+from minisft.cli.serving import embedding_task, exported_embedder, load_exported
 from minisft.engine import random, runtime
 from minisft.engine.errors import MissingFile, UsageError
 from minisft.engine.backend import Device
@@ -230,7 +231,7 @@ def _load_finetuned(model_dir, device, lean=True):
     run by onnxruntime)."""
     model_dir = pathlib.Path(model_dir)
     if model_dir.suffix == ".onnx":
-        return _load_exported(model_dir)
+        return load_exported(model_dir)
     if not model_dir.is_dir():
         raise MissingFile(f"--model {model_dir}: not a directory; give a directory written by `minisft train`")
     try:
@@ -260,20 +261,6 @@ def _load_finetuned(model_dir, device, lean=True):
     return args, task, model, labels, AutoTokenizer.from_pretrained(model_dir)
 
 
-def _load_exported(path):
-    from minisft.export.runtime import ExportedModel, settings_of
-
-    if not path.is_file():
-        raise MissingFile(f"--model {path}: no such file; give a file that `minisft export` wrote")
-    saved = settings_of(path)
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    args = TrainingArguments(output_dir=str(path.parent), task=saved["task"],
-                             **{k: v for k, v in saved.items()
-                                if k in fields and k not in ("task", "output_dir") and v is not None})
-    labels = LabelVocab([saved["id2label"][str(i)] for i in range(len(saved["id2label"]))])
-    return args, tasks.get(args.task), ExportedModel(path), labels, AutoTokenizer.from_pretrained(path.parent)
-
-
 def export(model_dir, output, quantize=None, merge_adapters=False):
     """Write the model of directory `model_dir` (as `minisft train` wrote it; or any checkpoint,
     a fetchable or Hugging Face name too, as sentence embeddings: its sentence-transformers
@@ -298,20 +285,14 @@ def export(model_dir, output, quantize=None, merge_adapters=False):
     if not (pathlib.Path(model_dir) / "training_args.json").is_file() and not adapter:  # a checkpoint: embeddings
         model_dir = resolve_model(model_dir)
         model = SentenceEmbedder.from_pretrained(model_dir, lean=False)
-        return exporter.save(model.eval(), _embedding_task(), output, model_dir,
-                             {"max_length": model.max_seq_length, **_embedding_task().export_settings(model)}, quantize)
+        return exporter.save(model.eval(), embedding_task(), output, model_dir,
+                             {"max_length": model.max_seq_length, **embedding_task().export_settings(model)}, quantize)
     args, task, model, labels, _ = _load_finetuned(model_dir, "cpu", lean=False)
     if adapter:
         model = model.merge_and_unload()
     settings = {"max_length": args.max_length, "threshold": args.threshold, "label_all_tokens": args.label_all_tokens,
                 "doc_stride": args.doc_stride}
     return exporter.save(model.eval(), task, output, model_dir, {**settings, **task.export_settings(model)}, quantize)
-
-
-def _embedding_task():
-    from minisft.tasks.embedding import Embedding
-
-    return next(task for task in tasks.TASKS.values() if isinstance(task, Embedding))
 
 
 def _inference_settings(args, task, batch_size, threshold):
@@ -413,7 +394,7 @@ def _embedder(model, batch_size, device, max_length=None, pooling=None):
     from minisft.tasks.data import collate, eval_order
 
     if str(model).endswith(".onnx"):
-        embedder, tokenizer = _exported_embedder(pathlib.Path(model), pooling)
+        embedder, tokenizer = exported_embedder(pathlib.Path(model), pooling)
     else:
         model_dir = resolve_model(model)
         embedder = _placed(SentenceEmbedder.from_pretrained(model_dir, pooling=pooling), device).eval()
@@ -435,21 +416,6 @@ def _embedder(model, batch_size, device, max_length=None, pooling=None):
                 embeddings[indices] = out
         return embeddings
     return run
-
-
-def _exported_embedder(path, pooling):
-    """An exported embedding model (its max_seq_length from labels.json) and its tokenizer."""
-    from minisft.export.runtime import settings_of
-
-    args, task, embedder, _, tokenizer = _load_exported(path)
-    if task is not _embedding_task():
-        raise OptionError("--model", str(path), f"an exported {task.name} model, not sentence embeddings",
-                          "export an embedding model (trained with --task embedding, or a checkpoint directory)")
-    if pooling is not None and pooling != settings_of(path).get("pooling"):
-        raise OptionError("--pooling", pooling, f"{path} pools by {settings_of(path).get('pooling')}, fixed in the file",
-                          f"export again from a directory with {pooling} pooling, or leave --pooling out")
-    embedder.max_seq_length = settings_of(path).get("max_length")
-    return embedder, tokenizer
 
 
 def mine_hard_negatives(model, data, output, settings, batch_size=64, device="cpu", max_length=None):
