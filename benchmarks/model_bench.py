@@ -52,6 +52,20 @@ def _reference_kernels_step(env, size, repeats):
                   note="minisft.set_kernels('reference'); compare with the fast kernels' step above")
 
 
+def _blas_products_step(env, size, repeats):
+    """minisft's step with a Linear layer's products in one call on the BLAS's own threads
+    (minisft.engine.runtime.set_products("blas")) instead of fixed tiles on minisft's threads."""
+    from minisft.engine import runtime
+
+    runtime.set_products("blas")
+    try:
+        times = _time([Minisft(env.model_dir, "cpu")], lambda lib: lib.train_step(*size), repeats)
+    finally:
+        runtime.set_products("tiles")
+    return Figure(f"training step {size[0]}x{size[1]}, products on the BLAS's threads (cpu)", "s", times["minisft"],
+                  note="set_products('blas'); compare with the tiled step above (the default)")
+
+
 def _run_on(env, quick, device):
     libraries = _libraries(env, device)
     config = json.loads((env.model_dir / "config.json").read_text())
@@ -77,6 +91,7 @@ def _run_on(env, quick, device):
                               times.get("torch"), note=note))
     if device == "cpu":
         figures.append(_reference_kernels_step(env, (4, 32) if quick else (32, 128), max(2, repeats - 3)))
+        figures.append(_blas_products_step(env, (4, 32) if quick else (32, 128), repeats))
     for length in ([32, 64] if quick else [64, 128, 256, 512]):
         times = _time(libraries, lambda lib, n=length: lib.train_step(8, n), max(2, repeats - 2))
         figures.append(Figure(f"training step 8x{length} ({device})", "s", times["minisft"], times.get("torch"),

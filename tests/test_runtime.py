@@ -144,3 +144,23 @@ def test_free_memory_goes_back_to_the_os_under_glibc():
     import platform
 
     assert runtime.release_free_memory() is (platform.libc_ver()[0] == "glibc")
+
+
+def test_products_on_the_blas_threads_equal_the_tiled_ones_within_float32_rounding():
+    """set_products("blas") runs a Linear layer's products in one call: the same sums of K terms,
+    in another order, so within K float32 roundings of the terms' magnitude."""
+    from minisft.kernels import fast
+
+    rng = np.random.default_rng(0)
+    x, w, g = (rng.standard_normal(shape).astype(np.float32) for shape in ((600, 96), (80, 96), (600, 80)))
+    tiled = fast.linear_forward(x, w, None), *fast.linear_backward(g, x, w, (True, True, True))
+    runtime.set_products("blas")
+    try:
+        whole = fast.linear_forward(x, w, None), *fast.linear_backward(g, x, w, (True, True, True))
+    finally:
+        runtime.set_products("tiles")
+    for a, b, k in zip(tiled, whole, (96, 80, 600, 600)):
+        assert np.abs(a - b).max() <= k * np.finfo(np.float32).eps * np.abs(a).max()
+    with pytest.raises(ValueError, match="use 'tiles' or 'blas'"):
+        runtime.set_products("fastest")
+    assert runtime.get_products() == "tiles"

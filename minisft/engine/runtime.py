@@ -210,6 +210,30 @@ def by_tiles_on_one_blas_thread(kernel, *arrays, tile, multiply_adds, elementwis
     return [kernel(*arrays)]
 
 
+# --- how a Linear layer's matrix products use the CPU -------------------------------------
+_PRODUCTS = {"strategy": "tiles"}
+
+
+def set_products(strategy):
+    """How the fast kernels run a Linear layer's matrix products on the CPU (process-wide):
+    - "tiles" (the default): fixed tiles of rows on minisft's threads, the BLAS on one thread,
+      so that results do not depend on the thread count;
+    - "blas": one call over all the rows on the BLAS's own threads (results then depend on the
+      BLAS's thread count).
+    Measured on a 2-core Intel Xeon (AVX-512, OpenBLAS): alone, a MiniLM step's products run
+    9-80% faster on the BLAS's threads, yet the whole training step at 32x128 runs 16% slower
+    (2.12 s against 1.83 s in `python -m benchmarks --only model_bench`, which measures both),
+    as the BLAS's threads, idle between its calls, spin on the cores that minisft's
+    elementwise kernels use."""
+    if strategy not in ("tiles", "blas"):
+        raise ValueError(f"set_products: unknown strategy {strategy!r}: use 'tiles' or 'blas'")
+    _PRODUCTS["strategy"] = strategy
+
+
+def get_products():
+    return _PRODUCTS["strategy"]
+
+
 # --- the allocator ---------------------------------------------------------------------
 def keep_freed_memory():
     """Ask glibc to keep freed large blocks for reuse instead of returning them to the OS.

@@ -19,7 +19,7 @@ import math
 import numpy
 
 from minisft.engine.backend import get_array_module
-from minisft.engine.runtime import CACHE_ELEMENTS, by_rows, by_tiles_on_one_blas_thread, get_num_threads
+from minisft.engine.runtime import CACHE_ELEMENTS, by_rows, by_tiles_on_one_blas_thread, get_num_threads, get_products
 from minisft.kernels import erf_coefficients as table
 from minisft.kernels import reference
 
@@ -238,6 +238,15 @@ def log_softmax_backward(y, g):
 
 
 # --- linear: products in tiles of rows on minisft's threads ----------------------------------
+def _products(kernel, *arrays, multiply_adds):
+    """kernel(*arrays) in tiles of GEMM_TILE rows on minisft's threads (the BLAS on one), or
+    in one call on the BLAS's own threads under set_products("blas")."""
+    if get_products() == "blas":
+        kernel(*arrays)
+    else:
+        by_tiles_on_one_blas_thread(kernel, *arrays, tile=GEMM_TILE, multiply_adds=multiply_adds)
+
+
 def linear_forward(x, weight, bias):
     xp = get_array_module(x)
     out = xp.empty((x.shape[0], weight.shape[0]), dtype=x.dtype)
@@ -246,7 +255,7 @@ def linear_forward(x, weight, bias):
         xp.matmul(x, weight.T, out=out)
         if bias is not None:
             out += bias
-    by_tiles_on_one_blas_thread(tile, x, out, tile=GEMM_TILE, multiply_adds=weight.size)
+    _products(tile, x, out, multiply_adds=weight.size)
     return out
 
 
@@ -255,8 +264,7 @@ def _column_sum(x):
     tiles of columns (much faster than sum() over the rows)."""
     xp = get_array_module(x)
     ones, out = xp.ones(x.shape[0], dtype=x.dtype), xp.empty(x.shape[1], dtype=x.dtype)
-    by_tiles_on_one_blas_thread(lambda columns, out: xp.matmul(columns, ones, out=out), x.T, out, tile=GEMM_TILE,
-                                multiply_adds=x.shape[0])
+    _products(lambda columns, out: xp.matmul(columns, ones, out=out), x.T, out, multiply_adds=x.shape[0])
     return out
 
 
@@ -265,12 +273,10 @@ def linear_backward(g, x, weight, needs):
     gx = gw = None
     if needs[0]:
         gx = xp.empty((g.shape[0], weight.shape[1]), dtype=g.dtype)  # x may be None: not kept for a frozen weight
-        by_tiles_on_one_blas_thread(lambda g, gx: xp.matmul(g, weight, out=gx), g, gx, tile=GEMM_TILE,
-                                    multiply_adds=weight.size)
+        _products(lambda g, gx: xp.matmul(g, weight, out=gx), g, gx, multiply_adds=weight.size)
     if needs[1]:  # dW's rows (output features) in tiles: g^T's rows are g's columns
         gw = xp.empty((g.shape[1], x.shape[1]), dtype=g.dtype)
-        by_tiles_on_one_blas_thread(lambda g_t, gw: xp.matmul(g_t, x, out=gw), g.T, gw, tile=GEMM_TILE,
-                                    multiply_adds=x.size)
+        _products(lambda g_t, gw: xp.matmul(g_t, x, out=gw), g.T, gw, multiply_adds=x.size)
     gb = _column_sum(g) if needs[2] else None
     return gx, gw, gb
 
