@@ -349,3 +349,11 @@ def _first_tokens(g, names, args, result, other):
     rows = g.op("Squeeze", [g.op("Gather", [g.op("Shape", [mask]), g.ints([0])]), g.ints([0])])
     rows = g.op("Range", [g.constant(numpy.asarray(0, numpy.int64)), rows, g.constant(numpy.asarray(1, numpy.int64))])
     return [rows, g.op("ArgMax", [_cast(g, mask, numpy.int32)], axis=-1, keepdims=0, hint="first_tokens")]
+
+
+@makes("pair_weights")
+def _pair_weights(g, names, args, result, other):
+    """mask[:, None, :, None] and its product with mask[:, None, None, :], as 0/1 of the dtype."""
+    mask = _cast(g, names[0], args[1])
+    queries = g.op("Unsqueeze", [mask, g.ints([1, 3])], hint="query_weights")
+    return [queries, g.op("Mul", [queries, g.op("Unsqueeze", [mask, g.ints([1, 2])])], hint="pair_weights")]

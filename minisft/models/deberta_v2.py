@@ -151,17 +151,23 @@ class DisentangledSelfAttention(nn.Module):
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
     def forward(self, hidden_states, attention_bias, relative_pos, rel_embeddings, output_attentions=False):
-        """hidden_states (B, L, H), attention_bias (B, 1, L, L) additive (the dtype's minimum at
-        masked pairs), relative_pos (L, L) ints, rel_embeddings (R, H) -> (B, L, H), and the
-        probabilities (B, nh, L, L) or None."""
+        """hidden_states (B, L, H), attention_bias: the masks of pair_masks (the additive bias
+        (B, 1, L, L), the dtype's minimum at masked pairs; queries (B, 1, L, 1) and pairs
+        (B, 1, L, L), 1 where attended), relative_pos (L, L) ints, rel_embeddings (R, H) ->
+        (B, L, H), and the probabilities (B, nh, L, L) or None.
+
+        As transformers' masked_fill, a masked pair's score passes no gradient: a padding
+        query, whose whole row is masked, is zeroed, and so are the position terms of masked
+        pairs (the forward is the same, the minimum absorbing what it is added to)."""
+        attention_bias, queries, pairs = attention_bias
         heads = self.num_attention_heads
-        query = split_heads(self.query_proj(hidden_states), heads)    # (B, nh, L, dh)
+        query = split_heads(self.query_proj(hidden_states), heads) * queries  # (B, nh, L, dh)
         key = split_heads(self.key_proj(hidden_states), heads)
         value = split_heads(self.value_proj(hidden_states), heads)
         scale = math.sqrt(query.shape[-1] * (1 + len(self.pos_att_type)))
         bias = attention_bias
         if self.relative_attention:  # the position terms join the mask as one additive bias
-            bias = self.position_scores(query, key, relative_pos, self.pos_dropout(rel_embeddings), scale) + bias
+            bias = self.position_scores(query, key, relative_pos, self.pos_dropout(rel_embeddings), scale) * pairs + bias
         out = F.scaled_dot_product_attention(query, key, value, bias, self.dropout.p if self.training else 0.0,
                                              scale=1 / scale, need_weights=output_attentions)
         context, probs = out if output_attentions else (out, None)
@@ -281,9 +287,22 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         if token_type_ids is None:
             token_type_ids = numpy.zeros(input_ids.shape, numpy.int64)
         embedding_output = self.embeddings(input_ids, token_type_ids, mask)
-        sequence, all_hidden, attentions = self.encoder(embedding_output, pair_mask_bias(mask, embedding_output),
+        sequence, all_hidden, attentions = self.encoder(embedding_output, pair_masks(mask, embedding_output),
                                                         output_hidden_states, output_attentions)
         return BaseModelOutputWithPooling(sequence, None, all_hidden, attentions)
+
+
+def pair_masks(mask, hidden):
+    """(the additive bias (B, 1, L, L), queries (B, 1, L, 1), pairs (B, 1, L, L)) of the (B, L) mask:
+    see DisentangledSelfAttention.forward."""
+    return (pair_mask_bias(mask, hidden), *(hidden.device.put(w) for w in pair_weights(mask, hidden.dtype)))
+
+
+@outside_graph("pair_weights")
+def pair_weights(mask, dtype):
+    """(each query attends (B, 1, L, 1), each pair is attended (B, 1, L, L)) as 0/1 of `dtype`."""
+    queries = mask[:, None, :, None].astype(dtype)
+    return queries, queries * mask[:, None, None, :].astype(dtype)
 
 
 @outside_graph("pair_mask_bias")
