@@ -24,17 +24,12 @@ THREADS, BATCH, SENTENCES = 2, 32, 1000
 
 
 def _batches(tokenizer, texts, max_length=128):
-    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_tensors=None)
-    out = []
-    for start in range(0, len(texts), BATCH):
-        rows = range(start, min(start + BATCH, len(texts)))
-        width = max(len(encoded["input_ids"][i]) for i in rows)
+    from minisft.tasks.data import collate
 
-        def padded(key, value):
-            return np.array([encoded[key][i] + [value] * (width - len(encoded[key][i])) for i in rows], np.int64)
-        out.append({"input_ids": padded("input_ids", tokenizer.pad_token_id), "attention_mask": padded("attention_mask", 0),
-                    "token_type_ids": padded("token_type_ids", 0)})
-    return out
+    encoded = tokenizer(texts, truncation=True, max_length=max_length, return_tensors=None)
+    features = [{"input_ids": ids, "token_type_ids": types}
+                for ids, types in zip(encoded["input_ids"], encoded["token_type_ids"])]
+    return [collate(features[start:start + BATCH], tokenizer.pad_token_id) for start in range(0, len(texts), BATCH)]
 
 
 def _export(model_dir, path, *options):
@@ -46,10 +41,9 @@ def _export(model_dir, path, *options):
 
 def _sides(env, model_dir, tmp):
     """{name: batch -> logits (numpy)} for the four ways of running the model, each on 2 threads."""
-    import onnxruntime
-
     import minisft
     from minisft.engine.tensor import no_grad
+    from minisft.export.runtime import ExportedModel
     from minisft.models.auto import AutoModelForSequenceClassification
 
     minisft.set_num_threads(THREADS)
@@ -62,11 +56,8 @@ def _sides(env, model_dir, tmp):
 
     sides = {"minisft": ours}
     for name, file in (("onnxruntime float32", "model.onnx"), ("onnxruntime int8", "int8/model.onnx")):
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
-        session = onnxruntime.InferenceSession(f"{tmp}/{file}", options, providers=["CPUExecutionProvider"])
-        inputs = [i.name for i in session.get_inputs()]
-        sides[name] = lambda batch, session=session, inputs=inputs: session.run(None, {k: batch[k] for k in inputs})[0]
+        exported = ExportedModel(f"{tmp}/{file}", threads=THREADS)  # as `minisft predict --model FILE.onnx` runs it
+        sides[name] = lambda batch, exported=exported: exported(**batch).logits.numpy()
     if env.reference:
         import torch
         import transformers

@@ -204,15 +204,14 @@ def resolve_model(spec, root=None, revision=None):
         return path
     if spec in ARTIFACTS and ARTIFACTS[spec].kind == "model" and revision is None:
         return fetch(spec, root=root)
+    models = ", ".join(sorted(n for n, a in ARTIFACTS.items() if a.kind == "model"))
     if not _hub_name(spec):
-        models = sorted(n for n, a in ARTIFACTS.items() if a.kind == "model")
-        raise FetchError(f"{spec}: no such directory, not a fetchable model ({', '.join(models)}), and not a "
+        raise FetchError(f"{spec}: no such directory, not a fetchable model ({models}), and not a "
                          "Hugging Face name (ORG/NAME)")
     try:
         return hub.resolve(spec, revision)
     except hub.HubError as exc:
-        models = sorted(n for n, a in ARTIFACTS.items() if a.kind == "model")
-        raise FetchError(f"{spec}: no such directory, not a fetchable model ({', '.join(models)}); {exc}") from None
+        raise FetchError(f"{spec}: no such directory, not a fetchable model ({models}); {exc}") from None
 
 
 def _hub_name(spec):

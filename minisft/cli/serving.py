@@ -35,12 +35,13 @@ def exported_embedder(path, pooling):
     """An exported embedding model (its max_seq_length from labels.json) and its tokenizer."""
     from minisft.export.runtime import settings_of
 
-    args, task, embedder, _, tokenizer = load_exported(path)
+    _, task, embedder, _, tokenizer = load_exported(path)
     if task is not embedding_task():
         raise OptionError("--model", str(path), f"an exported {task.name} model, not sentence embeddings",
                           "export an embedding model (trained with --task embedding, or a checkpoint directory)")
-    if pooling is not None and pooling != settings_of(path).get("pooling"):
-        raise OptionError("--pooling", pooling, f"{path} pools by {settings_of(path).get('pooling')}, fixed in the file",
+    saved = settings_of(path)
+    if pooling is not None and pooling != saved.get("pooling"):
+        raise OptionError("--pooling", pooling, f"{path} pools by {saved.get('pooling')}, fixed in the file",
                           f"export again from a directory with {pooling} pooling, or leave --pooling out")
-    embedder.max_seq_length = settings_of(path).get("max_length")
+    embedder.max_seq_length = saved.get("max_length")
     return embedder, tokenizer

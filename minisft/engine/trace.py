@@ -44,31 +44,28 @@ def tracing():
         _state.trace = previous
 
 
-def length_table(helper):
-    """Mark a helper whose first argument is the sequence length L and whose result (an array, or
-    a tuple of them) depends on nothing else of the input, each axis of size L being a prefix of
-    the table at any longer length (positions, relative-position buckets, rotary tables): traced,
-    its call is recorded as "length_table", with the helper itself first in its arguments."""
+def _recorded(helper, name, arguments):
+    """helper, whose calls inside tracing() are recorded under `name`, with the arguments that
+    arguments(args, kwargs) gives."""
     @functools.wraps(helper)
     def recorded(*args, **kwargs):
         result = helper(*args, **kwargs)
         trace = active()
         if trace is not None:
-            trace.helper("length_table", (helper, args, kwargs), {}, result)
+            trace.helper(name, *arguments(args, kwargs), result)
         return result
     return recorded
+
+
+def length_table(helper):
+    """Mark a helper whose first argument is the sequence length L and whose result (an array, or
+    a tuple of them) depends on nothing else of the input, each axis of size L being a prefix of
+    the table at any longer length (positions, relative-position buckets, rotary tables): traced,
+    its call is recorded as "length_table", with the helper itself first in its arguments."""
+    return _recorded(helper, "length_table", lambda args, kwargs: ((helper, args, kwargs), {}))
 
 
 def outside_graph(name):
     """Mark a helper that computes an array from a model's inputs outside the graph (no Function):
     traced, its call is recorded under `name`, so that an exporter can write it as operators."""
-    def mark(helper):
-        @functools.wraps(helper)
-        def recorded(*args, **kwargs):
-            result = helper(*args, **kwargs)
-            trace = active()
-            if trace is not None:
-                trace.helper(name, args, kwargs, result)
-            return result
-        return recorded
-    return mark
+    return lambda helper: _recorded(helper, name, lambda args, kwargs: (args, kwargs))

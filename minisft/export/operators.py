@@ -277,14 +277,17 @@ def _token_counts(g, names, args, result, other):
     return counts if floor is None else g.op("Max", [counts, g.scalar(floor, result.dtype)], hint="token_counts")
 
 
-@makes("pair_mask_bias")
-def _pair_mask_bias(g, names, args, result, other):
-    """(1 - mask_query mask_key) x the dtype's minimum: (B, 1, L, L)."""
-    dtype = result.dtype
+@makes("pair_masks")
+def _pair_masks(g, names, args, result, other):
+    """DeBERTa's (bias (1 - pairs) x the dtype's minimum, queries mask[:, None, :, None], pairs
+    queries x mask[:, None, None, :]), of the dtype."""
+    dtype = result[0].dtype
     mask = _cast(g, names[0], dtype)
-    pairs = g.op("Mul", [g.op("Unsqueeze", [mask, g.ints([1, 3])]), g.op("Unsqueeze", [mask, g.ints([1, 2])])])
-    return g.op("Mul", [g.op("Sub", [g.scalar(1.0, dtype), pairs]), g.scalar(numpy.finfo(dtype).min, dtype)],
+    queries = g.op("Unsqueeze", [mask, g.ints([1, 3])], hint="query_weights")
+    pairs = g.op("Mul", [queries, g.op("Unsqueeze", [mask, g.ints([1, 2])])], hint="pair_weights")
+    bias = g.op("Mul", [g.op("Sub", [g.scalar(1.0, dtype), pairs]), g.scalar(numpy.finfo(dtype).min, dtype)],
                 hint="pair_mask_bias")
+    return [bias, queries, pairs]
 
 
 @makes("relative_index")
@@ -350,10 +353,3 @@ def _first_tokens(g, names, args, result, other):
     rows = g.op("Range", [g.constant(numpy.asarray(0, numpy.int64)), rows, g.constant(numpy.asarray(1, numpy.int64))])
     return [rows, g.op("ArgMax", [_cast(g, mask, numpy.int32)], axis=-1, keepdims=0, hint="first_tokens")]
 
-
-@makes("pair_weights")
-def _pair_weights(g, names, args, result, other):
-    """mask[:, None, :, None] and its product with mask[:, None, None, :], as 0/1 of the dtype."""
-    mask = _cast(g, names[0], args[1])
-    queries = g.op("Unsqueeze", [mask, g.ints([1, 3])], hint="query_weights")
-    return [queries, g.op("Mul", [queries, g.op("Unsqueeze", [mask, g.ints([1, 2])])], hint="pair_weights")]

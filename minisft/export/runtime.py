@@ -40,7 +40,7 @@ class ExportedModel:
             options.intra_op_num_threads = threads
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]
-        self.task = settings_of(path)["task"]
+        self.rank = len(self.session.get_inputs()[0].shape)  # 2: (batch, sequence); 3: multiple choice's
 
     def eval(self):
         return self
@@ -59,7 +59,7 @@ class ExportedModel:
             arrays["attention_mask"] = numpy.ones_like(arrays["input_ids"])
         if "token_type_ids" not in arrays:
             arrays["token_type_ids"] = numpy.zeros_like(arrays["input_ids"])
-        if self.task == "embedding" and arrays["input_ids"].ndim == 3:  # rows of (anchor, positive, ...): each a batch
+        if arrays["input_ids"].ndim > self.rank:  # embeddings' rows of (anchor, positive, ...): each column a batch
             columns = [self._run({k: v[:, c] for k, v in arrays.items()}) for c in range(arrays["input_ids"].shape[1])]
             return ExportedOutput(Tensor(numpy.stack(columns, axis=1)))
         return ExportedOutput(Tensor(self._run(arrays)))

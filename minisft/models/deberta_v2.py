@@ -292,25 +292,14 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         return BaseModelOutputWithPooling(sequence, None, all_hidden, attentions)
 
 
+@outside_graph("pair_masks")
 def pair_masks(mask, hidden):
-    """(the additive bias (B, 1, L, L), queries (B, 1, L, 1), pairs (B, 1, L, L)) of the (B, L) mask:
-    see DisentangledSelfAttention.forward."""
-    return (pair_mask_bias(mask, hidden), *(hidden.device.put(w) for w in pair_weights(mask, hidden.dtype)))
-
-
-@outside_graph("pair_weights")
-def pair_weights(mask, dtype):
-    """(each query attends (B, 1, L, 1), each pair is attended (B, 1, L, L)) as 0/1 of `dtype`."""
-    queries = mask[:, None, :, None].astype(dtype)
-    return queries, queries * mask[:, None, None, :].astype(dtype)
-
-
-@outside_graph("pair_mask_bias")
-def pair_mask_bias(mask, hidden):
-    """(B, 1, L, L) additive bias: the dtype's minimum where the query or the key is padding."""
-    mask = hidden.device.put(mask)
-    pairs = mask[:, None, :, None] * mask[:, None, None, :]
-    return ((1 - pairs) * numpy.finfo(hidden.dtype).min).astype(hidden.dtype)
+    """The (B, L) mask's (additive bias (B, 1, L, L): the dtype's minimum where the query or the
+    key is padding; queries (B, 1, L, 1) and pairs (B, 1, L, L): 1 where attended), in hidden's
+    dtype and on its device: see DisentangledSelfAttention.forward."""
+    queries = hidden.device.put(mask)[:, None, :, None].astype(hidden.dtype)
+    pairs = queries * queries.reshape(queries.shape[0], 1, 1, -1)
+    return (1 - pairs) * numpy.finfo(hidden.dtype).min, queries, pairs
 
 
 class ContextPooler(nn.Module):
